@@ -1,0 +1,39 @@
+# Two commands matter: `make up` serves the mesh, `make test` runs every test.
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+PORT ?= 8080
+
+.PHONY: up test install protos prepare-model bench clean
+
+up: install
+	$(VENV)/bin/meshserve up --port $(PORT)
+
+test: install
+	$(VENV)/bin/pytest -q -rs
+
+install: $(VENV)/.installed gen/python/.stamp
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Python stubs (+ .pyi) go to gen/python, an import root added to the venv with a .pth file.
+gen/python/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf gen/python && mkdir -p gen/python
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'meshserve_protos.pth').write_text('$(CURDIR)/gen/python\n')"
+	touch $@
+
+protos: gen/python/.stamp
+
+prepare-model: install
+	$(VENV)/bin/meshserve prepare-model
+
+bench: install
+	$(VENV)/bin/meshserve bench --target localhost:$(PORT)
+
+clean:
+	rm -rf gen .run

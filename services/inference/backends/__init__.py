@@ -1,0 +1,1 @@
+"""Execution backends behind one interface (`base.DecoderBackend`), and how one is chosen."""

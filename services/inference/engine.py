@@ -1,0 +1,317 @@
+"""The inference engine: a slotted KV cache, an iteration-level scheduler loop and sampling.
+
+The engine runs on its own thread because every forward pass blocks; callers hand it requests
+and receive outputs through a callback that must be thread-safe. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+
+from services.inference.backends.base import DecoderBackend, StepBatch
+from services.inference.sampling import SamplingParams, sample_token
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class InvalidRequestError(ValueError):
+    """The request can never be served; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; retry later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or has failed and takes no new work."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and scheduling bounds of one engine."""
+
+    num_slots: int = 16
+    """Requests that can run at once; each owns one KV-cache slot."""
+    max_context: int = 2048
+    """Tokens per slot (prompt + generated)."""
+    max_new_tokens: int = 1024
+    """Largest max_tokens a request may ask for."""
+    max_waiting: int = 64
+    """Requests that may wait for a slot; more are refused with QueueFullError."""
+    max_prefill_tokens: int = 2048
+    """Prompt tokens admitted into one prefill step (a longer single prompt still runs alone)."""
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        if self.max_new_tokens >= self.max_context:
+            raise ValueError("max_new_tokens must be smaller than max_context so a prompt fits")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+
+
+@dataclass
+class EngineOutput:
+    """Tokens produced for one request by one step; `finish_reason` is set on the last one."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestTimes:
+    """Monotonic timestamps of a request's life, for metrics and trace spans."""
+
+    arrival: float
+    scheduled: float | None = None
+    prefill_done: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    on_output: Callable[[EngineOutput], None]
+    times: RequestTimes
+    slot: int = -1
+    cached: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+
+    @property
+    def next_input(self) -> list[int]:
+        # before prefill the whole prompt is pending; afterwards, the last sampled token
+        return self.prompt_token_ids if self.cached == 0 else self.output_token_ids[-1:]
+
+
+class Engine:
+    """Continuous batching over a `DecoderBackend`.
+
+    Each loop iteration is one scheduling decision: admit waiting requests into free slots and
+    prefill them, otherwise decode one token for every running request. Requests join and leave
+    between steps.
+    """
+
+    def __init__(self, backend: DecoderBackend, config: EngineConfig) -> None:
+        if backend.num_slots != config.num_slots or backend.max_context != config.max_context:
+            raise ValueError("backend and engine config disagree on slots or context")
+        self.backend = backend
+        self.config = config
+        self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._running: dict[str, EngineRequest] = {}
+        self._free_slots = list(range(config.num_slots - 1, -1, -1))
+        self._pending_count = 0  # submitted but not yet taken from the inbox
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- public, thread-safe ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises InvalidRequestError for requests this engine can never serve."""
+        c = self.config
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt_token_ids", "the prompt has no tokens")
+        vocab = self.backend.config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        if params.max_tokens < 1 or params.max_tokens > c.max_new_tokens:
+            raise InvalidRequestError("max_tokens", f"max_tokens must be in [1, {c.max_new_tokens}]")
+        if len(prompt_token_ids) + params.max_tokens > c.max_context:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {c.max_context} tokens",
+            )
+        if params.temperature < 0:
+            raise InvalidRequestError("temperature", "temperature must be >= 0")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequestError("top_p", "top_p must be in (0, 1]")
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stop_token_ids: frozenset[int],
+        on_output: Callable[[EngineOutput], None],
+    ) -> RequestTimes:
+        """Queues a request; outputs arrive through `on_output` on the engine thread."""
+        self.validate(prompt_token_ids, params)
+        with self._lock:
+            if self._stopped:
+                raise EngineStoppedError("the engine is stopping")
+            queued = len(self._waiting) + self._pending_count
+            free = len(self._free_slots)
+            if queued >= free + self.config.max_waiting:
+                raise QueueFullError(
+                    f"{queued} requests are waiting for {self.config.num_slots} slots", retry_after_s=1.0
+                )
+            self._pending_count += 1
+        times = RequestTimes(arrival=time.monotonic())
+        seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(8), "little")
+        request = EngineRequest(
+            request_id, list(prompt_token_ids), params, stop_token_ids, on_output, times, rng=np.random.default_rng(seed)
+        )
+        self._inbox.put(request)
+        return times
+
+    def abort(self, request_id: str) -> None:
+        """Removes a request at the next step boundary; its slot is freed."""
+        with self._lock:
+            self._aborts.add(request_id)
+        self._inbox.put(None)  # wake the loop if idle
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._pending_count
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - len(self._free_slots) / self.config.num_slots
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox(block=not self._running and not self._waiting)
+            self._apply_aborts()
+            if self._stopped:
+                break
+            try:
+                self._step()
+            except Exception:  # a failed step must not hang its requests: end them with an error
+                log.exception("engine step failed")
+                for request in list(self._running.values()):
+                    self._finish(request, FinishReason.ERROR, error="engine step failed")
+        for request in list(self._running.values()) + list(self._waiting):
+            request.on_output(EngineOutput(request.request_id, [], FinishReason.ABORT, error="engine stopped"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    with self._lock:
+                        self._pending_count -= 1
+                        self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for request in [r for r in self._waiting if r.request_id in aborts]:
+            self._waiting.remove(request)
+            request.on_output(EngineOutput(request.request_id, [], FinishReason.ABORT))
+        for request_id in aborts & self._running.keys():
+            self._finish(self._running[request_id], FinishReason.ABORT)
+
+    def _admit(self) -> list[EngineRequest]:
+        admitted: list[EngineRequest] = []
+        budget = self.config.max_prefill_tokens
+        while self._waiting and self._free_slots:
+            prompt_len = len(self._waiting[0].prompt_token_ids)
+            if admitted and prompt_len > budget:
+                break
+            request = self._waiting.popleft()
+            with self._lock:
+                request.slot = self._free_slots.pop()
+            request.times.scheduled = time.monotonic()
+            self._running[request.request_id] = request
+            admitted.append(request)
+            budget -= prompt_len
+        return admitted
+
+    def _step(self) -> None:
+        admitted = self._admit()
+        rows = admitted if admitted else list(self._running.values())
+        if not rows:
+            return
+        inputs = [r.next_input for r in rows]
+        seq = max(len(x) for x in inputs)
+        input_ids = np.zeros((len(rows), seq), np.int64)
+        for i, tokens in enumerate(inputs):
+            input_ids[i, : len(tokens)] = tokens
+        new_lengths = np.array([len(x) for x in inputs], np.int64)
+        batch = StepBatch(
+            slots=np.array([r.slot for r in rows], np.int64),
+            input_ids=input_ids,
+            cached_lengths=np.array([r.cached for r in rows], np.int64),
+            new_lengths=new_lengths,
+            logits_indices=(new_lengths - 1)[:, None],
+        )
+        logits = self.backend.forward(batch)
+        self.steps += 1
+        now = time.monotonic()
+        for i, request in enumerate(rows):
+            request.cached += int(new_lengths[i])
+            if request.times.prefill_done is None:
+                request.times.prefill_done = now
+            token = sample_token(logits[i, 0], request.params, request.rng)
+            request.output_token_ids.append(token)
+            request.times.token_times.append(now)
+            finish = None
+            if token in request.stop_token_ids:
+                finish = FinishReason.STOP
+            elif len(request.output_token_ids) >= request.params.max_tokens or request.cached + 1 >= self.config.max_context:
+                finish = FinishReason.LENGTH
+            if finish is None:
+                request.on_output(EngineOutput(request.request_id, [token]))
+            else:
+                self._finish(request, finish, last_tokens=[token])
+
+    def _finish(self, request: EngineRequest, reason: FinishReason, last_tokens: list[int] | None = None, error: str | None = None) -> None:
+        self._running.pop(request.request_id, None)
+        request.times.finished = time.monotonic()
+        with self._lock:
+            self._free_slots.append(request.slot)
+        request.slot = -1
+        request.on_output(EngineOutput(request.request_id, last_tokens or [], reason, error))

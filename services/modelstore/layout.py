@@ -1,0 +1,59 @@
+"""Reads a prepared model directory (written by prepare.py) for the services."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from services.modelstore.onnx_export import LlamaConfig
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelDirectory:
+    """A prepared model directory."""
+
+    path: Path
+
+    @staticmethod
+    def is_complete(path: Path, source_sha256: str, export_version: int) -> bool:
+        manifest = path / MANIFEST_NAME
+        if not manifest.exists():
+            return False
+        data = json.loads(manifest.read_text())
+        return data["source"]["sha256"] == source_sha256 and data["export_version"] == export_version
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.path / MANIFEST_NAME).read_text())
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def config(self) -> LlamaConfig:
+        return LlamaConfig(**self.manifest["config"])
+
+    @property
+    def decoder_path(self) -> Path:
+        return self.path / self.manifest["files"]["decoder"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["files"]["tokenizer"]
+
+    @property
+    def chat_template(self) -> str:
+        return (self.path / self.manifest["files"]["chat_template"]).read_text()
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.manifest["eos_token_ids"])
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(self.manifest["bos_token_id"])
