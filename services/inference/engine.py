@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.inference.sampling import SamplingParams, sample_token
 
@@ -30,26 +31,6 @@ class FinishReason(str, Enum):
     ERROR = "error"
 
 
-class InvalidRequestError(ValueError):
-    """The request can never be served; `field` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full; retry later."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down or has failed and takes no new work."""
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Capacity and scheduling bounds of one engine."""
@@ -61,7 +42,7 @@ class EngineConfig:
     max_new_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_waiting: int = 64
-    """Requests that may wait for a slot; more are refused with QueueFullError."""
+    """Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED."""
     max_prefill_tokens: int = 2048
     """Prompt tokens admitted into one prefill step (a longer single prompt still runs alone)."""
 
@@ -150,24 +131,24 @@ class Engine:
             self._thread.join(timeout=30)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises InvalidRequestError for requests this engine can never serve."""
+        """Raises InvalidArgumentError for requests this engine can never serve."""
         c = self.config
         if not prompt_token_ids:
-            raise InvalidRequestError("prompt_token_ids", "the prompt has no tokens")
+            raise InvalidArgumentError("prompt_token_ids", "the prompt has no tokens")
         vocab = self.backend.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+            raise InvalidArgumentError("prompt_token_ids", f"token ids must be in [0, {vocab})")
         if params.max_tokens < 1 or params.max_tokens > c.max_new_tokens:
-            raise InvalidRequestError("max_tokens", f"max_tokens must be in [1, {c.max_new_tokens}]")
+            raise InvalidArgumentError("sampling.max_tokens", f"max_tokens must be in [1, {c.max_new_tokens}]")
         if len(prompt_token_ids) + params.max_tokens > c.max_context:
-            raise InvalidRequestError(
-                "max_tokens",
+            raise InvalidArgumentError(
+                "sampling.max_tokens",
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {c.max_context} tokens",
             )
         if params.temperature < 0:
-            raise InvalidRequestError("temperature", "temperature must be >= 0")
+            raise InvalidArgumentError("sampling.temperature", "temperature must be >= 0")
         if not 0 < params.top_p <= 1:
-            raise InvalidRequestError("top_p", "top_p must be in (0, 1]")
+            raise InvalidArgumentError("sampling.top_p", "top_p must be in (0, 1]")
 
     def submit(
         self,
@@ -181,12 +162,13 @@ class Engine:
         self.validate(prompt_token_ids, params)
         with self._lock:
             if self._stopped:
-                raise EngineStoppedError("the engine is stopping")
+                raise UnavailableError("the engine is stopping", retry_after_s=1.0)
             queued = len(self._waiting) + self._pending_count
             free = len(self._free_slots)
             if queued >= free + self.config.max_waiting:
-                raise QueueFullError(
-                    f"{queued} requests are waiting for {self.config.num_slots} slots", retry_after_s=1.0
+                raise ResourceExhaustedError(
+                    f"{queued} requests are already waiting for {self.config.num_slots} slots; retry later",
+                    retry_after_s=1.0,
                 )
             self._pending_count += 1
         times = RequestTimes(arrival=time.monotonic())

@@ -57,3 +57,26 @@ class ModelDirectory:
     @property
     def bos_token_id(self) -> int:
         return int(self.manifest["bos_token_id"])
+
+
+def add_models_root_arg(parser) -> None:
+    import os
+
+    parser.add_argument(
+        "--models-root",
+        type=Path,
+        default=Path(os.environ.get("MESHSERVE_MODELS_ROOT", "models")),
+        help="where `meshserve prepare-model` puts prepared models (env MESHSERVE_MODELS_ROOT)",
+    )
+
+
+def find_model(models_root: Path, precision: str | None = None) -> ModelDirectory:
+    """The most recently prepared model directory under `models_root`."""
+    candidates = [
+        p.parent
+        for p in Path(models_root).glob(f"*/*/{MANIFEST_NAME}")
+        if precision is None or json.loads(p.read_text()).get("precision") == precision
+    ]
+    if not candidates:
+        raise SystemExit(f"no prepared model under {models_root}: run `meshserve prepare-model --models-root {models_root}`")
+    return ModelDirectory(max(candidates, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime))

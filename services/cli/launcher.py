@@ -1,0 +1,118 @@
+"""`meshserve up`: prepares the model and runs tokenizer, inference, router and Envoy as separate
+processes in the foreground; Ctrl-C (or SIGTERM) stops them all cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cli.envoy_config import Endpoint, envoy_binary, parse_otlp_endpoint, render_envoy_config
+from services.modelstore.layout import add_models_root_arg
+from services.modelstore.prepare import prepare_model
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("up", help="prepare the model and run the whole mesh behind Envoy")
+    parser.add_argument("--port", type=int, default=8080, help="public gRPC port (Envoy)")
+    parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
+    parser.add_argument("--router-port", type=int, default=50051)
+    parser.add_argument("--tokenizer-port", type=int, default=50052)
+    parser.add_argument("--inference-port", type=int, default=50053)
+    parser.add_argument("--metrics-port-base", type=int, default=9100,
+                        help="metrics ports: router +1, tokenizer +2, inference +3")
+    parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
+    parser.add_argument("--inference-arg", action="append", default=[],
+                        help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
+    parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    add_models_root_arg(parser)
+    parser.set_defaults(func=run)
+
+
+def _wait_serving(target: str, service: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{' '.join(proc.args[3:5])} exited with {proc.returncode} during start-up")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become SERVING in time")
+            time.sleep(0.2)
+
+
+def run(args: argparse.Namespace) -> int:
+    prepare_model(args.models_root)
+    run_dir = args.run_dir / f"mesh-{args.port}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "services.cli.main"]
+    common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
+    mp = args.metrics_port_base
+    commands = {
+        "tokenizer": base + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
+        "inference": base + ["serve-inference", "--port", str(args.inference_port), "--metrics-port", str(mp + 3), *common,
+                             *args.inference_arg],
+        "router": base + ["serve-router", "--host", "127.0.0.1", "--port", str(args.router_port), "--metrics-port", str(mp + 1),
+                          "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}",
+                          "--inference-target", f"127.0.0.1:{args.inference_port}"],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    stop = {"requested": False}
+
+    def request_stop(signum, frame) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    code = 0
+    try:
+        deadline = time.monotonic() + args.startup_timeout_s
+        for name, command in commands.items():
+            procs[name] = subprocess.Popen(command)
+        for name, port in (("tokenizer", args.tokenizer_port), ("inference", args.inference_port), ("router", args.router_port)):
+            _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
+        config = run_dir / "envoy.yaml"
+        config.write_text(render_envoy_config(
+            port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", args.router_port)],
+            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+        ))
+        procs["envoy"] = subprocess.Popen(
+            [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
+             "--log-path", str(run_dir / "envoy.log")]
+        )
+        _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()))
+        print(f"meshserve is serving on localhost:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        while not stop["requested"]:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"meshserve: {name} exited with {proc.returncode}; stopping", file=sys.stderr, flush=True)
+                    stop["requested"] = True
+                    code = 1
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as error:
+        print(f"meshserve: {error}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        # Envoy first so no new streams arrive, then the router, then what it depends on
+        for name in ("envoy", "router", "tokenizer", "inference"):
+            if name in procs and procs[name].poll() is None:
+                procs[name].send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return code

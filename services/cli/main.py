@@ -1,0 +1,57 @@
+"""The `meshserve` command line: serve, run the mesh, talk to it, prepare the model, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _prepare_parser(subparsers) -> None:
+    from services.modelstore.layout import add_models_root_arg
+    from services.modelstore.prepare import PRECISIONS
+
+    parser = subparsers.add_parser("prepare-model", help="export the GGUF to an ONNX model directory (idempotent)")
+    add_models_root_arg(parser)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--gguf", type=Path, help="use this GGUF instead of the one in the pinned wheel")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date directory exists")
+
+    def run(args: argparse.Namespace) -> int:
+        from services.modelstore.prepare import prepare_model
+
+        print(prepare_model(args.models_root, args.precision, args.gguf, args.force).path)
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from services.cli import client, launcher
+    from services.inference import main as inference_main
+    from services.router import main as router_main
+    from services.tokenizer import main as tokenizer_main
+
+    parser = argparse.ArgumentParser(prog="meshserve", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    launcher.add_parser(subparsers)
+    client.add_parsers(subparsers)
+    try:  # TEMP until bench lands
+        from services.cli import bench
+        bench.add_parser(subparsers)
+    except ImportError:
+        pass
+    _prepare_parser(subparsers)
+    tokenizer_main.add_parser(subparsers)
+    inference_main.add_parser(subparsers)
+    router_main.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

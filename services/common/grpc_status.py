@@ -1,0 +1,109 @@
+"""Maps domain errors to gRPC statuses with google.rpc details (BadRequest, RetryInfo)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    whole = int(seconds)
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))))
+    return detail
+
+
+def to_grpc_status(error: ServingError) -> grpc.Status:
+    """The gRPC status a client receives for `error`."""
+    details: list[any_pb2.Any] = []
+    if isinstance(error, InvalidArgumentError):
+        code = code_pb2.INVALID_ARGUMENT
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        ]))
+        details.append(detail)
+    elif isinstance(error, ResourceExhaustedError):
+        code = code_pb2.RESOURCE_EXHAUSTED
+        details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, UnavailableError):
+        code = code_pb2.UNAVAILABLE
+        if error.retry_after_s is not None:
+            details.append(_retry_info(error.retry_after_s))
+    else:
+        code = code_pb2.INTERNAL
+    return rpc_status.to_status(status_pb2.Status(code=code, message=str(error), details=details))
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
+    await context.abort_with_status(to_grpc_status(error))
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a servicer method (coroutine or async generator): domain errors become their
+    statuses, unexpected exceptions INTERNAL (logged with a traceback), cancellation passes."""
+
+    async def _handle(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, ServingError):
+            await abort(context, exc)
+        log.exception("unhandled error in %s", method.__qualname__)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _handle(exc, context)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _handle(exc, context)
+
+    return unary_wrapper
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError | None:
+    """Rebuilds the domain error a downstream service sent, so the router can pass it on."""
+    status = rpc_status.from_call(error)
+    code = error.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        for detail in status.details if status else []:
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad) and bad.field_violations:
+                v = bad.field_violations[0]
+                return InvalidArgumentError(v.field, v.description)
+        return InvalidArgumentError("request", error.details() or "invalid")
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        retry = None
+        for detail in status.details if status else []:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                retry = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ResourceExhaustedError(error.details() or "overloaded", retry if retry is not None else 1.0)
+        return UnavailableError(error.details() or "unavailable", retry)
+    return None

@@ -1,0 +1,52 @@
+"""Prometheus metrics of a serving process. Names follow docs/conventions.md: units in the name,
+`_total` on counters, a `model_name` label on everything."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ServingMetrics:
+    """The request-level metrics every generating service (router, inference) exports."""
+
+    def __init__(self, model_name: str) -> None:
+        labels = ["model_name"]
+        self.time_to_first_token = Histogram(
+            "meshserve_time_to_first_token_seconds", "Time from request arrival to its first generated token.", labels,
+            buckets=_LATENCY_BUCKETS,
+        ).labels(model_name)
+        self.inter_token_latency = Histogram(
+            "meshserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", labels,
+            buckets=_ITL_BUCKETS,
+        ).labels(model_name)
+        self.e2e_request_latency = Histogram(
+            "meshserve_e2e_request_latency_seconds", "Time from request arrival to its last token.", labels,
+            buckets=_E2E_BUCKETS,
+        ).labels(model_name)
+        self.request_queue_time = Histogram(
+            "meshserve_request_queue_time_seconds", "Time a request waited before its prefill started.", labels,
+            buckets=_LATENCY_BUCKETS,
+        ).labels(model_name)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of accepted requests.", labels).labels(model_name)
+        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", labels).labels(model_name)
+        self._requests = Counter("meshserve_requests", "Finished requests by gRPC status code.", labels + ["code"])
+        self._model_name = model_name
+        self.num_requests_running = Gauge("meshserve_num_requests_running", "Requests being generated.", labels).labels(model_name)
+        self.num_requests_waiting = Gauge("meshserve_num_requests_waiting", "Requests waiting to start.", labels).labels(model_name)
+
+    def count_request(self, code: str) -> None:
+        self._requests.labels(self._model_name, code).inc()
+
+
+def kv_cache_usage_gauge(model_name: str) -> Gauge:
+    return Gauge("meshserve_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1).", ["model_name"]).labels(model_name)
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
+    """Serves /metrics over HTTP; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=host)

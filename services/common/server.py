@@ -1,0 +1,103 @@
+"""The process skeleton every service shares: a grpc.aio server with health and reflection,
+trace interceptors, a metrics endpoint, and graceful drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.logs import setup_logging
+from services.common.metrics import start_metrics_server
+from services.common.telemetry import server_interceptors, setup_tracing
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where a service listens and how it stops."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 0.0.0.0 in containers."""
+    port: int = 0
+    """gRPC port."""
+    metrics_port: int = 0
+    """Prometheus /metrics HTTP port; 0 disables it."""
+    shutdown_grace_s: float = 30.0
+    """How long in-flight streams may run after SIGTERM."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
+        return cls(args.host, args.port, args.metrics_port, args.shutdown_grace_s)
+
+
+def add_server_args(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=port, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=30.0, help="drain time for in-flight streams")
+
+
+class ServiceProcess:
+    """Runs one gRPC service until a signal asks it to drain."""
+
+    def __init__(self, telemetry_name: str, config: ServerConfig) -> None:
+        self.telemetry_name = telemetry_name
+        self.config = config
+        self.health = health.aio.HealthServicer()
+        setup_logging(telemetry_name)
+        self.tracer_provider = setup_tracing(telemetry_name)
+        self.server = grpc.aio.server(
+            interceptors=server_interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._service_names: list[str] = []
+        self._stopping = asyncio.Event()
+
+    def add_service(self, full_name: str) -> None:
+        self._service_names.append(full_name)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def run(self, warm_up: Callable[[], Awaitable[None]] | None = None, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Binds, warms up (health NOT_SERVING until done), serves, and drains on SIGTERM/SIGINT."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        bound = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        start_metrics_server(self.config.metrics_port, self.config.host)
+        log.info("%s listening on %s:%d (metrics %d)", self.telemetry_name, self.config.host, bound, self.config.metrics_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        if warm_up:
+            await warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s ready", self.telemetry_name)
+        await self._stopping.wait()
+        log.info("draining for up to %.0fs", self.config.shutdown_grace_s)
+        await self.health.enter_graceful_shutdown()
+        if on_drain:
+            await on_drain()
+        await self.server.stop(self.config.shutdown_grace_s)
+        self.tracer_provider.shutdown()
+        log.info("%s stopped", self.telemetry_name)

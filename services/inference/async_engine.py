@@ -1,0 +1,109 @@
+"""Bridges the engine thread and asyncio: one queue per request, metrics and trace spans from
+the engine's timestamps, and abort when the caller goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from opentelemetry import trace
+
+from services.common.errors import UnavailableError
+from services.common.metrics import ServingMetrics
+from services.inference.engine import Engine, EngineOutput, FinishReason, RequestTimes
+from services.inference.sampling import SamplingParams
+
+tracer = trace.get_tracer("meshserve.inference")
+
+# monotonic -> epoch nanoseconds, for spans whose times were taken on the engine thread
+_EPOCH_NS = time.time_ns()
+_MONO = time.monotonic()
+
+
+def _epoch_ns(monotonic: float) -> int:
+    return _EPOCH_NS + int((monotonic - _MONO) * 1e9)
+
+
+@dataclass
+class GenerationResult:
+    """Tokens of one or more engine steps, coalesced when the caller reads slower than the engine."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+
+
+class AsyncEngine:
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self.engine: Engine | None = None
+        self.metrics = metrics
+
+    def attach(self, engine: Engine) -> None:
+        """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
+        self.engine = engine
+        engine.start()
+        self.metrics.num_requests_running.set_function(lambda: engine.num_running)
+        self.metrics.num_requests_waiting.set_function(lambda: engine.num_waiting)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int]
+    ) -> AsyncIterator[GenerationResult]:
+        engine = self.engine
+        if engine is None:
+            raise UnavailableError("the model is still loading", retry_after_s=2.0)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        times = engine.submit(
+            request_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+        )
+        self.metrics.prompt_tokens.inc(len(prompt_token_ids))
+        finish: FinishReason | None = None
+        generated = 0
+        try:
+            while finish is None:
+                output = await outputs.get()
+                tokens = list(output.token_ids)
+                finish = output.finish_reason
+                while finish is None and not outputs.empty():
+                    more = outputs.get_nowait()
+                    tokens += more.token_ids
+                    finish = more.finish_reason
+                if finish in (FinishReason.ABORT, FinishReason.ERROR):
+                    raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
+                generated += len(tokens)
+                self.metrics.generation_tokens.inc(len(tokens))
+                yield GenerationResult(tokens, finish, len(prompt_token_ids))
+        finally:
+            if finish is None:  # the caller went away: free the slot at the next step
+                engine.abort(request_id)
+            self._record(times, params, len(prompt_token_ids), generated)
+
+    def _record(self, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int) -> None:
+        m = self.metrics
+        token_times = list(times.token_times)
+        if times.scheduled is not None:
+            m.request_queue_time.observe(times.scheduled - times.arrival)
+        if token_times:
+            m.time_to_first_token.observe(token_times[0] - times.arrival)
+            for earlier, later in zip(token_times, token_times[1:]):
+                m.inter_token_latency.observe(later - earlier)
+            m.e2e_request_latency.observe(token_times[-1] - times.arrival)
+        # queue wait, prefill and decode as child spans of the Generate server span
+        end = times.finished or time.monotonic()
+        spans = [("queue_wait", times.arrival, times.scheduled or end)]
+        if times.scheduled is not None:
+            spans.append(("prefill", times.scheduled, times.prefill_done or end))
+        if times.prefill_done is not None:
+            spans.append(("decode", times.prefill_done, end))
+        for name, start, stop in spans:
+            span = tracer.start_span(name, start_time=_epoch_ns(start))
+            if name == "prefill":
+                span.set_attribute("gen_ai.usage.prompt_tokens", prompt_tokens)
+            if name == "decode":
+                span.set_attribute("gen_ai.usage.completion_tokens", generated)
+                span.set_attribute("gen_ai.request.max_tokens", params.max_tokens)
+                span.set_attribute("gen_ai.request.temperature", params.temperature)
+                span.set_attribute("gen_ai.request.top_p", params.top_p)
+            span.end(end_time=_epoch_ns(stop))

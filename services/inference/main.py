@@ -1,0 +1,78 @@
+"""`meshserve serve-inference`: the inference service process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from meshserve.inference.v1 import inference_service_pb2 as pb
+from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.common.metrics import ServingMetrics, kv_cache_usage_gauge
+from services.common.server import ServerConfig, ServiceProcess, add_server_args
+from services.inference.async_engine import AsyncEngine
+from services.inference.backends.base import StepBatch
+from services.inference.engine import Engine, EngineConfig
+from services.inference.servicer import InferenceServicer
+from services.modelstore.layout import add_models_root_arg, find_model
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("serve-inference", help="run the inference service")
+    add_server_args(parser, port=50053, metrics_port=9103)
+    add_models_root_arg(parser)
+    defaults = EngineConfig()
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
+    parser.add_argument("--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted")
+    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens, help="prompt tokens per prefill step")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("MESHSERVE_INFERENCE_THREADS", "0")),
+                        help="compute threads (0: one per core)")
+    parser.set_defaults(func=run)
+
+
+def load_engine(args: argparse.Namespace, config: EngineConfig, model) -> tuple[Engine, str]:
+    from services.inference.backends.onnxruntime import OnnxRuntimeBackend  # TEMP until selection lands
+    name = "onnxruntime"
+    backend = OnnxRuntimeBackend(model, config.num_slots, config.max_context, intra_op_threads=args.threads)
+    # one tiny step so the first request does not pay for lazy initialisation
+    import numpy as np
+
+    backend.forward(StepBatch(np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
+                              np.ones(1, np.int64), np.zeros((1, 1), np.int64)))
+    return Engine(backend, config), name
+
+
+async def serve(args: argparse.Namespace) -> None:
+    process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
+    model = find_model(args.models_root)
+    config = EngineConfig(
+        num_slots=args.num_slots, max_context=args.max_context, max_new_tokens=args.max_new_tokens,
+        max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
+    )
+    metrics = ServingMetrics(model.name)
+    async_engine = AsyncEngine(metrics)
+    servicer = InferenceServicer(async_engine, config, model.name, backend_name="loading")
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, process.server)
+    process.add_service(pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)
+    kv_gauge = kv_cache_usage_gauge(model.name)
+
+    async def warm_up() -> None:
+        engine, servicer.backend_name = await asyncio.to_thread(load_engine, args, config, model)
+        async_engine.attach(engine)
+        kv_gauge.set_function(lambda: engine.kv_cache_usage)
+
+    await process.run(warm_up)
+    if async_engine.engine:
+        async_engine.engine.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(args))
+    return 0

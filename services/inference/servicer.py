@@ -1,0 +1,52 @@
+"""gRPC servicer of meshserve.inference.v1.InferenceService over AsyncEngine."""
+
+from __future__ import annotations
+
+import uuid
+from typing import AsyncIterator
+
+import grpc
+from meshserve.inference.v1 import inference_service_pb2 as pb
+from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.common.grpc_status import grpc_errors
+from services.inference.async_engine import AsyncEngine
+from services.inference.engine import EngineConfig, FinishReason
+from services.inference.sampling import SamplingParams
+
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, engine: AsyncEngine, config: EngineConfig, model_name: str, backend_name: str) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_name = model_name
+        self.backend_name = backend_name
+
+    @grpc_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None
+        )
+        request_id = request.request_id or uuid.uuid4().hex
+        results = self.engine.generate(request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids))
+        async for result in results:
+            yield pb.GenerateResponse(
+                token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens
+            )
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        return pb.GetModelInfoResponse(
+            model=self.model_name,
+            max_context_tokens=self.config.max_context,
+            max_new_tokens=self.config.max_new_tokens,
+            backend=self.backend_name,
+        )
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+        engine = self.engine.engine
+        if engine is None:
+            return pb.GetLoadResponse()
+        return pb.GetLoadResponse(running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage)

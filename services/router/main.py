@@ -1,0 +1,49 @@
+"""`meshserve serve-router`: the public GenerationService process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from meshserve.v1 import generation_service_pb2 as pb
+from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+from services.common.server import ServerConfig, ServiceProcess, add_server_args
+from services.router.config import RouterConfig
+from services.router.core import Router
+from services.router.servicer import GenerationServicer
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("serve-router", help="run the public router service")
+    add_server_args(parser, port=50051, metrics_port=9101)
+    parser.add_argument("--tokenizer-target", default="127.0.0.1:50052", help="tokenizer service host:port")
+    parser.add_argument("--inference-target", action="append", dest="inference_targets",
+                        help="inference replica host:port (repeat for several)")
+    parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it unset")
+    parser.set_defaults(func=run)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = RouterConfig(
+        tokenizer_target=args.tokenizer_target,
+        inference_targets=tuple(args.inference_targets or ["127.0.0.1:50053"]),
+        default_max_tokens=args.default_max_tokens,
+    )
+    process = ServiceProcess("meshserve-router", ServerConfig.from_args(args))
+    router = Router(config)
+    servicer = GenerationServicer(router, config)
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, process.server)
+    process.add_service(pb.DESCRIPTOR.services_by_name["GenerationService"].full_name)
+
+    async def warm_up() -> None:
+        await router.connect()
+        servicer.on_connected()
+
+    await process.run(warm_up)
+    await router.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(args))
+    return 0

@@ -1,0 +1,84 @@
+"""gRPC servicer of the public meshserve.v1.GenerationService."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+from meshserve.v1 import generation_service_pb2 as pb
+from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.grpc_status import abort
+from services.common.metrics import ServingMetrics
+from services.router.config import RouterConfig
+from services.router.convert import to_generation_request
+from services.router.core import Completed, DownstreamError, Router, TextDelta
+
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_CODE_OF = {InvalidArgumentError: "INVALID_ARGUMENT", ResourceExhaustedError: "RESOURCE_EXHAUSTED", UnavailableError: "UNAVAILABLE"}
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, router: Router, config: RouterConfig) -> None:
+        self.router = router
+        self.config = config
+        self.metrics: ServingMetrics | None = None  # created once the model name is known
+        self.in_flight = 0
+
+    def on_connected(self) -> None:
+        assert self.router.limits is not None
+        self.metrics = ServingMetrics(self.router.limits.model_name)
+        self.metrics.num_requests_running.set_function(lambda: self.in_flight)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        m = self.metrics
+        if m is None or self.router.limits is None:
+            await abort(context, UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0))
+        started = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else started + remaining
+        request_id = request.request_id or uuid.uuid4().hex
+        code = "OK"
+        self.in_flight += 1
+        last_token_at: float | None = None
+        try:
+            generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens, request_id)
+            async for event in self.router.generate(generation, deadline):
+                if isinstance(event, TextDelta):
+                    now = time.monotonic()
+                    if last_token_at is None:
+                        m.time_to_first_token.observe(now - started)
+                    elif event.token_ids:
+                        per_token = (now - last_token_at) / len(event.token_ids)
+                        for _ in event.token_ids:
+                            m.inter_token_latency.observe(per_token)
+                    last_token_at = now
+                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids))
+                elif isinstance(event, Completed):
+                    m.prompt_tokens.inc(event.prompt_tokens)
+                    m.generation_tokens.inc(event.completion_tokens)
+                    m.e2e_request_latency.observe(time.monotonic() - started)
+                    yield pb.GenerateResponse(
+                        complete=pb.GenerateComplete(
+                            finish_reason=_FINISH[event.finish_reason],
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            request_id=request_id,
+                        )
+                    )
+        except ServingError as error:
+            code = _CODE_OF.get(type(error), "INTERNAL")
+            await abort(context, error)
+        except DownstreamError as error:
+            code = error.code.name
+            await context.abort(error.code, error.details)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.in_flight -= 1
+            m.count_request(code)
