@@ -134,30 +134,34 @@ class Router:
             timeout=remaining(),
         )
         detokenizer = self.tokenizer.DecodeStream(timeout=remaining())
+        # read through the call's iterator (not read()): trace interceptors end their span with it
+        decoded_texts = detokenizer.__aiter__()
+        completed: Completed | None = None
         completion_tokens = 0
         try:
             async for response in call:
                 ids = list(response.token_ids)
                 completion_tokens += len(ids)
-                text = ""
                 if ids:
                     await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
-                    decoded = await detokenizer.read()
-                    if decoded is grpc.aio.EOF:
-                        raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0)
-                    text = decoded.text
-                if text or ids:
+                    text = (await anext(decoded_texts)).text
                     yield TextDelta(text, ids)
                 if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
-                    yield Completed(_FINISH[response.finish_reason], response.prompt_tokens, completion_tokens)
-                    return
-            raise UnavailableError(f"inference replica {replica.target} ended the stream without finishing", retry_after_s=1.0)
+                    completed = Completed(_FINISH[response.finish_reason], response.prompt_tokens, completion_tokens)
+            await detokenizer.done_writing()
+            async for _ in decoded_texts:
+                pass
         except grpc.aio.AioRpcError as error:
             raise _passthrough(error) from None
+        except StopAsyncIteration:
+            raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
         finally:
             # on client cancellation or any error, cancel downstream so the slot frees at once
             call.cancel()
             detokenizer.cancel()
+        if completed is None:
+            raise UnavailableError(f"inference replica {replica.target} ended the stream without finishing", retry_after_s=1.0)
+        yield completed
 
     async def close(self) -> None:
         await self.tokenizer_channel.close()

@@ -1,0 +1,25 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_ROOT = REPO / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """The real prepared SmolLM2 model (prepared once; idempotent afterwards)."""
+    from services.modelstore.prepare import prepare_model
+
+    return prepare_model(MODELS_ROOT)

@@ -1,0 +1,117 @@
+"""The whole mesh as real processes behind real Envoy, with an OTLP receiver standing in for Jaeger."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.conftest import MODELS_ROOT, REPO, free_port
+
+
+class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Collects every exported span, as Jaeger's OTLP/gRPC receiver would."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []  # (service.name, Span)
+        self._lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        self.spans.append((service, span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans_of_trace(self, trace_id: bytes) -> list[tuple[str, object]]:
+        with self._lock:
+            return [(s, span) for s, span in self.spans if span.trace_id == trace_id]
+
+
+@dataclass
+class Mesh:
+    port: int
+    metrics_ports: dict[str, int]
+    receiver: OtlpTraceReceiver
+    process: subprocess.Popen
+    log_path: str
+    target: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.target = f"127.0.0.1:{self.port}"
+
+    def metrics(self, service: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[service]}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_text = sample.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir):
+    receiver = OtlpTraceReceiver()
+    otlp_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, otlp_server)
+    otlp_port = otlp_server.add_insecure_port("127.0.0.1:0")
+    otlp_server.start()
+
+    port, base = free_port(), free_port()
+    ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin")}
+    metrics_base = 20000 + (base % 20000)
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}", OTEL_BSP_SCHEDULE_DELAY="200")
+    log_path = str(REPO / ".run" / f"e2e-{port}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--admin-port", str(ports["admin"]),
+         "--router-port", str(ports["router"]), "--tokenizer-port", str(ports["tokenizer"]),
+         "--inference-port", str(ports["inference"]), "--metrics-port-base", str(metrics_base),
+         "--models-root", str(MODELS_ROOT), "--run-dir", str(REPO / ".run"),
+         "--inference-arg=--num-slots=8"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    deadline = time.monotonic() + 240
+    while "meshserve is serving" not in open(log_path).read():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"mesh did not start:\n{open(log_path).read()[-4000:]}")
+        time.sleep(0.3)
+    yield Mesh(
+        port=port,
+        metrics_ports={"router": metrics_base + 1, "tokenizer": metrics_base + 2, "inference": metrics_base + 3},
+        receiver=receiver, process=process, log_path=log_path,
+    )
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+    otlp_server.stop(0)

@@ -1,0 +1,179 @@
+"""The walking mesh: real processes, real Envoy, real sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from meshserve.v1 import generation_service_pb2 as pb
+from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+from tests.conftest import REPO
+from tests.e2e.conftest import metric_value
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def stub_for(mesh) -> tuple[grpc.Channel, pb_grpc.GenerationServiceStub]:
+    channel = grpc.insecure_channel(mesh.target)
+    return channel, pb_grpc.GenerationServiceStub(channel)
+
+
+def chat_request(text: str, max_tokens: int = 64, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)]),
+        sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, **sampling),
+    )
+
+
+def test_chat_cli_answers_paris_through_envoy(mesh):
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "chat", "What is the capital of France?",
+         "--target", mesh.target, "--temperature", "0", "--max-tokens", "48"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "completion tokens" in result.stderr
+
+
+def test_generate_streams_chunks_then_completion(mesh):
+    channel, stub = stub_for(mesh)
+    with channel:
+        responses = list(stub.Generate(pb.GenerateRequest(
+            prompt="Once upon a time", sampling=pb.SamplingParameters(max_tokens=12, temperature=0.8, seed=7)), timeout=60))
+    chunks = [r.chunk for r in responses if r.HasField("chunk")]
+    assert len(chunks) >= 2, "tokens must stream as they are generated, not in one message"
+    assert responses[-1].HasField("complete")
+    complete = responses[-1].complete
+    assert complete.completion_tokens == sum(len(c.token_ids) for c in chunks) == 12
+    assert complete.finish_reason == pb.FINISH_REASON_LENGTH
+    assert complete.prompt_tokens == 4
+
+
+def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
+    channel, stub = stub_for(mesh)
+    request = pb.GenerateRequest(prompt="The weather today", sampling=pb.SamplingParameters(max_tokens=16, temperature=1.0, seed=1234))
+    with channel:
+        first = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
+        second = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
+    assert sum(first, ()) == sum(second, ())
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (pb.GenerateRequest(prompt=""), "prompt"),
+        (pb.GenerateRequest(), "input"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(max_tokens=0)), "sampling.max_tokens"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(max_tokens=-5)), "sampling.max_tokens"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(max_tokens=100000)), "sampling.max_tokens"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(temperature=-0.5)), "sampling.temperature"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=0.0)), "sampling.top_p"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=1.5)), "sampling.top_p"),
+        (pb.GenerateRequest(prompt="hi", model="gpt-4"), "model"),
+        (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_naming_the_field(mesh, request_, field):
+    channel, stub = stub_for(mesh)
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request_, timeout=30))
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(error)
+    violations = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            violations += [v.field for v in bad.field_violations]
+    assert violations == [field]
+    assert field in error.details()
+
+
+def test_the_served_model_name_is_accepted(mesh):
+    channel, stub = stub_for(mesh)
+    with channel:
+        responses = list(stub.Generate(pb.GenerateRequest(model=MODEL, prompt="Hello", sampling=pb.SamplingParameters(max_tokens=2)), timeout=30))
+    assert responses[-1].complete.completion_tokens == 2
+
+
+def test_metrics_count_the_traffic(mesh):
+    before_router = mesh.metrics("router")
+    before_inference = mesh.metrics("inference")
+    channel, stub = stub_for(mesh)
+    with channel:
+        completes = [list(stub.Generate(chat_request(f"Count to {n}", max_tokens=5), timeout=60))[-1].complete for n in range(3)]
+    after_router = mesh.metrics("router")
+    after_inference = mesh.metrics("inference")
+    generated = sum(c.completion_tokens for c in completes)
+    prompt = sum(c.prompt_tokens for c in completes)
+    labels = {"model_name": MODEL}
+    for before, after in ((before_router, after_router), (before_inference, after_inference)):
+        assert metric_value(after, "meshserve_generation_tokens_total", **labels) - metric_value(before, "meshserve_generation_tokens_total", **labels) == generated
+        assert metric_value(after, "meshserve_prompt_tokens_total", **labels) - metric_value(before, "meshserve_prompt_tokens_total", **labels) == prompt
+        ttft = "meshserve_time_to_first_token_seconds_count"
+        assert metric_value(after, ttft, **labels) - metric_value(before, ttft, **labels) == 3
+        e2e = "meshserve_e2e_request_latency_seconds_count"
+        assert metric_value(after, e2e, **labels) - metric_value(before, e2e, **labels) == 3
+        itl = "meshserve_inter_token_latency_seconds_count"
+        assert metric_value(after, itl, **labels) - metric_value(before, itl, **labels) == generated - 3
+    ok = "meshserve_requests_total"
+    assert metric_value(after_router, ok, code="OK") - metric_value(before_router, ok, code="OK") == 3
+    assert "meshserve_kv_cache_usage_perc" in after_inference
+    assert "meshserve_num_requests_waiting" in after_inference
+
+
+def test_cancelling_a_stream_frees_the_inference_slot(mesh):
+    channel, stub = stub_for(mesh)
+    running = "meshserve_num_requests_running"
+    with channel:
+        call = stub.Generate(chat_request("Write a very long story about a dragon.", max_tokens=900), timeout=120)
+        received = 0
+        for response in call:
+            received += len(response.chunk.token_ids)
+            if received >= 5:
+                break
+        assert metric_value(mesh.metrics("inference"), running) == 1
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while metric_value(mesh.metrics("inference"), running) != 0:
+            assert time.monotonic() < deadline, "the cancelled request still holds its slot"
+            time.sleep(0.05)
+    assert metric_value(mesh.metrics("inference"), "meshserve_kv_cache_usage_perc") == 0
+    assert metric_value(mesh.metrics("router"), "meshserve_requests_total", code="CANCELLED") >= 1
+
+
+def test_deadline_shorter_than_generation_ends_with_deadline_exceeded(mesh):
+    channel, stub = stub_for(mesh)
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(chat_request("Tell me a long story.", max_tokens=900), timeout=1.0))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while metric_value(mesh.metrics("inference"), "meshserve_num_requests_running") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_concurrent_streams_share_the_batch_and_match_solo_runs(mesh):
+    prompts = ["What is 2+2?", "Name a color.", "Say hello in French."]
+    channel, stub = stub_for(mesh)
+    with channel:
+        solo = {p: [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids] for p in prompts}
+        together: dict[str, list[int]] = {}
+
+        def run(p: str) -> None:
+            together[p] = [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids]
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert together == solo

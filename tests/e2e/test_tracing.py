@@ -1,0 +1,48 @@
+"""One client request gives one trace across Envoy, router, tokenizer and inference."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+from meshserve.v1 import generation_service_pb2 as pb
+from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+SERVICES = {"meshserve-envoy", "meshserve-router", "meshserve-tokenizer", "meshserve-inference"}
+
+
+def test_one_request_one_trace_through_all_four_services(mesh):
+    trace_id = os.urandom(16)
+    parent_span_id = os.urandom(8)
+    traceparent = f"00-{trace_id.hex()}-{parent_span_id.hex()}-01"
+    with grpc.insecure_channel(mesh.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        request = pb.GenerateRequest(
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi!")]),
+            sampling=pb.SamplingParameters(max_tokens=4, temperature=0),
+        )
+        list(stub.Generate(request, timeout=60, metadata=[("traceparent", traceparent)]))
+
+    deadline = time.monotonic() + 20
+    while True:
+        spans = mesh.receiver.spans_of_trace(trace_id)
+        services = {service for service, _ in spans}
+        names = {span.name for _, span in spans}
+        # every span's parent is in the trace (spans arrive in batches), except the client's own span
+        span_ids = {span.span_id for _, span in spans} | {parent_span_id}
+        orphans = [(service, span.name) for service, span in spans if span.parent_span_id not in span_ids]
+        if SERVICES <= services and {"tokenize", "queue_wait", "prefill", "decode"} <= names and not orphans:
+            break
+        assert time.monotonic() < deadline, f"trace incomplete: services={services} spans={sorted(names)} orphans={orphans}"
+        time.sleep(0.2)
+
+    # the client's incoming trace is continued, not replaced: Envoy's span hangs off the client's span
+    envoy_spans = [span for service, span in spans if service == "meshserve-envoy"]
+    assert any(span.parent_span_id == parent_span_id for span in envoy_spans)
+    by_name = {span.name: (service, span) for service, span in spans}
+    assert by_name["tokenize"][0] == "meshserve-router"
+    for phase in ("queue_wait", "prefill", "decode"):
+        assert by_name[phase][0] == "meshserve-inference"
+    prefill, decode = by_name["prefill"][1], by_name["decode"][1]
+    assert prefill.end_time_unix_nano <= decode.start_time_unix_nano + 1
