@@ -48,7 +48,7 @@ class StepBatch:
         query = np.arange(seq)
         cached_ok = key_pos[None, None, :past] < self.cached_lengths[:, None, None]
         cached_ok = np.broadcast_to(cached_ok, (self.rows, seq, past))
-        new_ok = (key_pos[past:][None, :] <= query[:, None])[None]  # causal among new tokens
+        new_ok = (query[None, :] <= query[:, None])[None]  # causal among the new tokens
         new_ok = np.broadcast_to(new_ok, (self.rows, seq, seq))
         allowed = np.concatenate([cached_ok, new_ok], axis=2)
         return np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)

@@ -1,0 +1,185 @@
+"""Engine-only benchmark: the ONNX Runtime engine without gRPC, tokenizer service or Envoy.
+
+It loads the prepared model, tokenizes the same built-in prompts as `meshserve bench` (chat
+template by default), keeps `--concurrency` requests in the engine until `--requests` have
+finished, and prints the same report (`services.cli.bench.summarize`), so the mesh's overhead is
+the difference between the two:
+
+    python -m services.inference.bench_engine --concurrency 4 --max-tokens 32 --json
+
+Times are taken in the engine's output callback (on the engine thread), from `submit` to the
+first tokens (TTFT) and between successive outputs (ITL, per token). One warm-up request runs
+first and is not reported. Greedy decoding, so repeated runs generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import queue
+import sys
+import time
+from pathlib import Path
+
+from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
+
+log = logging.getLogger(__name__)
+
+
+class _Tracker:
+    """Collects one request's timings from the engine thread and signals when it ends."""
+
+    def __init__(self, index: int, done: queue.SimpleQueue) -> None:
+        self.index = index
+        self.done = done
+        self.started = 0.0
+        self.last: float | None = None
+        self.ttft: float | None = None
+        self.itl: list[float] = []
+        self.tokens = 0
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.finished_at = 0.0
+
+    def on_output(self, output) -> None:  # engine thread: record and hand over, nothing slow
+        now = time.perf_counter()
+        n = len(output.token_ids)
+        if n:
+            if self.last is None:
+                self.ttft = now - self.started
+            else:
+                self.itl.extend([(now - self.last) / n] * n)
+            self.last = now
+            self.tokens += n
+        if output.finish_reason is not None:
+            self.finish = getattr(output.finish_reason, "value", str(output.finish_reason))
+            self.error = output.error
+            self.finished_at = now
+            self.done.put(self)
+
+    def result(self, prompt_tokens: int) -> RequestResult:
+        ok = self.finish in ("stop", "length")
+        return RequestResult(
+            ok=ok,
+            code="OK" if ok else (self.finish or "unknown").upper(),
+            tokens=self.tokens if ok else 0,
+            ttft_s=self.ttft,
+            itl_s=self.itl,
+            latency_s=self.finished_at - self.started,
+            prompt_tokens=prompt_tokens if ok else 0,
+        )
+
+
+def encode_prompts(model, prompts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt, rendered with the model's chat template when `chat`."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model.tokenizer_path))
+    # the same environment options as the tokenizer service, so the prompts match the mesh's
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(model.chat_template)
+    encoded = []
+    for prompt in prompts:
+        text = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
+        encoded.append(tokenizer.encode(text, add_special_tokens=False).ids)
+    return encoded
+
+
+def run_requests(engine, encoded: list[list[int]], params, stop_ids: frozenset[int], concurrency: int,
+                 total: int, label: str = "bench") -> tuple[list[RequestResult], float]:
+    """Keeps `concurrency` requests in the engine until `total` have finished; returns the
+    results and the wall time."""
+    done: queue.SimpleQueue[_Tracker] = queue.SimpleQueue()
+    results: list[RequestResult] = []
+    in_flight = 0
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent, in_flight
+        prompt = encoded[sent % len(encoded)]
+        tracker = _Tracker(sent, done)
+        tracker.started = time.perf_counter()
+        engine.submit(f"{label}-{sent}", prompt, params, stop_ids, tracker.on_output)
+        sent += 1
+        in_flight += 1
+
+    started = time.perf_counter()
+    while sent < min(concurrency, total):
+        send()
+    while in_flight:
+        tracker = done.get()
+        in_flight -= 1
+        results.append(tracker.result(len(encoded[tracker.index % len(encoded)])))
+        if sent < total:
+            send()
+    return results, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.inference.bench_engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)")
+    parser.add_argument("--concurrency", type=positive_int, default=1, help="requests in the engine at once (default %(default)s)")
+    parser.add_argument("--requests", type=positive_int, help="requests in all (default: one per concurrent stream)")
+    parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                        help="render prompts with the chat template (default); --no-chat encodes them as plain text")
+    parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: the built-in prompts)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    parser.add_argument("--num-slots", type=int, help="KV-cache slots (default: the engine default, or concurrency if larger)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    total = args.requests or args.concurrency
+    logging.basicConfig(level=logging.WARNING)
+
+    from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+    from services.inference.engine import Engine, EngineConfig
+    from services.inference.sampling import SamplingParams
+    from services.modelstore.prepare import prepare_model
+
+    model = prepare_model(args.models_root)
+    defaults = EngineConfig()
+    config = dataclasses.replace(defaults, num_slots=args.num_slots or max(defaults.num_slots, args.concurrency))
+    load_started = time.perf_counter()
+    backend = OnnxRuntimeBackend(model, config.num_slots, config.max_context, intra_op_threads=args.threads)
+    engine = Engine(backend, config)
+    engine.start()
+    load_s = time.perf_counter() - load_started
+    try:
+        encoded = encode_prompts(model, load_prompts(args.prompts), args.chat)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+        stop_ids = frozenset(model.eos_token_ids)
+        # one short request so the measured ones do not pay for lazy initialisation
+        run_requests(engine, encoded[:1], dataclasses.replace(params, max_tokens=2), stop_ids, 1, 1, label="warmup")
+        progress = not args.json
+        if progress:
+            print(f"running {total} requests, {args.concurrency} at a time ...", file=sys.stderr, flush=True)
+        results, wall_s = run_requests(engine, encoded, params, stop_ids, args.concurrency, total)
+    finally:
+        engine.stop()
+
+    report = summarize(results, wall_s)
+    report.update(
+        target="engine",
+        backend=getattr(backend, "name", type(backend).__name__),
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        temperature=0.0,
+        input="chat" if args.chat else "prompt",
+        num_prompts=len(encoded),
+        num_slots=config.num_slots,
+        threads=args.threads,
+        load_s=round(load_s, 3),
+        engine_steps=getattr(engine, "steps", None),
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+    return 0 if report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The engine on the real model without gRPC: batching equivalence, abort, capacity, validation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.engine import Engine, EngineConfig, FinishReason
+from services.inference.sampling import SamplingParams
+from services.tokenizer.core import TokenizerCore
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, FinishReason] = {}
+        self.done = threading.Event()
+        self.expected = 0
+
+    def __call__(self, request_id: str):
+        def on_output(output) -> None:
+            self.tokens.setdefault(request_id, []).extend(output.token_ids)
+            if output.finish_reason:
+                self.finish[request_id] = output.finish_reason
+                if len(self.finish) >= self.expected:
+                    self.done.set()
+        return on_output
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, max_waiting=2)
+    engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return TokenizerCore(model_dir)
+
+
+def run_all(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> Collector:
+    collector = Collector()
+    collector.expected = len(prompts)
+    for request_id, ids in prompts.items():
+        engine.submit(request_id, ids, params, frozenset({2}), collector(request_id))
+    assert collector.done.wait(120)
+    return collector
+
+
+def test_a_mixed_length_batch_gives_each_request_its_solo_greedy_tokens(engine, tokenizer):
+    texts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time in a land far, far away, there lived a"]
+    prompts = {str(i): tokenizer.encode_text(t) for i, t in enumerate(texts)}
+    assert len({len(p) for p in prompts.values()}) == 3
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    together = run_all(engine, prompts, greedy)
+    steps_before = engine.steps
+    for request_id, ids in prompts.items():
+        solo = run_all(engine, {request_id: ids}, greedy)
+        assert solo.tokens[request_id] == together.tokens[request_id]
+    assert engine.steps > steps_before
+
+
+def test_stop_token_ends_with_stop_and_max_tokens_with_length(engine, tokenizer):
+    chat = tokenizer.encode_chat([__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")])
+    result = run_all(engine, {"a": chat}, SamplingParams(max_tokens=64, temperature=0.0))
+    assert result.finish["a"] == FinishReason.STOP and result.tokens["a"][-1] == 2
+    result = run_all(engine, {"b": tokenizer.encode_text("Once upon a time")}, SamplingParams(max_tokens=5, temperature=0.0))
+    assert result.finish["b"] == FinishReason.LENGTH and len(result.tokens["b"]) == 5
+
+
+def test_abort_frees_the_slot(engine, tokenizer):
+    started = threading.Event()
+    finished = threading.Event()
+
+    def on_output(output) -> None:
+        started.set()
+        if output.finish_reason:
+            assert output.finish_reason == FinishReason.ABORT
+            finished.set()
+
+    engine.submit("long", tokenizer.encode_text("Tell me a story"), SamplingParams(max_tokens=64, temperature=0.0), frozenset(), on_output)
+    assert started.wait(30)
+    assert engine.num_running == 1 and engine.kv_cache_usage == 0.25
+    engine.abort("long")
+    assert finished.wait(10)
+    assert engine.num_running == 0 and engine.kv_cache_usage == 0.0
+
+
+def test_requests_beyond_slots_and_queue_are_refused(engine, tokenizer):
+    blocker = threading.Event()
+    try:
+        ids = tokenizer.encode_text("Hello")
+        params = SamplingParams(max_tokens=64, temperature=0.0)
+        # 4 slots + 2 waiting places; the engine thread may not have picked them up yet, which counts the same
+        for i in range(6):
+            engine.submit(f"fill{i}", ids, params, frozenset(), lambda o: None)
+        with pytest.raises(ResourceExhaustedError) as caught:
+            engine.submit("one-too-many", ids, params, frozenset(), lambda o: None)
+        assert caught.value.retry_after_s > 0
+    finally:
+        for i in range(6):
+            engine.abort(f"fill{i}")
+        blocker.set()
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ([], SamplingParams(max_tokens=4), "prompt_token_ids"),
+        ([1, 999999], SamplingParams(max_tokens=4), "prompt_token_ids"),
+        ([1], SamplingParams(max_tokens=0), "sampling.max_tokens"),
+        ([1], SamplingParams(max_tokens=65), "sampling.max_tokens"),
+        ([1] * 250, SamplingParams(max_tokens=10), "sampling.max_tokens"),
+        ([1], SamplingParams(max_tokens=4, temperature=-1), "sampling.temperature"),
+        ([1], SamplingParams(max_tokens=4, top_p=0), "sampling.top_p"),
+    ],
+)
+def test_invalid_requests_name_their_field(engine, prompt, params, field):
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("bad", prompt, params, frozenset(), lambda o: None)
+    assert caught.value.field == field
