@@ -4,6 +4,7 @@ the engine's timestamps, and abort when the caller goes away."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -39,6 +40,7 @@ class AsyncEngine:
     def __init__(self, metrics: ServingMetrics) -> None:
         self.engine: Engine | None = None
         self.metrics = metrics
+        self._sequence = itertools.count()
 
     def attach(self, engine: Engine) -> None:
         """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
@@ -55,8 +57,10 @@ class AsyncEngine:
             raise UnavailableError("the model is still loading", retry_after_s=2.0)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        # client-chosen ids may repeat; the engine needs one that is unique
+        engine_id = f"{request_id}#{next(self._sequence)}"
         times = engine.submit(
-            request_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+            engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
         )
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finish: FinishReason | None = None
@@ -77,7 +81,7 @@ class AsyncEngine:
                 yield GenerationResult(tokens, finish, len(prompt_token_ids))
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
-                engine.abort(request_id)
+                engine.abort(engine_id)
             self._record(times, params, len(prompt_token_ids), generated)
 
     def _record(self, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int) -> None:

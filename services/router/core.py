@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
@@ -60,6 +61,10 @@ def _passthrough(error: grpc.aio.AioRpcError) -> Exception:
     return from_rpc_error(error) or DownstreamError(error)
 
 
+class _NotServing(Exception):
+    pass
+
+
 class InferenceReplica:
     def __init__(self, target: str) -> None:
         self.target = target
@@ -79,17 +84,21 @@ class Router:
         self.eos_token_ids: list[int] = []
 
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
-        """Waits for the tokenizer and one inference replica, and learns the model's limits."""
+        """Waits until the tokenizer and one inference replica are SERVING, and learns the model's limits."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
+                for channel in (self.tokenizer_channel, self.replicas[0].channel):
+                    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if health.status != health_pb2.HealthCheckResponse.SERVING:
+                        raise _NotServing()
                 info = await self.replicas[0].stub.GetModelInfo(inference_pb.GetModelInfoRequest(), timeout=5)
                 tok_info = await self.tokenizer.GetInfo(tokenizer_pb.GetInfoRequest(), timeout=5)
                 break
-            except grpc.aio.AioRpcError as error:
+            except (grpc.aio.AioRpcError, _NotServing) as error:
                 if time.monotonic() > deadline:
-                    raise
-                log.info("waiting for dependencies: %s", error.code().name)
+                    raise UnavailableError("dependencies did not become ready") from error
+                log.info("waiting for dependencies: %s", error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING")
                 await asyncio.sleep(0.5)
         self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens)
         self.eos_token_ids = list(tok_info.eos_token_ids)

@@ -656,11 +656,11 @@ class _TrtExecutor:
             ctx.set_optimization_profile_async(profile, self.stream_handle)
             self.active_profile = profile
         for name, tensor in inputs.items():
-            if ctx.set_input_shape(name, tuple(tensor.shape)) is False:
+            if not ctx.set_input_shape(name, tuple(tensor.shape)):
                 raise RuntimeError(f"TensorRT rejected shape {tuple(tensor.shape)} for {name} in profile {profile}")
-            ctx.set_tensor_address(name, self._address(tensor))
-        for name, tensor in outputs.items():
-            ctx.set_tensor_address(name, self._address(tensor))
+        for name, tensor in (inputs | outputs).items():
+            if not ctx.set_tensor_address(name, self._address(tensor)):
+                raise RuntimeError(f"TensorRT rejected the address of {name}")
         logits = outputs["logits"]
         if tuple(logits.shape) not in self.checked_shapes:
             engine_shape = tuple(ctx.get_tensor_shape("logits"))

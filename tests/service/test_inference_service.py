@@ -1,0 +1,97 @@
+"""The inference servicer and engine over a real gRPC channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from meshserve.inference.v1 import inference_service_pb2 as pb
+from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from prometheus_client import REGISTRY
+
+from services.common.metrics import ServingMetrics
+from services.inference.async_engine import AsyncEngine
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.engine import Engine, EngineConfig
+from services.inference.servicer import InferenceServicer
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    metrics = ServingMetrics("test-model")
+    yield metrics
+    for collector in list(REGISTRY._collector_to_names):  # metrics are process globals; leave none behind
+        if any(n.startswith("meshserve_") for n in REGISTRY._collector_to_names[collector]):
+            REGISTRY.unregister(collector)
+
+
+@pytest.fixture
+async def service(model_dir, metrics):
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=200, max_waiting=1)
+    async_engine = AsyncEngine(metrics)
+    async_engine.attach(Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config))
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(async_engine, config, "test-model", "onnxruntime"), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pb_grpc.InferenceServiceStub(channel), async_engine.engine
+    finally:
+        await channel.close()
+        await server.stop(None)
+        async_engine.engine.stop()
+
+
+def _request(max_tokens: int, prompt=(504, 3575, 282, 4649, 314)) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id="r", prompt_token_ids=list(prompt),
+                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, top_p=1.0))
+
+
+async def test_generate_streams_tokens_until_length(service):
+    stub, _ = service
+    responses = [r async for r in stub.Generate(_request(6))]
+    assert sum(len(r.token_ids) for r in responses) == 6
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH and responses[-1].prompt_tokens == 5
+
+
+async def test_cancelling_the_call_frees_the_slot(service):
+    stub, engine = service
+    call = stub.Generate(_request(190))
+    await call.read()
+    assert engine.num_running == 1
+    call.cancel()
+    for _ in range(100):
+        if engine.num_running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.num_running == 0 and engine.kv_cache_usage == 0.0
+
+
+async def test_overload_is_resource_exhausted_with_retry_advice(service):
+    stub, engine = service
+    calls = [stub.Generate(_request(190)) for _ in range(2)]  # fill the 2 slots
+    for call in calls:
+        await call.read()
+    calls.append(stub.Generate(_request(190)))  # and the 1 waiting place
+    for _ in range(100):
+        if engine.num_waiting == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.num_running == 2 and engine.num_waiting == 1
+    refused = stub.Generate(_request(5))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await refused.read()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert any(k == "grpc-status-details-bin" for k, _ in caught.value.trailing_metadata())
+    for call in calls:
+        call.cancel()
+
+
+async def test_invalid_max_tokens_is_invalid_argument(service):
+    stub, _ = service
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(_request(201)).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.max_tokens" in caught.value.details()
