@@ -14,6 +14,7 @@ from services.common.metrics import ServingMetrics, kv_cache_usage_gauge
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.base import StepBatch
+from services.inference.backends.selection import BackendUnavailableError, create_backend, select_backend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
 from services.modelstore.layout import add_models_root_arg, find_model
@@ -38,9 +39,10 @@ def add_parser(subparsers) -> None:
 
 
 def load_engine(args: argparse.Namespace, config: EngineConfig, model) -> tuple[Engine, str]:
-    from services.inference.backends.onnxruntime import OnnxRuntimeBackend  # TEMP until selection lands
-    name = "onnxruntime"
-    backend = OnnxRuntimeBackend(model, config.num_slots, config.max_context, intra_op_threads=args.threads)
+    name, reason = select_backend(args.backend)
+    log.info("backend %s: %s", name, reason)
+    options = {"intra_op_threads": args.threads} if name == "onnxruntime" else {"max_prefill": config.max_prefill_tokens}
+    backend = create_backend(name, model, config.num_slots, config.max_context, **options)
     # one tiny step so the first request does not pay for lazy initialisation
     import numpy as np
 
@@ -50,6 +52,10 @@ def load_engine(args: argparse.Namespace, config: EngineConfig, model) -> tuple[
 
 
 async def serve(args: argparse.Namespace) -> None:
+    try:  # fail at start-up, in one sentence, when the asked-for backend cannot run here
+        select_backend(args.backend)
+    except BackendUnavailableError as error:
+        raise SystemExit(f"meshserve serve-inference: {error}") from None
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     model = find_model(args.models_root)
     config = EngineConfig(

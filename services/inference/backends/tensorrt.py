@@ -514,7 +514,6 @@ class DeviceStepRunner:
         self.device = torch.device(device)
         self.input_dtypes = dict(input_dtypes or {})
         self.cache = DeviceKVCache(config, num_slots, max_context, self.device)
-        self.profile_history: list[int] = []  # profiles used by the last forward, for tests and logs
 
     def _upload(self, name: str, array: np.ndarray) -> torch.Tensor:
         import torch
@@ -529,7 +528,6 @@ class DeviceStepRunner:
         if batch.rows == 0:
             return np.zeros((0, batch.logits_indices.shape[1], c.vocab_size), np.float32)
         subs = split_step(batch, self.max_seq)
-        self.profile_history = []
         return merge_logits(batch, subs, [self._run(sub.batch) for sub in subs])
 
     def _run(self, batch: StepBatch) -> np.ndarray:
@@ -538,7 +536,6 @@ class DeviceStepRunner:
         c, names = self.config, self.names
         rows, seq, past, n_logits = batch.rows, batch.seq, batch.past, batch.logits_indices.shape[1]
         profile = select_profile(self.plans, rows, seq, past, n_logits)
-        self.profile_history.append(profile)
         # 1. small inputs to the device; the attention bias comes from StepBatch, the one definition
         inputs = {
             "input_ids": self._upload("input_ids", batch.input_ids),
