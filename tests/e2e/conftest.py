@@ -44,6 +44,7 @@ class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 @dataclass
 class Mesh:
     port: int
+    router_port: int
     metrics_ports: dict[str, int]
     receiver: OtlpTraceReceiver
     process: subprocess.Popen
@@ -105,6 +106,7 @@ def mesh(model_dir):
         time.sleep(0.3)
     yield Mesh(
         port=port,
+        router_port=ports["router"],
         metrics_ports={"router": metrics_base + 1, "tokenizer": metrics_base + 2, "inference": metrics_base + 3},
         receiver=receiver, process=process, log_path=log_path,
     )
