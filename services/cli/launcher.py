@@ -27,7 +27,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tokenizer-port", type=int, default=50052)
     parser.add_argument("--inference-port", type=int, default=50053)
     parser.add_argument("--metrics-port-base", type=int, default=9100,
-                        help="metrics ports: router +1, tokenizer +2, inference +3")
+                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i")
+    parser.add_argument("--inference-replicas", type=int, default=1, help="inference processes (ports +100 apart)")
+    parser.add_argument("--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)")
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
     parser.add_argument("--inference-arg", action="append", default=[],
                         help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
@@ -61,14 +63,19 @@ def run(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "services.cli.main"]
     common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
     mp = args.metrics_port_base
+    inference_ports = [args.inference_port + 100 * i for i in range(args.inference_replicas)]
+    router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
     commands = {
         "tokenizer": base + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
-        "inference": base + ["serve-inference", "--port", str(args.inference_port), "--metrics-port", str(mp + 3), *common,
-                             *args.inference_arg],
-        "router": base + ["serve-router", "--host", "127.0.0.1", "--port", str(args.router_port), "--metrics-port", str(mp + 1),
-                          "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}",
-                          "--inference-target", f"127.0.0.1:{args.inference_port}"],
     }
+    for i, port in enumerate(inference_ports):
+        commands[f"inference-{i}"] = base + [
+            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common, *args.inference_arg]
+    targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
+    for i, port in enumerate(router_ports):
+        commands[f"router-{i}"] = base + [
+            "serve-router", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mp + 1 + 10 * i),
+            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}", *targets]
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}
 
@@ -82,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.startup_timeout_s
         for name, command in commands.items():
             procs[name] = subprocess.Popen(command)
-        for name, port in (("tokenizer", args.tokenizer_port), ("inference", args.inference_port), ("router", args.router_port)):
+        for port in [args.tokenizer_port, *inference_ports, *router_ports]:
             _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
         config.write_text(render_envoy_config(
-            port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", args.router_port)],
+            port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
             otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
         ))
         procs["envoy"] = subprocess.Popen(
@@ -107,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         # Envoy first so no new streams arrive, then the router, then what it depends on
-        for name in ("envoy", "router", "tokenizer", "inference"):
-            if name in procs and procs[name].poll() is None:
+        order = sorted(procs, key=lambda name: ["envoy", "router", "tokenizer", "inference"].index(name.split("-")[0]))
+        for name in order:
+            if procs[name].poll() is None:
                 procs[name].send_signal(signal.SIGTERM)
         for proc in procs.values():
             try:

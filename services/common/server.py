@@ -75,7 +75,9 @@ class ServiceProcess:
             await self.health.set(name, status)
 
     async def run(self, warm_up: Callable[[], Awaitable[None]] | None = None, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Binds, warms up (health NOT_SERVING until done), serves, and drains on SIGTERM/SIGINT."""
+        """Binds, warms up (health NOT_SERVING until done), serves, and drains on SIGTERM/SIGINT:
+        health turns NOT_SERVING at once, `on_drain` runs (the service's own drain: refuse new work,
+        let running streams finish), then the server stops, cancelling what is left after the grace."""
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -49,8 +49,19 @@ class AsyncEngine:
         self.metrics.num_requests_running.set_function(lambda: engine.num_running)
         self.metrics.num_requests_waiting.set_function(lambda: engine.num_waiting)
 
+    async def drain(self, grace_s: float) -> None:
+        """Refuses new requests and waits (at most `grace_s`) for running ones to finish."""
+        engine = self.engine
+        if engine is None:
+            return
+        engine.stop_accepting()
+        deadline = time.monotonic() + grace_s
+        while not engine.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int]
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
+        priority: int = 0,
     ) -> AsyncIterator[GenerationResult]:
         engine = self.engine
         if engine is None:
@@ -60,7 +71,8 @@ class AsyncEngine:
         # client-chosen ids may repeat; the engine needs one that is unique
         engine_id = f"{request_id}#{next(self._sequence)}"
         times = engine.submit(
-            engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+            engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+            priority,
         )
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finish: FinishReason | None = None

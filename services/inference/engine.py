@@ -84,6 +84,7 @@ class EngineRequest:
     stop_token_ids: frozenset[int]
     on_output: Callable[[EngineOutput], None]
     times: RequestTimes
+    priority: int = 0
     slot: int = -1
     cached: int = 0
     output_token_ids: list[int] = field(default_factory=list)
@@ -116,6 +117,7 @@ class Engine:
         self._free_slots = list(range(config.num_slots - 1, -1, -1))
         self._pending_count = 0  # submitted but not yet taken from the inbox
         self._stopped = False
+        self._accepting = True
         self._thread: threading.Thread | None = None
         self.steps = 0
 
@@ -129,6 +131,14 @@ class Engine:
         self._inbox.put(None)
         if self._thread:
             self._thread.join(timeout=30)
+
+    def stop_accepting(self) -> None:
+        """Drain: refuse new requests (UNAVAILABLE, so a router retries elsewhere); running ones finish."""
+        self._accepting = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._waiting and self._pending_count == 0
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises InvalidArgumentError for requests this engine can never serve."""
@@ -157,12 +167,14 @@ class Engine:
         params: SamplingParams,
         stop_token_ids: frozenset[int],
         on_output: Callable[[EngineOutput], None],
+        priority: int = 0,
     ) -> RequestTimes:
-        """Queues a request; outputs arrive through `on_output` on the engine thread."""
+        """Queues a request; outputs arrive through `on_output` on the engine thread. Waiting
+        requests are admitted highest `priority` first, in arrival order within a priority."""
         self.validate(prompt_token_ids, params)
         with self._lock:
-            if self._stopped:
-                raise UnavailableError("the engine is stopping", retry_after_s=1.0)
+            if self._stopped or not self._accepting:
+                raise UnavailableError("this replica is draining", retry_after_s=0.1)
             queued = len(self._waiting) + self._pending_count
             free = len(self._free_slots)
             if queued >= free + self.config.max_waiting:
@@ -174,7 +186,8 @@ class Engine:
         times = RequestTimes(arrival=time.monotonic())
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(8), "little")
         request = EngineRequest(
-            request_id, list(prompt_token_ids), params, stop_token_ids, on_output, times, rng=np.random.default_rng(seed)
+            request_id, list(prompt_token_ids), params, stop_token_ids, on_output, times, priority,
+            rng=np.random.default_rng(seed),
         )
         self._inbox.put(request)
         return times
@@ -220,10 +233,16 @@ class Engine:
                 if item is not None:
                     with self._lock:
                         self._pending_count -= 1
-                        self._waiting.append(item)
+                        self._enqueue(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _enqueue(self, request: EngineRequest) -> None:
+        position = len(self._waiting)
+        while position > 0 and self._waiting[position - 1].priority < request.priority:
+            position -= 1
+        self._waiting.insert(position, request)
 
     def _apply_aborts(self) -> None:
         with self._lock:

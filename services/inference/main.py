@@ -74,7 +74,10 @@ async def serve(args: argparse.Namespace) -> None:
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
 
-    await process.run(warm_up)
+    async def on_drain() -> None:
+        await async_engine.drain(args.shutdown_grace_s)
+
+    await process.run(warm_up, on_drain)
     if async_engine.engine:
         async_engine.engine.stop()
 

@@ -31,7 +31,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None
         )
         request_id = request.request_id or uuid.uuid4().hex
-        results = self.engine.generate(request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids))
+        results = self.engine.generate(
+            request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids), request.priority
+        )
         async for result in results:
             yield pb.GenerateResponse(
                 token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens
@@ -43,6 +45,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_context_tokens=self.config.max_context,
             max_new_tokens=self.config.max_new_tokens,
             backend=self.backend_name,
+            max_running=self.config.num_slots,
+            max_waiting=self.config.max_waiting,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:

@@ -26,6 +26,7 @@ class GenerationRequest:
     chat: list[tuple[str, str]] | None
     token_ids: list[int] | None
     sampling: SamplingParams
+    priority: int = pb.PRIORITY_NORMAL
 
 
 def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, default_max_tokens: int, request_id: str) -> GenerationRequest:
@@ -59,4 +60,7 @@ def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, defa
     if not 0 < top_p <= 1:
         raise InvalidArgumentError("sampling.top_p", f"must be in (0, 1], got {top_p}")
     seed = s.seed if s.HasField("seed") else None
-    return GenerationRequest(request_id, prompt, chat, token_ids, SamplingParams(max_tokens, temperature, top_p, seed))
+    if request.priority not in pb.Priority.values():
+        raise InvalidArgumentError("priority", f"unknown priority {request.priority}")
+    priority = request.priority or pb.PRIORITY_NORMAL
+    return GenerationRequest(request_id, prompt, chat, token_ids, SamplingParams(max_tokens, temperature, top_p, seed), priority)

@@ -7,7 +7,6 @@ protobuf types; the servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -16,17 +15,17 @@ from typing import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
-from meshserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
 
 from services.common.errors import UnavailableError
 from services.common.grpc_status import from_rpc_error
-from services.common.metrics import ServingMetrics
 from services.common.telemetry import client_interceptors
 from services.router.config import RouterConfig
+from services.router.admission import admit
 from services.router.convert import GenerationRequest, ModelLimits
+from services.router.replicas import ReplicaSet, choose_replica, prefix_key
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshserve.router")
@@ -65,34 +64,31 @@ class _NotServing(Exception):
     pass
 
 
-class InferenceReplica:
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
-        self.stub = inference_grpc.InferenceServiceStub(self.channel)
+# a broken stream is continued elsewhere at most this many times
+MAX_FAILOVERS = 2
 
 
 class Router:
-    def __init__(self, config: RouterConfig, metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.metrics = metrics
         self.tokenizer_channel = grpc.aio.insecure_channel(config.tokenizer_target, interceptors=client_interceptors())
         self.tokenizer = tokenizer_grpc.TokenizerServiceStub(self.tokenizer_channel)
-        self.replicas = [InferenceReplica(t) for t in config.inference_targets]
-        self._round_robin = itertools.cycle(self.replicas)
+        self.replicas = ReplicaSet(config.inference_targets)
         self.limits: ModelLimits | None = None
         self.eos_token_ids: list[int] = []
 
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
-        """Waits until the tokenizer and one inference replica are SERVING, and learns the model's limits."""
+        """Waits until the tokenizer and an inference replica are SERVING, learns the model's
+        limits, and starts watching the replicas' health and load."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                for channel in (self.tokenizer_channel, self.replicas[0].channel):
-                    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    if health.status != health_pb2.HealthCheckResponse.SERVING:
-                        raise _NotServing()
-                info = await self.replicas[0].stub.GetModelInfo(inference_pb.GetModelInfoRequest(), timeout=5)
+                health = await health_pb2_grpc.HealthStub(self.tokenizer_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                await self.replicas.poll_once()
+                serving = [r for r in self.replicas.replicas if r.healthy]
+                if health.status != health_pb2.HealthCheckResponse.SERVING or not serving:
+                    raise _NotServing()
+                info = await serving[0].stub.GetModelInfo(inference_pb.GetModelInfoRequest(), timeout=5)
                 tok_info = await self.tokenizer.GetInfo(tokenizer_pb.GetInfoRequest(), timeout=5)
                 break
             except (grpc.aio.AioRpcError, _NotServing) as error:
@@ -102,10 +98,12 @@ class Router:
                 await asyncio.sleep(0.5)
         self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens)
         self.eos_token_ids = list(tok_info.eos_token_ids)
+        self.replicas.start()
         return self.limits
 
-    def pick_replica(self) -> InferenceReplica:
-        return next(self._round_robin)
+    def admit(self, priority: int) -> None:
+        """Refuses a request before any work when the cluster is past its priority's share."""
+        admit(priority, self.replicas.load, self.replicas.capacity)
 
     async def tokenize(self, request: GenerationRequest, timeout: float | None) -> list[int]:
         if request.token_ids is not None:
@@ -125,38 +123,54 @@ class Router:
         return list(response.ids)
 
     async def generate(self, request: GenerationRequest, deadline: float | None) -> AsyncIterator[TextDelta | Completed]:
-        """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value."""
+        """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value.
+
+        If the inference replica fails mid-stream, generation continues on another replica from
+        the prompt plus the tokens already streamed, so the client sees one answer with nothing
+        repeated or missing (identical to an undisturbed run when decoding is greedy)."""
 
         def remaining() -> float | None:
             return None if deadline is None else max(0.001, deadline - time.monotonic())
 
+        self.admit(request.priority)
         prompt_ids = await self.tokenize(request, remaining())
-        replica = self.pick_replica()
-        s = request.sampling
-        sampling = inference_pb.SamplingParameters(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
-        if s.seed is not None:
-            sampling.seed = s.seed
-        call = replica.stub.Generate(
-            inference_pb.GenerateRequest(
-                request_id=request.request_id, prompt_token_ids=prompt_ids, sampling=sampling, stop_token_ids=self.eos_token_ids
-            ),
-            timeout=remaining(),
-        )
+        key = prefix_key(prompt_ids)
         detokenizer = self.tokenizer.DecodeStream(timeout=remaining())
         # read through the call's iterator (not read()): trace interceptors end their span with it
         decoded_texts = detokenizer.__aiter__()
+        generated: list[int] = []
+        tried: set[str] = set()
         completed: Completed | None = None
-        completion_tokens = 0
         try:
-            async for response in call:
-                ids = list(response.token_ids)
-                completion_tokens += len(ids)
-                if ids:
-                    await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
-                    text = (await anext(decoded_texts)).text
-                    yield TextDelta(text, ids)
-                if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
-                    completed = Completed(_FINISH[response.finish_reason], response.prompt_tokens, completion_tokens)
+            while completed is None:
+                replica = choose_replica(self.replicas.replicas, key, exclude=tried)
+                if replica is None:
+                    raise UnavailableError("no inference replica is serving", retry_after_s=1.0)
+                tried.add(replica.target)
+                call = replica.stub.Generate(
+                    self._inference_request(request, prompt_ids + generated, len(generated)), timeout=remaining()
+                )
+                replica.in_flight += 1
+                try:
+                    async for response in call:
+                        ids = list(response.token_ids)
+                        if ids:
+                            generated += ids
+                            await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
+                            yield TextDelta((await anext(decoded_texts)).text, ids)
+                        if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
+                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated))
+                except grpc.aio.AioRpcError as error:
+                    if not self._can_fail_over(error, tried):
+                        raise _passthrough(error) from None
+                    self.replicas.mark_failed(replica)
+                    log.warning("inference replica %s failed (%s); continuing on another", replica.target, error.code().name)
+                    continue
+                finally:
+                    replica.in_flight -= 1
+                    call.cancel()  # on client cancellation this frees the slot at once
+                if completed is None:
+                    raise UnavailableError(f"inference replica {replica.target} ended the stream early", retry_after_s=1.0)
             await detokenizer.done_writing()
             async for _ in decoded_texts:
                 pass
@@ -165,15 +179,26 @@ class Router:
         except StopAsyncIteration:
             raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
         finally:
-            # on client cancellation or any error, cancel downstream so the slot frees at once
-            call.cancel()
             detokenizer.cancel()
-        if completed is None:
-            raise UnavailableError(f"inference replica {replica.target} ended the stream without finishing", retry_after_s=1.0)
         yield completed
+
+    def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str]) -> bool:
+        # UNAVAILABLE: the replica died or is draining; RESOURCE_EXHAUSTED: its queue is full.
+        # Both are safe to continue elsewhere, since the tokens so far are part of the new prompt.
+        retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        others = any(r.healthy and r.target not in tried for r in self.replicas.replicas)
+        return retryable and others and len(tried) <= MAX_FAILOVERS
+
+    def _inference_request(self, request: GenerationRequest, token_ids: list[int], already: int) -> inference_pb.GenerateRequest:
+        s = request.sampling
+        sampling = inference_pb.SamplingParameters(max_tokens=s.max_tokens - already, temperature=s.temperature, top_p=s.top_p)
+        if s.seed is not None:
+            sampling.seed = s.seed
+        return inference_pb.GenerateRequest(
+            request_id=request.request_id, prompt_token_ids=token_ids, sampling=sampling,
+            stop_token_ids=self.eos_token_ids, priority=request.priority,
+        )
 
     async def close(self) -> None:
         await self.tokenizer_channel.close()
-        for replica in self.replicas:
-            await replica.channel.close()
-
+        await self.replicas.close()

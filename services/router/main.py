@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--inference-target", action="append", dest="inference_targets",
                         help="inference replica host:port (repeat for several)")
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it unset")
+    parser.add_argument("--drain-notice-s", type=float, default=2.0,
+                        help="after SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING")
     parser.set_defaults(func=run)
 
 
@@ -40,7 +42,10 @@ async def serve(args: argparse.Namespace) -> None:
         await router.connect()
         servicer.on_connected()
 
-    await process.run(warm_up)
+    async def on_drain() -> None:
+        await asyncio.sleep(args.drain_notice_s)
+
+    await process.run(warm_up, on_drain)
     await router.close()
 
 

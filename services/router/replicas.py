@@ -1,0 +1,115 @@
+"""The inference replicas as the router sees them: health, load, and the choice for each request.
+
+A background task polls every replica's health and load (GetLoad: running, waiting, KV usage);
+the router adds its own in-flight count, which is exact for its own traffic and moves at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from meshserve.inference.v1 import inference_service_pb2 as pb
+from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.common.telemetry import client_interceptors
+
+log = logging.getLogger(__name__)
+
+PREFIX_BLOCK_TOKENS = 32
+"""Prompts that share their first this-many tokens hash to the same preferred replica."""
+
+
+@dataclass
+class Replica:
+    target: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.InferenceServiceStub
+    healthy: bool = False
+    in_flight: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    capacity: int = 0  # max_running + max_waiting, from GetModelInfo
+    failures: int = field(default=0)
+
+    @property
+    def load(self) -> int:
+        """Requests on this replica: the larger of what it reports and what this router sent it."""
+        return max(self.in_flight, self.running + self.waiting)
+
+
+def prefix_key(prompt_token_ids: list[int]) -> bytes:
+    head = prompt_token_ids[:PREFIX_BLOCK_TOKENS]
+    return hashlib.blake2b(str(head).encode(), digest_size=8).digest()
+
+
+def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affinity_slack: int = 2) -> Replica | None:
+    """Prefix affinity weighed against load: the replica that rendezvous hashing prefers for this
+    prompt prefix (where its KV blocks are likely cached) wins unless it carries more than
+    `affinity_slack` requests above the least loaded healthy replica."""
+    candidates = [r for r in replicas if r.healthy and r.target not in exclude]
+    if not candidates:
+        return None
+    least = min(candidates, key=lambda r: (r.load, r.kv_cache_usage))
+    preferred = max(candidates, key=lambda r: hashlib.blake2b(key + r.target.encode(), digest_size=8).digest())
+    return preferred if preferred.load <= least.load + affinity_slack else least
+
+
+class ReplicaSet:
+    def __init__(self, targets: tuple[str, ...], poll_interval_s: float = 0.25) -> None:
+        self.replicas = []
+        for target in targets:
+            channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
+            self.replicas.append(Replica(target, channel, pb_grpc.InferenceServiceStub(channel)))
+        self.poll_interval_s = poll_interval_s
+        self._task: asyncio.Task | None = None
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(r) for r in self.replicas))
+
+    async def _poll(self, replica: Replica) -> None:
+        try:
+            health = await health_pb2_grpc.HealthStub(replica.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            serving = health.status == health_pb2.HealthCheckResponse.SERVING
+            if serving and not replica.capacity:
+                info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
+                replica.capacity = info.max_running + info.max_waiting
+            if serving:
+                load = await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1)
+                replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
+        except grpc.aio.AioRpcError:
+            serving = False
+        if serving != replica.healthy:
+            log.info("inference replica %s is %s", replica.target, "serving" if serving else "not serving")
+        replica.healthy = serving
+
+    def mark_failed(self, replica: Replica) -> None:
+        """A stream broke on this replica: stop choosing it until a health check passes again."""
+        replica.healthy = False
+
+    def start(self) -> None:
+        async def loop() -> None:
+            while True:
+                await self.poll_once()
+                await asyncio.sleep(self.poll_interval_s)
+
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    @property
+    def capacity(self) -> int:
+        return sum(r.capacity for r in self.replicas if r.healthy)
+
+    @property
+    def load(self) -> int:
+        return sum(r.load for r in self.replicas if r.healthy)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for replica in self.replicas:
+            await replica.channel.close()
