@@ -4,6 +4,7 @@ processes in the foreground; Ctrl-C (or SIGTERM) stops them all cleanly."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.startup_timeout_s
         for name, command in commands.items():
             procs[name] = subprocess.Popen(command)
+        (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
         for port in [args.tokenizer_port, *inference_ports, *router_ports]:
             _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
@@ -101,13 +103,24 @@ def run(args: argparse.Namespace) -> int:
              "--log-path", str(run_dir / "envoy.log")]
         )
         _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()))
+        (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
         print(f"meshserve is serving on localhost:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        # supervise: a process that dies is restarted (the router fails its streams over meanwhile)
+        restarts: dict[str, list[float]] = {}
         while not stop["requested"]:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"meshserve: {name} exited with {proc.returncode}; stopping", file=sys.stderr, flush=True)
+            for name, proc in list(procs.items()):
+                if proc.poll() is None:
+                    continue
+                recent = [t for t in restarts.get(name, []) if t > time.monotonic() - 60]
+                if len(recent) >= 3:
+                    print(f"meshserve: {name} keeps exiting ({proc.returncode}); stopping", file=sys.stderr, flush=True)
                     stop["requested"] = True
                     code = 1
+                    break
+                print(f"meshserve: {name} exited with {proc.returncode}; restarting it", file=sys.stderr, flush=True)
+                restarts[name] = recent + [time.monotonic()]
+                procs[name] = subprocess.Popen(proc.args)
+                (run_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in procs.items()}))
             time.sleep(0.2)
     except (RuntimeError, TimeoutError) as error:
         print(f"meshserve: {error}", file=sys.stderr, flush=True)

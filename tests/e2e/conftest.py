@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,10 +50,16 @@ class Mesh:
     receiver: OtlpTraceReceiver
     process: subprocess.Popen
     log_path: str
+    run_dir: object
     target: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.target = f"127.0.0.1:{self.port}"
+
+    def pids(self) -> dict[str, int]:
+        import json
+
+        return json.loads((self.run_dir / "pids.json").read_text())
 
     def metrics(self, service: str) -> str:
         import urllib.request
@@ -76,26 +83,34 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="session")
-def mesh(model_dir):
+def otlp_receiver():
     receiver = OtlpTraceReceiver()
-    otlp_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, otlp_server)
-    otlp_port = otlp_server.add_insecure_port("127.0.0.1:0")
-    otlp_server.start()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    receiver.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver
+    server.stop(0)
 
-    port, base = free_port(), free_port()
+
+@contextlib.contextmanager
+def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router_replicas: int = 1, inference_args=()):
+    """Runs `meshserve up` on free ports until the block exits."""
+    port = free_port()
     ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin")}
-    metrics_base = 20000 + (base % 20000)
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}", OTEL_BSP_SCHEDULE_DELAY="200")
-    log_path = str(REPO / ".run" / f"e2e-{port}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    metrics_base = 20000 + (port % 20000)
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="200")
+    run_dir = REPO / ".run"
+    log_path = str(run_dir / f"e2e-{port}.log")
+    os.makedirs(run_dir, exist_ok=True)
     log = open(log_path, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--admin-port", str(ports["admin"]),
          "--router-port", str(ports["router"]), "--tokenizer-port", str(ports["tokenizer"]),
          "--inference-port", str(ports["inference"]), "--metrics-port-base", str(metrics_base),
-         "--models-root", str(MODELS_ROOT), "--run-dir", str(REPO / ".run"),
-         "--inference-arg=--num-slots=8"],
+         "--inference-replicas", str(inference_replicas), "--router-replicas", str(router_replicas),
+         "--models-root", str(MODELS_ROOT), "--run-dir", str(run_dir),
+         *[f"--inference-arg={a}" for a in inference_args]],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
     deadline = time.monotonic() + 240
@@ -104,16 +119,25 @@ def mesh(model_dir):
             process.kill()
             pytest.fail(f"mesh did not start:\n{open(log_path).read()[-4000:]}")
         time.sleep(0.3)
-    yield Mesh(
-        port=port,
-        router_port=ports["router"],
-        metrics_ports={"router": metrics_base + 1, "tokenizer": metrics_base + 2, "inference": metrics_base + 3},
-        receiver=receiver, process=process, log_path=log_path,
-    )
-    process.send_signal(signal.SIGINT)
+    metrics_ports = {"tokenizer": metrics_base + 2}
+    for i in range(router_replicas):
+        metrics_ports[f"router-{i}"] = metrics_base + 1 + 10 * i
+    for i in range(inference_replicas):
+        metrics_ports[f"inference-{i}"] = metrics_base + 3 + 10 * i
+    metrics_ports["router"], metrics_ports["inference"] = metrics_ports["router-0"], metrics_ports["inference-0"]
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    otlp_server.stop(0)
+        yield Mesh(port=port, router_port=ports["router"], metrics_ports=metrics_ports, receiver=receiver,
+                   process=process, log_path=log_path, run_dir=run_dir / f"mesh-{port}")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir, otlp_receiver):
+    with launch_mesh(otlp_receiver, inference_args=["--num-slots=8"]) as mesh:
+        yield mesh
