@@ -19,7 +19,7 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
 
-from services.common.errors import UnavailableError
+from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.grpc_status import from_rpc_error
 from services.common.telemetry import client_interceptors
 from services.router.config import RouterConfig
@@ -134,6 +134,7 @@ class Router:
 
         self.admit(request.priority)
         prompt_ids = await self.tokenize(request, remaining())
+        self._check_context(request, len(prompt_ids))
         key = prefix_key(prompt_ids)
         detokenizer = self.tokenizer.DecodeStream(timeout=remaining())
         # read through the call's iterator (not read()): trace interceptors end their span with it
@@ -181,6 +182,19 @@ class Router:
         finally:
             detokenizer.cancel()
         yield completed
+
+    def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
+        """Refuses, before any inference work, prompts that cannot fit the model's context."""
+        context = self.limits.max_context_tokens
+        field = "prompt" if request.prompt is not None else "chat" if request.chat is not None else "token_ids"
+        if prompt_tokens >= context:
+            raise InvalidArgumentError(field, f"the prompt has {prompt_tokens} tokens; the limit (max_context_tokens) is {context - 1}")
+        if prompt_tokens + request.sampling.max_tokens > context:
+            raise InvalidArgumentError(
+                "sampling.max_tokens",
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the model's "
+                f"context (max_context_tokens = {context})",
+            )
 
     def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str]) -> bool:
         # UNAVAILABLE: the replica died or is draining; RESOURCE_EXHAUSTED: its queue is full.

@@ -79,6 +79,8 @@ def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=1.5)), "sampling.top_p"),
         (pb.GenerateRequest(prompt="hi", model="gpt-4"), "model"),
         (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
+        (pb.GenerateRequest(prompt="hello " * 2100), "prompt"),  # over the 2048-token context
+        (pb.GenerateRequest(prompt="hello " * 1500, sampling=pb.SamplingParameters(max_tokens=1000)), "sampling.max_tokens"),
     ],
 )
 def test_bad_requests_get_invalid_argument_naming_the_field(mesh, request_, field):
@@ -95,6 +97,8 @@ def test_bad_requests_get_invalid_argument_naming_the_field(mesh, request_, fiel
             violations += [v.field for v in bad.field_violations]
     assert violations == [field]
     assert field in error.details()
+    if len(request_.prompt) > 5000:  # the context limits name the limit
+        assert "max_context_tokens" in error.details()
 
 
 def test_the_served_model_name_is_accepted(mesh):
