@@ -19,7 +19,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.inference.backends.base import DecoderBackend, StepBatch
-from services.inference.sampling import SamplingParams, sample_token
+from services.inference.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,11 @@ class EngineConfig:
     """Largest max_tokens a request may ask for."""
     max_waiting: int = 64
     """Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED."""
-    max_prefill_tokens: int = 2048
-    """Prompt tokens admitted into one prefill step (a longer single prompt still runs alone)."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens per prefill step. Longer prompts are prefilled in chunks, and prefill steps
+    alternate with decode steps, so a long prompt never stalls running streams for more than one chunk."""
+    max_logprobs: int = 20
+    """Largest number of top alternatives a request may ask for."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -63,6 +66,10 @@ class EngineOutput:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One per token in token_ids, when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """For prompt tokens 1..n-1 (the first has no context), on the first output, when asked for."""
 
 
 @dataclass
@@ -89,11 +96,11 @@ class EngineRequest:
     cached: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     rng: np.random.Generator | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
-    def next_input(self) -> list[int]:
-        # before prefill the whole prompt is pending; afterwards, the last sampled token
-        return self.prompt_token_ids if self.cached == 0 else self.output_token_ids[-1:]
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt_token_ids)
 
 
 class Engine:
@@ -118,6 +125,7 @@ class Engine:
         self._pending_count = 0  # submitted but not yet taken from the inbox
         self._stopped = False
         self._accepting = True
+        self._last_step_decoded = False
         self._thread: threading.Thread | None = None
         self.steps = 0
 
@@ -159,6 +167,21 @@ class Engine:
             raise InvalidArgumentError("sampling.temperature", "temperature must be >= 0")
         if not 0 < params.top_p <= 1:
             raise InvalidArgumentError("sampling.top_p", "top_p must be in (0, 1]")
+        if params.top_k < 0:
+            raise InvalidArgumentError("sampling.top_k", "top_k must be >= 0 (0 disables it)")
+        if not 0 <= params.min_p <= 1:
+            raise InvalidArgumentError("sampling.min_p", "min_p must be in [0, 1]")
+        if not params.repetition_penalty > 0:
+            raise InvalidArgumentError("sampling.repetition_penalty", "repetition_penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(params, name) <= 2:
+                raise InvalidArgumentError(f"sampling.{name}", f"{name} must be in [-2, 2]")
+        if not 0 <= params.min_tokens <= params.max_tokens:
+            raise InvalidArgumentError("sampling.min_tokens", "min_tokens must be in [0, max_tokens]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name, None)
+            if value is not None and not 0 <= value <= c.max_logprobs:
+                raise InvalidArgumentError(f"sampling.{name}", f"{name} must be in [0, {c.max_logprobs}]")
 
     def submit(
         self,
@@ -255,64 +278,109 @@ class Engine:
         for request_id in aborts & self._running.keys():
             self._finish(self._running[request_id], FinishReason.ABORT)
 
-    def _admit(self) -> list[EngineRequest]:
-        admitted: list[EngineRequest] = []
-        budget = self.config.max_prefill_tokens
+    def _admit(self) -> None:
+        """Gives free slots to waiting requests, highest priority first; they prefill from the next step."""
         while self._waiting and self._free_slots:
-            prompt_len = len(self._waiting[0].prompt_token_ids)
-            if admitted and prompt_len > budget:
-                break
             request = self._waiting.popleft()
             with self._lock:
                 request.slot = self._free_slots.pop()
             request.times.scheduled = time.monotonic()
             self._running[request.request_id] = request
-            admitted.append(request)
-            budget -= prompt_len
-        return admitted
+
+    def _plan(self) -> tuple[list[EngineRequest], list[list[int]]]:
+        """One scheduling decision: a prefill chunk step or a decode step.
+
+        Prefill steps take at most `max_prefill_tokens` prompt tokens (oldest admissions first) and
+        alternate with decode steps while streams are decoding, which bounds their inter-token stall."""
+        prefilling = [r for r in self._running.values() if r.prefilling]
+        decoding = [r for r in self._running.values() if not r.prefilling]
+        if prefilling and (not decoding or self._last_step_decoded):
+            self._last_step_decoded = False
+            rows, chunks, budget = [], [], self.config.max_prefill_tokens
+            for request in prefilling:
+                take = min(len(request.prompt_token_ids) - request.cached, budget)
+                if take <= 0:
+                    break
+                rows.append(request)
+                chunks.append(request.prompt_token_ids[request.cached : request.cached + take])
+                budget -= take
+            return rows, chunks
+        self._last_step_decoded = True
+        return decoding, [r.output_token_ids[-1:] for r in decoding]
 
     def _step(self) -> None:
-        admitted = self._admit()
-        rows = admitted if admitted else list(self._running.values())
+        self._admit()
+        rows, chunks = self._plan()
         if not rows:
             return
-        inputs = [r.next_input for r in rows]
-        seq = max(len(x) for x in inputs)
+        seq = max(len(x) for x in chunks)
         input_ids = np.zeros((len(rows), seq), np.int64)
-        for i, tokens in enumerate(inputs):
+        for i, tokens in enumerate(chunks):
             input_ids[i, : len(tokens)] = tokens
-        new_lengths = np.array([len(x) for x in inputs], np.int64)
+        new_lengths = np.array([len(x) for x in chunks], np.int64)
+        # logits for every chunk position only when someone asked for prompt logprobs
+        wants_prompt = [r.params.prompt_logprobs is not None and r.prefilling for r in rows]
+        n_logits = seq if any(wants_prompt) else 1
+        logits_indices = np.minimum(np.arange(n_logits)[None, :], (new_lengths - 1)[:, None])
+        if n_logits == 1:
+            logits_indices = (new_lengths - 1)[:, None]
+        # (with several positions, a row's last column is its last real token: padding repeats it)
         batch = StepBatch(
             slots=np.array([r.slot for r in rows], np.int64),
             input_ids=input_ids,
             cached_lengths=np.array([r.cached for r in rows], np.int64),
             new_lengths=new_lengths,
-            logits_indices=(new_lengths - 1)[:, None],
+            logits_indices=logits_indices,
         )
         logits = self.backend.forward(batch)
         self.steps += 1
         now = time.monotonic()
         for i, request in enumerate(rows):
-            request.cached += int(new_lengths[i])
+            n = int(new_lengths[i])
+            if wants_prompt[i]:
+                self._record_prompt_logprobs(request, logits[i], n)
+            request.cached += n
+            if request.prefilling:
+                continue  # a chunk of a longer prompt: nothing to sample yet
             if request.times.prefill_done is None:
                 request.times.prefill_done = now
-            token = sample_token(logits[i, 0], request.params, request.rng)
-            request.output_token_ids.append(token)
-            request.times.token_times.append(now)
-            finish = None
-            if token in request.stop_token_ids:
-                finish = FinishReason.STOP
-            elif len(request.output_token_ids) >= request.params.max_tokens or request.cached + 1 >= self.config.max_context:
-                finish = FinishReason.LENGTH
-            if finish is None:
-                request.on_output(EngineOutput(request.request_id, [token]))
-            else:
-                self._finish(request, finish, last_tokens=[token])
+            self._sample(request, logits[i, -1], now)  # the last requested position is the chunk's last token
 
-    def _finish(self, request: EngineRequest, reason: FinishReason, last_tokens: list[int] | None = None, error: str | None = None) -> None:
+    def _record_prompt_logprobs(self, request: EngineRequest, row_logits: np.ndarray, n: int) -> None:
+        # logits at chunk position j predict prompt token cached + j + 1
+        prompt = request.prompt_token_ids
+        for j in range(n):
+            target = request.cached + j + 1
+            if target < len(prompt):
+                request.prompt_logprobs.append(token_logprob(row_logits[j], prompt[target], request.params.prompt_logprobs))
+
+    def _sample(self, request: EngineRequest, raw: np.ndarray, now: float) -> None:
+        params = request.params
+        adjusted = apply_penalties(raw, params, request.prompt_token_ids, request.output_token_ids, request.stop_token_ids)
+        token = sample_token(adjusted, params, request.rng)
+        request.output_token_ids.append(token)
+        request.times.token_times.append(now)
+        logprobs = [token_logprob(raw, token, params.logprobs)] if params.logprobs is not None else None
+        prompt_logprobs = None
+        if len(request.output_token_ids) == 1 and params.prompt_logprobs is not None:
+            prompt_logprobs = request.prompt_logprobs
+        finish = None
+        if token in request.stop_token_ids:
+            finish = FinishReason.STOP
+        elif len(request.output_token_ids) >= params.max_tokens or request.cached + 1 >= self.config.max_context:
+            finish = FinishReason.LENGTH
+        output = EngineOutput(request.request_id, [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        if finish is None:
+            request.on_output(output)
+        else:
+            self._finish(request, finish, output)
+
+    def _finish(self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None) -> None:
         self._running.pop(request.request_id, None)
         request.times.finished = time.monotonic()
         with self._lock:
             self._free_slots.append(request.slot)
         request.slot = -1
-        request.on_output(EngineOutput(request.request_id, last_tokens or [], reason, error))
+        output = last or EngineOutput(request.request_id, [])
+        output.finish_reason, output.error = reason, error
+        request.on_output(output)

@@ -1,8 +1,9 @@
-"""Token selection from logits: greedy, temperature and nucleus (top-p) sampling with a seeded generator."""
+"""Token selection from logits: penalties, temperature, top-k, top-p, min-p with a seeded
+generator, and the log-probabilities a client asked for. Pure numpy, one request row at a time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,26 +16,100 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 disables."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 disables."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens seen in prompt or output; 1 disables."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit per time it was generated."""
+    min_tokens: int = 0
+    """Stop tokens are suppressed until this many tokens were generated."""
+    logprobs: int | None = None
+    """Return the chosen token's log-probability and this many top alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of every prompt token after the first, with this many alternatives."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a chosen token under the model, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], output_ids: list[int], stop_ids: frozenset[int]
+) -> np.ndarray:
+    """Returns logits adjusted for repetition/presence/frequency penalties and min_tokens."""
+    if not params.needs_history and len(output_ids) >= params.min_tokens:
+        return logits
+    logits = logits.astype(np.float32, copy=True)
+    if params.repetition_penalty != 1.0:
+        seen = np.fromiter(set(prompt_ids) | set(output_ids), dtype=np.int64)
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        tokens, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts
+    if len(output_ids) < params.min_tokens and stop_ids:
+        logits[np.fromiter(stop_ids, dtype=np.int64)] = -np.inf
+    return logits
+
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Picks one token id from float32 logits [vocab]."""
+    """Picks one token id from float32 logits [vocab] (already penalized)."""
     if params.greedy:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
     scaled -= scaled.max()
     probs = np.exp(scaled)
     probs /= probs.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(cumulative, params.top_p) + 1)
-        kept = order[:keep]
-        kept_probs = probs[kept] / probs[kept].sum()
-        return int(kept[rng.choice(keep, p=kept_probs)])
-    return int(rng.choice(probs.shape[0], p=probs))
+    candidates = None  # token ids still allowed, most likely first
+    if params.top_k > 0 and params.top_k < probs.shape[0]:
+        top = np.argpartition(-probs, params.top_k - 1)[: params.top_k]
+        candidates = top[np.argsort(-probs[top], kind="stable")]
+    if params.top_p < 1.0 or params.min_p > 0.0:
+        if candidates is None:
+            candidates = np.argsort(-probs, kind="stable")
+        kept = probs[candidates]
+        keep = len(candidates)
+        if params.top_p < 1.0:
+            # the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = min(keep, int(np.searchsorted(np.cumsum(kept) / kept.sum(), params.top_p) + 1))
+        if params.min_p > 0.0:
+            keep = min(keep, max(1, int((kept >= params.min_p * kept[0]).sum())))
+        candidates = candidates[:keep]
+    if candidates is None:
+        return int(rng.choice(probs.shape[0], p=probs))
+    kept = probs[candidates] / probs[candidates].sum()
+    return int(candidates[rng.choice(len(candidates), p=kept)])
+
+
+def token_logprob(raw_logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """Log-probabilities under the model's own distribution (before sampling adjustments)."""
+    logprobs = log_softmax(raw_logits)
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        best = np.argpartition(-logprobs, top_n - 1)[:top_n]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = [(int(t), float(logprobs[t])) for t in best]
+    return TokenLogprob(token, float(logprobs[token]), top)

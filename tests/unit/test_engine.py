@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -119,9 +120,102 @@ def test_requests_beyond_slots_and_queue_are_refused(engine, tokenizer):
         ([1] * 250, SamplingParams(max_tokens=10), "sampling.max_tokens"),
         ([1], SamplingParams(max_tokens=4, temperature=-1), "sampling.temperature"),
         ([1], SamplingParams(max_tokens=4, top_p=0), "sampling.top_p"),
+        ([1], SamplingParams(max_tokens=4, top_k=-1), "sampling.top_k"),
+        ([1], SamplingParams(max_tokens=4, min_p=1.5), "sampling.min_p"),
+        ([1], SamplingParams(max_tokens=4, repetition_penalty=0), "sampling.repetition_penalty"),
+        ([1], SamplingParams(max_tokens=4, presence_penalty=3), "sampling.presence_penalty"),
+        ([1], SamplingParams(max_tokens=4, frequency_penalty=-3), "sampling.frequency_penalty"),
+        ([1], SamplingParams(max_tokens=4, min_tokens=5), "sampling.min_tokens"),
+        ([1], SamplingParams(max_tokens=4, logprobs=21), "sampling.logprobs"),
+        ([1], SamplingParams(max_tokens=4, prompt_logprobs=-1), "sampling.prompt_logprobs"),
     ],
 )
 def test_invalid_requests_name_their_field(engine, prompt, params, field):
     with pytest.raises(InvalidArgumentError) as caught:
         engine.submit("bad", prompt, params, frozenset(), lambda o: None)
     assert caught.value.field == field
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(model_dir):
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, max_prefill_tokens=16)
+    engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+LONG_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+             "movable metal type, oil-based inks and a wooden press adapted from wine making. Within decades, printing "
+             "shops spread across Europe, books became cheaper, and literacy rose in cities and towns alike.")
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_prompt_logprobs(engine, chunked_engine, tokenizer):
+    ids = tokenizer.encode_text(LONG_TEXT)
+    assert len(ids) > 40  # several 16-token chunks
+    params = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=2, logprobs=3)
+    outputs = {}
+    for name, eng in (("whole", engine), ("chunked", chunked_engine)):
+        got = []
+        done = threading.Event()
+
+        def on_output(output, got=got, done=done):
+            got.append(output)
+            if output.finish_reason:
+                done.set()
+
+        eng.submit(name, ids, params, frozenset(), on_output)
+        assert done.wait(60)
+        outputs[name] = got
+    tokens = {k: [t for o in v for t in o.token_ids] for k, v in outputs.items()}
+    assert tokens["whole"] == tokens["chunked"]
+    prompt_lp = {k: v[0].prompt_logprobs for k, v in outputs.items()}
+    assert len(prompt_lp["whole"]) == len(ids) - 1
+    assert [p.token_id for p in prompt_lp["chunked"]] == ids[1:]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(prompt_lp["whole"], prompt_lp["chunked"])) < 1e-3
+    # greedy picks the most likely token: its logprob is the top alternative's
+    for output in outputs["whole"]:
+        (lp,) = output.logprobs
+        assert lp.logprob <= 0 and lp.top[0] == (lp.token_id, pytest.approx(lp.logprob))
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(chunked_engine, tokenizer):
+    stream_times: list[float] = []
+    first_of_long = threading.Event()
+    stream_done = threading.Event()
+
+    def on_stream(output):
+        stream_times.extend([time.monotonic()] * len(output.token_ids))
+        if output.finish_reason:
+            stream_done.set()
+
+    def on_long(output):
+        first_of_long.set()
+
+    chunked_engine.submit("stream", tokenizer.encode_text("Once upon a time"), SamplingParams(max_tokens=60, temperature=0.0), frozenset(), on_stream)
+    while not stream_times:
+        time.sleep(0.005)
+    submitted = time.monotonic()
+    long_ids = tokenizer.encode_text(LONG_TEXT * 2)[:150]
+    chunked_engine.submit("long", long_ids, SamplingParams(max_tokens=2, temperature=0.0), frozenset(), on_long)
+    assert first_of_long.wait(60)
+    long_first = time.monotonic()
+    during = [t for t in stream_times if submitted < t <= long_first]
+    chunks = -(-len(long_ids) // 16)
+    # prefill chunks alternate with decode steps: the stream got a token between consecutive chunks
+    assert len(during) >= chunks - 1
+    assert stream_done.wait(60)
+
+
+def test_penalties_and_min_tokens(engine, tokenizer):
+    ids = tokenizer.encode_text("1, 1, 1, 1, 1, 1,")
+    plain = run_all(engine, {"p": ids}, SamplingParams(max_tokens=16, temperature=0.0))
+    penalized = run_all(engine, {"q": ids}, SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0))
+    assert len(set(plain.tokens["p"])) < len(set(penalized.tokens["q"]))
+    assert max(penalized.tokens["q"].count(t) for t in set(penalized.tokens["q"])) <= 2
+    chat = tokenizer.encode_chat([__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")])
+    short = run_all(engine, {"s": chat}, SamplingParams(max_tokens=64, temperature=0.0))
+    assert short.finish["s"] == FinishReason.STOP
+    forced = run_all(engine, {"m": chat}, SamplingParams(max_tokens=64, temperature=0.0, min_tokens=len(short.tokens["s"]) + 5))
+    assert len(forced.tokens["m"]) >= len(short.tokens["s"]) + 5
