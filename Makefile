@@ -12,7 +12,7 @@ up: install
 test: install
 	$(VENV)/bin/pytest -q -rs
 
-install: $(VENV)/.installed gen/python/.stamp
+install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,12 @@ gen/python/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -rf gen/python && mkdir -p gen/python
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'meshserve_protos.pth').write_text('$(CURDIR)/gen/python\n')"
+	touch $@
+
+# the Node.js client (tests/e2e/test_node_client.py) and buf (proto lint and breaking checks).
+# `npm install`, not `npm ci`: the registry here lacks buf's macOS/Windows binaries, so the lockfile cannot pin them.
+clients/node/node_modules/.stamp: clients/node/package-lock.json
+	npm install --prefix clients/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 protos: gen/python/.stamp

@@ -23,6 +23,9 @@ def add_parsers(subparsers) -> None:
         parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
         parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
         parser.add_argument("--timeout", type=float, help="deadline in seconds")
+        parser.add_argument("--ca", help="PEM CA bundle: connect with TLS (e.g. .run/mesh-8080/tls/ca.pem from --dev-tls)")
+        parser.add_argument("--token", help="bearer token (see `meshserve mint-token`)")
+        parser.add_argument("--priority", choices=["low", "normal", "high"], help="scheduling class")
         parser.set_defaults(func=run)
 
 
@@ -36,18 +39,27 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
         sampling.top_p = args.top_p
     if args.seed is not None:
         sampling.seed = args.seed
+    priority = pb.Priority.Value(f"PRIORITY_{args.priority.upper()}") if args.priority else pb.PRIORITY_UNSPECIFIED
     if hasattr(args, "message"):
         messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
         messages.append(pb.ChatMessage(role="user", content=args.message))
-        return pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=sampling)
-    return pb.GenerateRequest(prompt=args.prompt, sampling=sampling)
+        return pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=sampling, priority=priority)
+    return pb.GenerateRequest(prompt=args.prompt, sampling=sampling, priority=priority)
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.ca:
+        with open(args.ca, "rb") as f:
+            return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    return grpc.insecure_channel(args.target)
 
 
 def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    with open_channel(args) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
-            for response in stub.Generate(build_request(args), timeout=args.timeout):
+            for response in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 if response.HasField("chunk"):
                     sys.stdout.write(response.chunk.text)
                     sys.stdout.flush()

@@ -1,7 +1,10 @@
-"""Renders Envoy's configuration from envoy/envoy.yaml.j2."""
+"""Renders Envoy's configuration from envoy/envoy.yaml.j2, including the public endpoint's options:
+TLS, JWT authentication, per-tenant rate limits, REST/JSON transcoding, gRPC-Web and the request size
+limit (docs/public-endpoint.md)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -9,15 +12,67 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import grpc
 import jinja2
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.j2"
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "envoy" / "envoy.yaml.j2"
+PROTOS = REPO / "protos"
+PUBLIC_PROTO = "meshserve/v1/generation_service.proto"
+# Envoy sets this request header from the verified token's tenant claim (and removes any the client sent).
+TENANT_HEADER = "x-meshserve-tenant"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class Endpoint:
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The public listener's certificate chain and private key (PEM files)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    """The CA that signed `cert`, when known (dev certificates): what clients pass to trust the endpoint."""
+
+
+@dataclass(frozen=True)
+class JwtAuth:
+    """Bearer JWTs verified by Envoy's jwt_authn filter against a local JWKS file."""
+
+    jwks: Path
+    issuer: str
+    audiences: tuple[str, ...]
+    tenant_claim: str = "tenant"
+    """The claim naming the tenant; Envoy forwards it to the router as the x-meshserve-tenant header."""
+
+    def __post_init__(self) -> None:
+        if not self.audiences:
+            raise ValueError("JwtAuth needs at least one audience (--jwt-audience)")
+
+
+@dataclass(frozen=True)
+class TenantRateLimit:
+    """A token bucket per tenant in Envoy's local rate limiter (per Envoy process, not mesh-wide)."""
+
+    requests: int
+    """Requests a tenant may send per interval (also the burst)."""
+    interval_s: int = 60
+    """Seconds in which the bucket refills completely."""
+    max_tenants: int = 10000
+    """Buckets kept at once; the least recently used tenant's bucket is dropped (and so reset) beyond it."""
+
+    def __post_init__(self) -> None:
+        if self.requests < 1:
+            raise ValueError(f"rate limit per tenant must be >= 1 request, got {self.requests}")
+        if self.interval_s < 1:
+            raise ValueError(f"rate limit interval must be >= 1 s, got {self.interval_s}")
+        if self.max_tenants < 1:
+            raise ValueError(f"max_tenants must be >= 1, got {self.max_tenants}")
 
 
 def parse_otlp_endpoint(value: str | None) -> Endpoint | None:
@@ -29,13 +84,150 @@ def parse_otlp_endpoint(value: str | None) -> Endpoint | None:
 
 
 def render_envoy_config(
-    port: int, admin_port: int, router_endpoints: list[Endpoint], otlp: Endpoint | None, listen_address: str = "0.0.0.0"
+    port: int,
+    admin_port: int,
+    router_endpoints: list[Endpoint],
+    otlp: Endpoint | None,
+    listen_address: str = "0.0.0.0",
+    *,
+    tls: TlsFiles | None = None,
+    jwt: JwtAuth | None = None,
+    rate_limit: TenantRateLimit | None = None,
+    rest_descriptor: Path | None = None,
+    grpc_web: bool = False,
+    max_request_bytes: int | None = None,
 ) -> str:
+    """Envoy's YAML. Without the keyword options: a plaintext gRPC listener without auth or limits.
+
+    `rest_descriptor` (a descriptor set from `build_descriptor_set`) turns on the REST/JSON transcoder,
+    `max_request_bytes` refuses larger generation requests (RESOURCE_EXHAUSTED naming the limit) before
+    they reach the router, and `rate_limit` needs `jwt` (the tenant comes from the verified token).
+    """
+    if rate_limit is not None and jwt is None:
+        raise ValueError("a per-tenant rate limit needs JWT auth (--auth jwt): the tenant is a verified token claim")
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(TEMPLATE.read_text())
     return template.render(
-        port=port, admin_port=admin_port, router_endpoints=router_endpoints, otlp=otlp, listen_address=listen_address
+        port=port, admin_port=admin_port, router_endpoints=router_endpoints, otlp=otlp, listen_address=listen_address,
+        tls=tls, jwt=jwt, rate_limit=rate_limit, rest_descriptor=rest_descriptor, grpc_web=grpc_web,
+        max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER,
     )
+
+
+def build_descriptor_set(out: Path) -> Path:
+    """Writes the descriptor set the gRPC-JSON transcoder needs: the public API with its imports (the
+    google.api.http rule) and google.rpc's error details, so error statuses convert to JSON."""
+    from grpc_tools import protoc
+    from google.rpc import error_details_pb2
+
+    googleapis = Path(error_details_pb2.__file__).resolve().parents[2]  # googleapis-common-protos' .proto root
+    builtin = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
+    out.parent.mkdir(parents=True, exist_ok=True)
+    code = protoc.main([
+        "protoc", f"-I{PROTOS}", f"-I{googleapis}", f"-I{builtin}", "--include_imports",
+        f"--descriptor_set_out={out}", PUBLIC_PROTO, "google/rpc/error_details.proto", "google/rpc/status.proto",
+    ])
+    if code != 0:
+        raise RuntimeError(f"protoc could not build the descriptor set for {PUBLIC_PROTO} (exit {code})")
+    return out
+
+
+def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `meshserve up` for the public endpoint; `public_endpoint_options` turns them into
+    `render_envoy_config` keyword arguments."""
+    from services.cli.credentials import DEFAULT_CREDENTIALS_DIR, DEV_AUDIENCE, DEV_ISSUER
+
+    group = parser.add_argument_group("public endpoint (Envoy); see docs/public-endpoint.md")
+    group.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate chain (with --tls-key)")
+    group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    group.add_argument("--dev-tls", action="store_true",
+                       help="serve TLS with a development CA and certificate generated into the run directory "
+                            "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)")
+    group.add_argument("--auth", choices=["none", "jwt"], default="none",
+                       help="jwt: every call but health checks needs `authorization: Bearer <JWT>`")
+    group.add_argument("--jwks", type=Path,
+                       help="JWKS file of the keys that sign accepted tokens (default with --auth jwt: the dev "
+                            "signing key's JWKS in --credentials-dir, as used by `meshserve mint-token`)")
+    group.add_argument("--jwt-issuer", default=DEV_ISSUER, help="required `iss` claim")
+    group.add_argument("--jwt-audience", action="append", default=None,
+                       help=f"accepted `aud` value (repeatable; default {DEV_AUDIENCE})")
+    group.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
+    group.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
+                       help="development signing key and JWKS (shared with `meshserve mint-token`)")
+    group.add_argument("--rate-limit-per-tenant", type=int, metavar="N",
+                       help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)")
+    group.add_argument("--rate-limit-interval-s", type=int, default=60)
+    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="refuse larger generation requests at Envoy (0: no limit)")
+    group.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
+                       help="REST/JSON: POST /v1/generate, streamed as newline-delimited JSON")
+    group.add_argument("--grpc-web", action=argparse.BooleanOptionalAction, default=True,
+                       help="accept gRPC-Web (application/grpc-web+proto, ...) from browsers")
+
+
+def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict:
+    """`render_envoy_config` keyword arguments from `add_public_endpoint_args` flags. Generates what a
+    development setup needs (dev certificates into run_dir/tls, the descriptor set into run_dir, a dev
+    signing key and JWKS) and raises SystemExit with a message on inconsistent flags."""
+    from services.cli.credentials import DEV_AUDIENCE, ensure_dev_tls, ensure_signing_key
+
+    options: dict = {"grpc_web": args.grpc_web}
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_cert and args.dev_tls:
+        raise SystemExit("--dev-tls generates its own certificate: drop it or --tls-cert/--tls-key")
+    if args.tls_cert:
+        for path in (args.tls_cert, args.tls_key):
+            if not path.is_file():
+                raise SystemExit(f"TLS file not found: {path}")
+        options["tls"] = TlsFiles(args.tls_cert.resolve(), args.tls_key.resolve())
+    elif args.dev_tls:
+        dev = ensure_dev_tls(run_dir / "tls")
+        options["tls"] = TlsFiles(dev.cert.resolve(), dev.key.resolve(), dev.ca.resolve())
+        print(f"meshserve: development TLS; clients trust {dev.ca}", file=sys.stderr, flush=True)
+    if args.auth == "jwt":
+        if args.jwks is not None:
+            if not args.jwks.is_file():
+                raise SystemExit(f"JWKS file not found: {args.jwks}")
+            jwks = args.jwks
+        else:
+            jwks = ensure_signing_key(args.credentials_dir).jwks
+        options["jwt"] = JwtAuth(jwks.resolve(), args.jwt_issuer, tuple(args.jwt_audience or [DEV_AUDIENCE]),
+                                 args.jwt_tenant_claim)
+    elif args.jwks is not None:
+        raise SystemExit("--jwks needs --auth jwt")
+    if args.rate_limit_per_tenant is not None:
+        if args.auth != "jwt":
+            raise SystemExit("--rate-limit-per-tenant needs --auth jwt: the tenant is a claim of the verified token")
+        try:
+            options["rate_limit"] = TenantRateLimit(args.rate_limit_per_tenant, args.rate_limit_interval_s)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if args.max_request_bytes < 0:
+        raise SystemExit("--max-request-bytes must be >= 0")
+    if args.max_request_bytes:
+        options["max_request_bytes"] = args.max_request_bytes
+    if args.rest:
+        options["rest_descriptor"] = build_descriptor_set(run_dir / "generation_service.pb").resolve()
+    return options
+
+
+def public_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
+    """A channel to the public listener, e.g. for readiness checks through Envoy: plaintext without TLS;
+    with TLS it trusts `tls.ca` (dev certificates) or the system roots, and checks the certificate's first
+    DNS name whatever host `target` dials (127.0.0.1 for a certificate issued to a public name)."""
+    if tls is None:
+        return grpc.insecure_channel(target)
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    credentials = grpc.ssl_channel_credentials(tls.ca.read_bytes() if tls.ca else None)
+    options = [("grpc.ssl_target_name_override", names[0])] if names else []
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def envoy_binary() -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.envoy_config import Endpoint, envoy_binary, parse_otlp_endpoint, render_envoy_config
+from services.cli.envoy_config import (
+    Endpoint,
+    add_public_endpoint_args,
+    envoy_binary,
+    parse_otlp_endpoint,
+    public_channel,
+    public_endpoint_options,
+    render_envoy_config,
+)
 from services.modelstore.layout import add_models_root_arg
 from services.modelstore.prepare import prepare_model
 
@@ -36,11 +44,12 @@ def add_parser(subparsers) -> None:
                         help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
     add_models_root_arg(parser)
+    add_public_endpoint_args(parser)
     parser.set_defaults(func=run)
 
 
-def _wait_serving(target: str, service: str, deadline: float, procs: list[subprocess.Popen]) -> None:
-    with grpc.insecure_channel(target) as channel:
+def _wait_serving(target: str, service: str, deadline: float, procs: list[subprocess.Popen], tls=None) -> None:
+    with public_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             for proc in procs:
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_model(args.models_root)
     run_dir = args.run_dir / f"mesh-{args.port}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    endpoint_options = public_endpoint_options(args, run_dir)
     base = [sys.executable, "-m", "services.cli.main"]
     common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
     mp = args.metrics_port_base
@@ -96,13 +106,14 @@ def run(args: argparse.Namespace) -> int:
         config = run_dir / "envoy.yaml"
         config.write_text(render_envoy_config(
             port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
-            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")), **endpoint_options,
         ))
         procs["envoy"] = subprocess.Popen(
             [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
              "--log-path", str(run_dir / "envoy.log")]
         )
-        _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()))
+        _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()),
+                      tls=endpoint_options.get("tls"))
         (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
         print(f"meshserve is serving on localhost:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
         # supervise: a process that dies is restarted (the router fails its streams over meanwhile)

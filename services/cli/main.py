@@ -27,7 +27,7 @@ def _prepare_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.cli import client, launcher
+    from services.cli import bench, client, credentials, launcher
     from services.inference import main as inference_main
     from services.router import main as router_main
     from services.tokenizer import main as tokenizer_main
@@ -36,11 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     launcher.add_parser(subparsers)
     client.add_parsers(subparsers)
-    try:  # TEMP until bench lands
-        from services.cli import bench
-        bench.add_parser(subparsers)
-    except ImportError:
-        pass
+    bench.add_parser(subparsers)
+    credentials.add_parsers(subparsers)
     _prepare_parser(subparsers)
     tokenizer_main.add_parser(subparsers)
     inference_main.add_parser(subparsers)
