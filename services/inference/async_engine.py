@@ -14,7 +14,7 @@ from opentelemetry import trace
 from services.common.errors import UnavailableError
 from services.common.metrics import ServingMetrics
 from services.inference.engine import Engine, EngineOutput, FinishReason, RequestTimes
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import SamplingParams, TokenLogprob
 
 tracer = trace.get_tracer("meshserve.inference")
 
@@ -34,6 +34,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: FinishReason | None
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class AsyncEngine:
@@ -81,16 +83,20 @@ class AsyncEngine:
             while finish is None:
                 output = await outputs.get()
                 tokens = list(output.token_ids)
+                logprobs = list(output.logprobs) if output.logprobs is not None else None
+                prompt_logprobs = output.prompt_logprobs
                 finish = output.finish_reason
                 while finish is None and not outputs.empty():
                     more = outputs.get_nowait()
                     tokens += more.token_ids
+                    if logprobs is not None and more.logprobs:
+                        logprobs += more.logprobs
                     finish = more.finish_reason
                 if finish in (FinishReason.ABORT, FinishReason.ERROR):
                     raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
                 generated += len(tokens)
                 self.metrics.generation_tokens.inc(len(tokens))
-                yield GenerationResult(tokens, finish, len(prompt_token_ids))
+                yield GenerationResult(tokens, finish, len(prompt_token_ids), logprobs, prompt_logprobs)
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
                 engine.abort(engine_id)

@@ -19,7 +19,15 @@ import numpy as np
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.inference.backends.base import DecoderBackend, StepBatch
-from services.inference.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_token, token_logprob
+from services.inference.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    sample_token,
+    token_logprob,
+    validate_sampling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     """Prompt tokens per prefill step. Longer prompts are prefilled in chunks, and prefill steps
     alternate with decode steps, so a long prompt never stalls running streams for more than one chunk."""
-    max_logprobs: int = 20
+    max_logprobs: int = MAX_LOGPROBS
     """Largest number of top alternatives a request may ask for."""
 
     def __post_init__(self) -> None:
@@ -156,32 +164,12 @@ class Engine:
         vocab = self.backend.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise InvalidArgumentError("prompt_token_ids", f"token ids must be in [0, {vocab})")
-        if params.max_tokens < 1 or params.max_tokens > c.max_new_tokens:
-            raise InvalidArgumentError("sampling.max_tokens", f"max_tokens must be in [1, {c.max_new_tokens}]")
+        validate_sampling(params, c.max_new_tokens, c.max_logprobs)
         if len(prompt_token_ids) + params.max_tokens > c.max_context:
             raise InvalidArgumentError(
                 "sampling.max_tokens",
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {c.max_context} tokens",
             )
-        if params.temperature < 0:
-            raise InvalidArgumentError("sampling.temperature", "temperature must be >= 0")
-        if not 0 < params.top_p <= 1:
-            raise InvalidArgumentError("sampling.top_p", "top_p must be in (0, 1]")
-        if params.top_k < 0:
-            raise InvalidArgumentError("sampling.top_k", "top_k must be >= 0 (0 disables it)")
-        if not 0 <= params.min_p <= 1:
-            raise InvalidArgumentError("sampling.min_p", "min_p must be in [0, 1]")
-        if not params.repetition_penalty > 0:
-            raise InvalidArgumentError("sampling.repetition_penalty", "repetition_penalty must be > 0")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(params, name) <= 2:
-                raise InvalidArgumentError(f"sampling.{name}", f"{name} must be in [-2, 2]")
-        if not 0 <= params.min_tokens <= params.max_tokens:
-            raise InvalidArgumentError("sampling.min_tokens", "min_tokens must be in [0, max_tokens]")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name, None)
-            if value is not None and not 0 <= value <= c.max_logprobs:
-                raise InvalidArgumentError(f"sampling.{name}", f"{name} must be in [0, {c.max_logprobs}]")
 
     def submit(
         self,

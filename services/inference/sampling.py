@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.errors import InvalidArgumentError
+
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,6 +44,27 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def validate_sampling(params: SamplingParams, max_new_tokens: int, max_logprobs: int = MAX_LOGPROBS) -> None:
+    """Raises InvalidArgumentError naming the first invalid field (paths as in the public API)."""
+
+    def check(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise InvalidArgumentError(f"sampling.{name}", f"{name} must be {rule}, got {getattr(params, name)}")
+
+    check(1 <= params.max_tokens <= max_new_tokens, "max_tokens", f"in [1, {max_new_tokens}]")
+    check(params.temperature >= 0, "temperature", ">= 0")  # `not >=` also rejects NaN
+    check(0 < params.top_p <= 1, "top_p", "in (0, 1]")
+    check(params.top_k >= 0, "top_k", ">= 0 (0 disables it)")
+    check(0 <= params.min_p <= 1, "min_p", "in [0, 1]")
+    check(params.repetition_penalty > 0, "repetition_penalty", "> 0")
+    check(-2 <= params.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
+    check(-2 <= params.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+    check(0 <= params.min_tokens <= params.max_tokens, "min_tokens", "in [0, max_tokens]")
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(params, name) is not None:
+            check(0 <= getattr(params, name) <= max_logprobs, name, f"in [0, {max_logprobs}]")
 
 
 @dataclass

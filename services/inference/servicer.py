@@ -12,9 +12,17 @@ from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.grpc_status import grpc_errors
 from services.inference.async_engine import AsyncEngine
 from services.inference.engine import EngineConfig, FinishReason
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import SamplingParams, TokenLogprob
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+def to_pb_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                        alternatives=[pb.TokenAlternative(token_id=t, logprob=v) for t, v in lp.top])
+        for lp in logprobs or []
+    ]
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -28,7 +36,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         s = request.sampling
         params = SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None,
+            top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty or 1.0,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         )
         request_id = request.request_id or uuid.uuid4().hex
         results = self.engine.generate(
@@ -36,7 +48,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         async for result in results:
             yield pb.GenerateResponse(
-                token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens
+                token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens,
+                logprobs=to_pb_logprobs(result.logprobs), prompt_logprobs=to_pb_logprobs(result.prompt_logprobs),
             )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshserve.v1 import generation_service_pb2 as pb
 
 from services.common.errors import InvalidArgumentError
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import SamplingParams, validate_sampling
+
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class GenerationRequest:
     token_ids: list[int] | None
     sampling: SamplingParams
     priority: int = pb.PRIORITY_NORMAL
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, default_max_tokens: int, request_id: str) -> GenerationRequest:
@@ -50,17 +56,28 @@ def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, defa
         token_ids = list(request.token_ids.ids)
 
     s = request.sampling
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else min(default_max_tokens, limits.max_new_tokens)
-    if not 1 <= max_tokens <= limits.max_new_tokens:
-        raise InvalidArgumentError("sampling.max_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_tokens}")
-    temperature = s.temperature if s.HasField("temperature") else 1.0
-    if not temperature >= 0:  # also rejects NaN
-        raise InvalidArgumentError("sampling.temperature", f"must be >= 0, got {temperature}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        raise InvalidArgumentError("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    seed = s.seed if s.HasField("seed") else None
+    if len(s.stop) > MAX_STOP_STRINGS or any(len(x.encode()) > MAX_STOP_BYTES for x in s.stop):
+        raise InvalidArgumentError("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes")
+    optional = lambda name, default: getattr(s, name) if s.HasField(name) else default  # noqa: E731
+    sampling = SamplingParams(
+        max_tokens=optional("max_tokens", min(default_max_tokens, limits.max_new_tokens)),
+        temperature=optional("temperature", 1.0),
+        top_p=optional("top_p", 1.0),
+        seed=optional("seed", None),
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=optional("repetition_penalty", 1.0),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        min_tokens=s.min_tokens,
+        logprobs=optional("logprobs", None),
+        prompt_logprobs=optional("prompt_logprobs", None),
+    )
+    validate_sampling(sampling, limits.max_new_tokens)
     if request.priority not in pb.Priority.values():
         raise InvalidArgumentError("priority", f"unknown priority {request.priority}")
     priority = request.priority or pb.PRIORITY_NORMAL
-    return GenerationRequest(request_id, prompt, chat, token_ids, SamplingParams(max_tokens, temperature, top_p, seed), priority)
+    return GenerationRequest(
+        request_id, prompt, chat, token_ids, sampling, priority,
+        stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+    )

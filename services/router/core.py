@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -26,6 +26,7 @@ from services.router.config import RouterConfig
 from services.router.admission import admit
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.replicas import ReplicaSet, choose_replica, prefix_key
+from services.router.stops import StopStringMatcher
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshserve.router")
@@ -35,6 +36,7 @@ tracer = trace.get_tracer("meshserve.router")
 class TextDelta:
     text: str
     token_ids: list[int]
+    logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob, one per token when asked for
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Completed:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob
 
 
 _FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
@@ -142,6 +145,8 @@ class Router:
         generated: list[int] = []
         tried: set[str] = set()
         completed: Completed | None = None
+        prompt_logprobs: list = []
+        stops = StopStringMatcher(request.stop)
         try:
             while completed is None:
                 replica = choose_replica(self.replicas.replicas, key, exclude=tried)
@@ -155,12 +160,19 @@ class Router:
                 try:
                     async for response in call:
                         ids = list(response.token_ids)
+                        prompt_logprobs = prompt_logprobs or list(response.prompt_logprobs)
                         if ids:
                             generated += ids
                             await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
-                            yield TextDelta((await anext(decoded_texts)).text, ids)
+                            text = stops.push((await anext(decoded_texts)).text)
+                            yield TextDelta(text, ids, list(response.logprobs))
+                            if stops.stopped:
+                                completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs)
+                                break
                         if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
-                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated))
+                            if held := stops.flush():
+                                yield TextDelta(held, [])
+                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated), prompt_logprobs)
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried):
                         raise _passthrough(error) from None
@@ -205,12 +217,20 @@ class Router:
 
     def _inference_request(self, request: GenerationRequest, token_ids: list[int], already: int) -> inference_pb.GenerateRequest:
         s = request.sampling
-        sampling = inference_pb.SamplingParameters(max_tokens=s.max_tokens - already, temperature=s.temperature, top_p=s.top_p)
+        sampling = inference_pb.SamplingParameters(
+            max_tokens=s.max_tokens - already, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, min_tokens=max(0, s.min_tokens - already),
+        )
         if s.seed is not None:
             sampling.seed = s.seed
+        if s.logprobs is not None:
+            sampling.logprobs = s.logprobs
+        if s.prompt_logprobs is not None and not already:  # a continuation after failover already sent them
+            sampling.prompt_logprobs = s.prompt_logprobs
         return inference_pb.GenerateRequest(
             request_id=request.request_id, prompt_token_ids=token_ids, sampling=sampling,
-            stop_token_ids=self.eos_token_ids, priority=request.priority,
+            stop_token_ids=sorted(set(self.eos_token_ids) | set(request.stop_token_ids)), priority=request.priority,
         )
 
     async def close(self) -> None:

@@ -22,6 +22,11 @@ _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 _CODE_OF = {InvalidArgumentError: "INVALID_ARGUMENT", ResourceExhaustedError: "RESOURCE_EXHAUSTED", UnavailableError: "UNAVAILABLE"}
 
 
+def _logprobs(items: list) -> list[pb.TokenLogprob]:
+    # the inference and public TokenLogprob messages have the same fields and numbers
+    return [pb.TokenLogprob.FromString(item.SerializeToString()) for item in items]
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, router: Router, config: RouterConfig) -> None:
         self.router = router
@@ -57,7 +62,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         for _ in event.token_ids:
                             m.inter_token_latency.observe(per_token)
                     last_token_at = now
-                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids))
+                    yield pb.GenerateResponse(
+                        chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
+                    )
                 elif isinstance(event, Completed):
                     m.prompt_tokens.inc(event.prompt_tokens)
                     m.generation_tokens.inc(event.completion_tokens)
@@ -68,6 +75,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                             prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens,
                             request_id=request_id,
+                            prompt_logprobs=_logprobs(event.prompt_logprobs),
                         )
                     )
         except ServingError as error:

@@ -79,6 +79,11 @@ def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=1.5)), "sampling.top_p"),
         (pb.GenerateRequest(prompt="hi", model="gpt-4"), "model"),
         (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_k=-1)), "sampling.top_k"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(min_p=2.0)), "sampling.min_p"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(repetition_penalty=0.0)), "sampling.repetition_penalty"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(logprobs=100)), "sampling.logprobs"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(stop=["x"] * 9)), "sampling.stop"),
         (pb.GenerateRequest(prompt="hello " * 2100), "prompt"),  # over the 2048-token context
         (pb.GenerateRequest(prompt="hello " * 1500, sampling=pb.SamplingParameters(max_tokens=1000)), "sampling.max_tokens"),
     ],
@@ -181,3 +186,37 @@ def test_concurrent_streams_share_the_batch_and_match_solo_runs(mesh):
         for t in threads:
             t.join()
     assert together == solo
+
+
+def test_stop_strings_logprobs_and_prompt_logprobs_through_the_mesh(mesh):
+    channel, stub = stub_for(mesh)
+    with channel:
+        plain = list(stub.Generate(chat_request("What is the capital of France?", max_tokens=24), timeout=60))
+        full_text = "".join(r.chunk.text for r in plain if r.HasField("chunk"))
+        assert "Paris" in full_text
+        request = chat_request("What is the capital of France?", max_tokens=24, stop=["Paris"], logprobs=2, prompt_logprobs=1)
+        responses = list(stub.Generate(request, timeout=60))
+    chunks = [r.chunk for r in responses if r.HasField("chunk")]
+    complete = responses[-1].complete
+    text = "".join(c.text for c in chunks)
+    assert text == full_text[: full_text.index("Paris")]
+    assert complete.finish_reason == pb.FINISH_REASON_STOP
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in logprobs] == [t for c in chunks for t in c.token_ids]
+    for lp in logprobs:  # greedy: the chosen token is the most likely alternative
+        assert lp.logprob <= 0 and len(lp.alternatives) == 2 and lp.alternatives[0].token_id == lp.token_id
+    assert len(complete.prompt_logprobs) == complete.prompt_tokens - 1
+    assert all(lp.logprob <= 0 for lp in complete.prompt_logprobs)
+
+
+def test_min_tokens_and_stop_token_ids(mesh):
+    channel, stub = stub_for(mesh)
+    with channel:
+        short = list(stub.Generate(chat_request("Say hi.", max_tokens=64), timeout=60))[-1].complete
+        assert short.finish_reason == pb.FINISH_REASON_STOP
+        longer = list(stub.Generate(chat_request("Say hi.", max_tokens=64, min_tokens=short.completion_tokens + 4), timeout=60))
+        assert longer[-1].complete.completion_tokens >= short.completion_tokens + 4
+        first = [t for r in stub.Generate(chat_request("Say hi.", max_tokens=8), timeout=60) for t in r.chunk.token_ids]
+        cut = list(stub.Generate(chat_request("Say hi.", max_tokens=8, stop_token_ids=[first[2]]), timeout=60))
+    assert [t for r in cut for t in r.chunk.token_ids] == first[:3]
+    assert cut[-1].complete.finish_reason == pb.FINISH_REASON_STOP
