@@ -10,6 +10,7 @@ up: install
 	$(VENV)/bin/meshserve up --port $(PORT)
 
 test: install
+	bash deploy/tools/install.sh $(VENV)
 	$(VENV)/bin/pytest -q -rs
 
 install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp

@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 log = logging.getLogger(__name__)
 
 _HEALTH_SERVICE = "grpc.health.v1.Health"
-_REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 
 
 def setup_tracing(service_name: str) -> TracerProvider:
@@ -34,12 +33,20 @@ def setup_tracing(service_name: str) -> TracerProvider:
     return provider
 
 
+# health checks, reflection and the router's load polling would bury real requests in Jaeger
+_UNTRACED = filters.any_of(
+    filters.service_name(_HEALTH_SERVICE),
+    filters.service_prefix("grpc.reflection"),
+    filters.method_name("GetLoad"),
+    filters.method_name("GetModelInfo"),
+)
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """Continues the caller's trace for every RPC except health checks and reflection."""
-    skip = filters.any_of(filters.service_name(_HEALTH_SERVICE), filters.service_prefix("grpc.reflection"))
-    return [aio_server_interceptor(filter_=filters.negate(skip))]
+    """Continues the caller's trace for every RPC except health checks, reflection and load polling."""
+    return [aio_server_interceptor(filter_=filters.negate(_UNTRACED))]
 
 
 def client_interceptors() -> list:
-    """Injects the current trace context into outgoing calls."""
-    return list(aio_client_interceptors())
+    """Injects the current trace context into outgoing calls (none for the untraced ones)."""
+    return list(aio_client_interceptors(filter_=filters.negate(_UNTRACED)))

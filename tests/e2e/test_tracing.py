@@ -46,3 +46,10 @@ def test_one_request_one_trace_through_all_four_services(mesh):
         assert by_name[phase][0] == "meshserve-inference"
     prefill, decode = by_name["prefill"][1], by_name["decode"][1]
     assert prefill.end_time_unix_nano <= decode.start_time_unix_nano + 1
+
+
+def test_health_checks_and_load_polling_are_not_traced(mesh):
+    time.sleep(1.5)  # several polling rounds and Envoy health checks, exported by now
+    names = {span.name for _, span in list(mesh.receiver.spans)}
+    assert "/meshserve.v1.GenerationService/Generate" in names or not names
+    assert not {n for n in names if n.endswith(("/GetLoad", "/GetModelInfo", "/Check", "/Watch"))}, names

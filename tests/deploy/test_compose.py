@@ -1,0 +1,185 @@
+"""The compose files: valid against the Compose Specification's JSON schema (vendored in
+deploy/compose/compose-spec.schema.json), wired as docs/conventions.md says, and their gRPC
+healthcheck command run against a real grpc.health.v1 server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import jsonschema
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.conftest import free_port
+from tests.deploy.conftest import DEPLOY, REPO, conventions_processes
+
+COMPOSE_DIR = DEPLOY / "compose"
+COMPOSE = COMPOSE_DIR / "compose.yaml"
+GPU_OVERRIDE = COMPOSE_DIR / "compose.gpu.yaml"
+SCHEMA = COMPOSE_DIR / "compose-spec.schema.json"
+MESHSERVE_SERVICES = ("router", "tokenizer", "inference")
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file, for the keys used here: mappings merge, the rest replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _errors(document: dict) -> list[str]:
+    return [f"{e.json_path}: {e.message}" for e in _validator().iter_errors(document)]
+
+
+def _flag(command: list[str], name: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command) if arg == name]
+
+
+def test_schema_is_the_compose_specification():
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["title"] == "Compose Specification"
+    assert "check-jsonschema" in schema["$comment"]  # where it came from
+    assert {"services", "networks", "volumes"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    "document",
+    [pytest.param(lambda: _load(COMPOSE), id="compose.yaml"),
+     pytest.param(lambda: _load(GPU_OVERRIDE), id="compose.gpu.yaml"),
+     pytest.param(lambda: _merge(_load(COMPOSE), _load(GPU_OVERRIDE)), id="compose.yaml+compose.gpu.yaml")],
+)
+def test_compose_files_validate_against_the_specification(document):
+    assert _errors(document()) == []
+
+
+def test_the_schema_rejects_mistakes():
+    broken = _load(COMPOSE)
+    broken["services"]["router"]["depends_on"]["tokenizer"]["condition"] = "service_happy"
+    assert any("service_happy" in e for e in _errors(broken))
+    broken = _load(COMPOSE)
+    broken["services"]["router"]["helthcheck"] = broken["services"]["router"].pop("healthcheck")
+    assert any("helthcheck" in e for e in _errors(broken))
+
+
+def test_services_and_commands_follow_the_conventions():
+    services = _load(COMPOSE)["services"]
+    assert {"envoy", *MESHSERVE_SERVICES, "jaeger", "prometheus", "grafana"} <= set(services)
+    processes = conventions_processes()
+    for name in MESHSERVE_SERVICES:
+        service, process = services[name], processes[name]
+        command = service["command"]
+        assert command[:2] == ["meshserve", f"serve-{name}"]
+        assert _flag(command, "--host") == ["0.0.0.0"]
+        assert _flag(command, "--port") == [str(process.grpc_port)]
+        assert _flag(command, "--metrics-port") == [str(process.metrics_port)]
+        assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        [grace] = _flag(command, "--shutdown-grace-s")
+        assert int(service["stop_grace_period"].removesuffix("s")) > float(grace), "compose would kill mid-drain"
+    router = services["router"]["command"]
+    assert _flag(router, "--tokenizer-target") == [f"tokenizer:{processes['tokenizer'].grpc_port}"]
+    assert _flag(router, "--inference-target") == [f"inference:{processes['inference'].grpc_port}"]
+    envoy = services["envoy"]
+    assert envoy["command"][:3] == ["envoy", "-c", "/etc/envoy/envoy.yaml"]
+    assert f"{processes['envoy'].grpc_port}:{processes['envoy'].grpc_port}" in envoy["ports"]
+    assert "4317" in services["jaeger"]["expose"]
+
+
+@pytest.mark.parametrize("override", [False, True], ids=["compose.yaml", "with compose.gpu.yaml"])
+def test_commands_parse_with_the_real_cli(override: bool):
+    """Every meshserve command in the compose files is accepted by `meshserve`'s own argument parser."""
+    from services.cli.main import build_parser
+
+    document = _merge(_load(COMPOSE), _load(GPU_OVERRIDE)) if override else _load(COMPOSE)
+    for name in MESHSERVE_SERVICES:
+        command = document["services"][name]["command"]
+        args = build_parser().parse_args(command[1:])
+        assert args.command == f"serve-{name}" and args.host == "0.0.0.0"
+        if name != "router":
+            assert str(args.models_root) == "/models"  # where the image has the model
+
+
+def test_gpu_override_runs_tensorrt_on_a_gpu():
+    inference = _merge(_load(COMPOSE), _load(GPU_OVERRIDE))["services"]["inference"]
+    assert _flag(inference["command"], "--backend") == ["tensorrt"]
+    assert inference["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"
+    [device] = inference["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    # everything else as on CPU
+    cpu = _load(COMPOSE)["services"]["inference"]["command"]
+    assert [a for a in inference["command"] if a != "tensorrt"] == [a for a in cpu if a != "onnxruntime"]
+
+
+def test_startup_order_waits_for_healthy_dependencies():
+    services = _load(COMPOSE)["services"]
+    assert services["envoy"]["depends_on"]["router"]["condition"] == "service_healthy"
+    for dependency in ("tokenizer", "inference"):
+        assert services["router"]["depends_on"][dependency]["condition"] == "service_healthy"
+    for name, service in services.items():
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{dependency} has no healthcheck to wait for"
+
+
+def test_build_context_and_mounted_files_exist():
+    services = _load(COMPOSE)["services"]
+    for name in ("envoy", *MESHSERVE_SERVICES):
+        build = services[name]["build"]
+        assert (COMPOSE_DIR / build["context"]).resolve() == REPO
+        assert (REPO / build["dockerfile"]).is_file()
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            assert (COMPOSE_DIR / source).exists(), f"{name} mounts missing {source}"
+
+
+class _HealthServer:
+    def __init__(self) -> None:
+        self.servicer = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+@pytest.mark.parametrize("name", MESHSERVE_SERVICES)
+def test_grpc_healthcheck_command_follows_the_health_status(name: str):
+    healthcheck = _load(COMPOSE)["services"][name]["healthcheck"]["test"]
+    assert healthcheck[:3] == ["CMD", "python", "-c"]
+    assert healthcheck[4] == f"localhost:{conventions_processes()[name].grpc_port}"
+
+    def check(target: str) -> int:
+        return subprocess.run([sys.executable, "-c", healthcheck[3], target], capture_output=True, timeout=30).returncode
+
+    server = _HealthServer()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        server.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert check(target) != 0  # warming up or draining
+        server.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert check(target) == 0
+    finally:
+        server.server.stop(None)
+    assert check(f"127.0.0.1:{free_port()}") != 0  # nothing listening

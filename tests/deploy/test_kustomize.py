@@ -1,0 +1,238 @@
+"""Kubernetes manifests: every overlay builds with `kubectl kustomize` (kustomize v5) and each object
+validates against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields fail);
+then the wiring: probes on the conventions' ports, drain timing, resources, Services, autoscaling."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY, conventions_processes, load_yaml_documents, run, tool
+
+K8S = DEPLOY / "k8s"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+# the newest schemas, and the oldest Kubernetes still supported upstream when this was written
+KUBERNETES_VERSIONS = (kubernetes_validate.latest_version(), "1.30.0")
+MESHSERVE_WORKLOADS = ("router", "tokenizer", "inference")
+
+
+@cache
+def build(overlay: str) -> tuple[dict, ...]:
+    result = run([tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay)])
+    assert result.returncode == 0, result.stderr
+    return tuple(load_yaml_documents(result.stdout))
+
+
+def objects(overlay: str, kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in build(overlay) if o["kind"] == kind}
+
+
+def workloads(overlay: str) -> dict[str, dict]:
+    return {**objects(overlay, "Deployment"), **objects(overlay, "StatefulSet")}
+
+
+def container(workload: dict) -> dict:
+    [main] = workload["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def flag(args: list[str], name: str) -> list[str]:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    values += [args[i + 1] for i, a in enumerate(args) if a == name]
+    return values
+
+
+def test_overlays_are_cpu_and_gpu():
+    assert OVERLAYS == ["cpu", "gpu"]
+
+
+def test_kubectl_has_kustomize_v5():
+    result = run([tool("kubectl"), "version", "--client"])
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"Kustomize Version: v5\.", result.stdout), result.stdout
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_and_validates(overlay: str, version: str):
+    documents = build(overlay)
+    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget"} <= {d["kind"] for d in documents}
+    failures = []
+    for document in documents:
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            failures.append(f"{document['kind']}/{document['metadata']['name']}: {error.path}: {error.message}")
+    assert failures == []
+
+
+def test_validation_rejects_mistakes():
+    deployment = yaml.safe_load(yaml.safe_dump(objects("cpu", "Deployment")["router"]))
+    container(deployment)["readinessProbe"]["grpc"]["prot"] = 1  # a typo is an unknown field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_everything_is_in_one_namespace(overlay: str):
+    namespaces = {d["metadata"].get("namespace") for d in build(overlay) if d["kind"] != "Namespace"}
+    assert namespaces == {"meshserve"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_probe_grpc_health_on_their_conventions_port(overlay: str):
+    processes = conventions_processes()
+    for name in MESHSERVE_WORKLOADS:
+        main = container(workloads(overlay)[name])
+        port = processes[name].grpc_port
+        assert main["command"] == ["meshserve"] and main["args"][0] == f"serve-{name}"
+        assert flag(main["args"], "--port") == [str(port)]
+        assert flag(main["args"], "--metrics-port") == [str(processes[name].metrics_port)]
+        assert flag(main["args"], "--host") == ["0.0.0.0"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert main[probe]["grpc"]["port"] == port, f"{name} {probe}"
+        assert {p["containerPort"] for p in main["ports"]} == {port, processes[name].metrics_port}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_container_args_parse_with_the_real_cli(overlay: str):
+    from services.cli.main import build_parser
+
+    for name in MESHSERVE_WORKLOADS:
+        args = build_parser().parse_args(container(workloads(overlay)[name])["args"])
+        assert args.command == f"serve-{name}" and args.shutdown_grace_s == 30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_prestop_and_drain(overlay: str):
+    for name, workload in workloads(overlay).items():
+        if name == "jaeger":
+            continue
+        spec = workload["spec"]["template"]["spec"]
+        main = container(workload)
+        pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
+        if pre_stop[0] == "sleep":
+            pre_stop_s = float(pre_stop[1])
+        else:  # envoy: drain_listeners, then time.sleep(N)
+            pre_stop_s = float(re.search(r"time\.sleep\((\d+)\)", pre_stop[-1]).group(1))
+        args = main.get("args", [])
+        drain_s = sum(float(v) for f in ("--shutdown-grace-s", "--drain-notice-s") for v in flag(args, f))
+        if name == "envoy":
+            assert float(flag(args, "--drain-time-s")[0]) <= pre_stop_s
+        else:
+            assert flag(args, "--shutdown-grace-s"), f"{name} must state its grace period"
+        assert spec["terminationGracePeriodSeconds"] > pre_stop_s + drain_s, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_limits_and_runs_as_non_root(overlay: str):
+    for name, workload in workloads(overlay).items():
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), name
+            assert {"cpu", "memory"} <= set(c["resources"]["limits"]), name
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_gpu_overlay_puts_tensorrt_inference_on_a_gpu():
+    inference = container(workloads("gpu")["inference"])
+    assert inference["image"].split(":")[0].endswith("meshserve-gpu")
+    assert flag(inference["args"], "--backend") == ["tensorrt"]
+    assert inference["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for name in ("envoy", "router", "tokenizer"):
+        assert "nvidia.com/gpu" not in container(workloads("gpu")[name])["resources"]["limits"]
+        assert container(workloads("gpu")[name])["image"].split(":")[0].endswith("meshserve")
+    [metric] = objects("gpu", "HorizontalPodAutoscaler")["inference"]["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "meshserve_num_requests_waiting"
+
+
+def test_cpu_overlay_runs_onnxruntime_without_gpus():
+    for name, workload in workloads("cpu").items():
+        assert "nvidia.com/gpu" not in container(workload)["resources"]["limits"], name
+    inference = container(workloads("cpu")["inference"])
+    assert flag(inference["args"], "--backend") == ["onnxruntime"]
+    assert {container(w)["image"] for n, w in workloads("cpu").items() if n != "jaeger"} == {"meshserve:0.1.0"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_router_targets_every_inference_pod_the_autoscaler_may_create(overlay: str):
+    hpa = objects(overlay, "HorizontalPodAutoscaler")["inference"]["spec"]
+    target = hpa["scaleTargetRef"]
+    inference = workloads(overlay)[target["name"]]
+    assert inference["kind"] == target["kind"] == "StatefulSet"
+    service = inference["spec"]["serviceName"]
+    port = conventions_processes()["inference"].grpc_port
+    router_args = container(workloads(overlay)["router"])["args"]
+    expected = [f"{target['name']}-{i}.{service}:{port}" for i in range(hpa["maxReplicas"])]
+    assert flag(router_args, "--inference-target") == expected
+    assert objects(overlay, "Service")[service]["spec"]["clusterIP"] == "None"
+    [tokenizer] = flag(router_args, "--tokenizer-target")
+    host, tokenizer_port = tokenizer.split(":")
+    assert host in objects(overlay, "Service") and int(tokenizer_port) == conventions_processes()["tokenizer"].grpc_port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_gets_the_validated_config_and_finds_routers_through_a_headless_service(overlay: str):
+    [config_map] = [c for n, c in objects(overlay, "ConfigMap").items() if n.startswith("envoy-config")]
+    base_config = (K8S / "base" / "envoy.yaml").read_text()
+    assert config_map["data"]["envoy.yaml"] == base_config
+    envoy = workloads(overlay)["envoy"]
+    volumes = {v["name"]: v for v in envoy["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(envoy)["volumeMounts"]}
+    [(volume, path)] = mounts.items()
+    assert volumes[volume]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert container(envoy)["args"][:2] == ["-c", f"{path}/envoy.yaml"]
+
+    services = objects(overlay, "Service")
+    for cluster in yaml.safe_load(base_config)["static_resources"]["clusters"]:
+        socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        service = services[socket["address"]]
+        assert socket["port_value"] in {p["port"] for p in service["spec"]["ports"]}, cluster["name"]
+        if cluster["name"] == "router":
+            assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None"
+    ports = {p["port"] for p in services["envoy"]["spec"]["ports"]}
+    assert ports == {conventions_processes()["envoy"].grpc_port}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_export_traces_to_jaeger(overlay: str):
+    [env] = [c for n, c in objects(overlay, "ConfigMap").items() if n.startswith("meshserve-env")]
+    assert env["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    assert 4317 in {p["port"] for p in objects(overlay, "Service")["jaeger"]["spec"]["ports"]}
+    for name in MESHSERVE_WORKLOADS:
+        main = container(workloads(overlay)[name])
+        assert [e["configMapRef"]["name"] for e in main["envFrom"]] == [env["metadata"]["name"]]
+        assert {"name": "OTEL_SERVICE_NAME", "value": f"meshserve-{name}"} in main["env"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_match_pods(overlay: str):
+    pods = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(overlay).values()]
+
+    def selects(selector: dict) -> int:
+        return sum(all(labels.get(k) == v for k, v in selector.items()) for labels in pods)
+
+    for name, service in objects(overlay, "Service").items():
+        assert selects(service["spec"]["selector"]) == 1, f"Service {name}"
+    budgets = objects(overlay, "PodDisruptionBudget")
+    assert {"router", "tokenizer", "inference", "envoy"} <= set(budgets)
+    for name, budget in budgets.items():
+        assert selects(budget["spec"]["selector"]["matchLabels"]) == 1, f"PodDisruptionBudget {name}"
+    for name, workload in workloads(overlay).items():
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert all(workload["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in selector.items()), name
+
+
+def test_base_is_not_an_overlay():
+    """The base leaves images unpinned (`meshserve`): only overlays set the tags that get deployed."""
+    result = run([tool("kubectl"), "kustomize", str(K8S / "base")])
+    assert result.returncode == 0, result.stderr
+    images = {c["image"] for d in load_yaml_documents(result.stdout) if d["kind"] in {"Deployment", "StatefulSet"}
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert "meshserve" in images
