@@ -28,3 +28,19 @@ def test_otlp_endpoint_parsing():
     assert parse_otlp_endpoint(None) is None
     assert parse_otlp_endpoint("http://collector:4317") == Endpoint("collector", 4317)
     assert parse_otlp_endpoint("127.0.0.1:5555") == Endpoint("127.0.0.1", 5555)
+
+
+def test_routes_retry_only_before_headers_on_another_router_and_the_cluster_is_guarded():
+    from services.cli.envoy_config import Endpoint as E
+
+    config = yaml.safe_load(render_envoy_config(8080, 9901, [E("127.0.0.1", 1), E("127.0.0.1", 2)], None, grpc_web=True))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert len(routes) >= 2
+    for route in routes:
+        policy = route["route"]["retry_policy"]
+        assert set(policy["retry_on"].split(",")) >= {"connect-failure", "reset", "unavailable"}
+        assert policy["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    router = next(c for c in config["static_resources"]["clusters"] if c["name"] == "router")
+    assert router["outlier_detection"]["consecutive_5xx"] > 0
+    assert router["circuit_breakers"]["thresholds"][0]["max_requests"] > 0
