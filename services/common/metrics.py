@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from typing import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -40,6 +43,28 @@ class ServingMetrics:
 
     def count_request(self, code: str) -> None:
         self._requests.labels(self._model_name, code).inc()
+
+
+class _CounterReader:
+    """Exports counters that another object keeps (e.g. on the engine thread) without locking it."""
+
+    def __init__(self, model_name: str, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.model_name = model_name
+        self.counters = counters
+
+    def collect(self):
+        for name, (doc, read) in self.counters.items():
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], read())
+            yield family
+
+
+def prefix_cache_counters(model_name: str, queries: Callable[[], float], hits: Callable[[], float]) -> None:
+    """`meshserve_prefix_cache_queries_total` / `_hits_total`: prompt tokens looked up / found cached."""
+    REGISTRY.register(_CounterReader(model_name, {
+        "meshserve_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", queries),
+        "meshserve_prefix_cache_hits": ("Prompt tokens found in the prefix cache.", hits),
+    }))
 
 
 def kv_cache_usage_gauge(model_name: str) -> Gauge:

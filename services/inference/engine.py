@@ -7,6 +7,7 @@ and receive outputs through a callback that must be thread-safe. Nothing here kn
 from __future__ import annotations
 
 import collections
+import os
 import logging
 import queue
 import threading
@@ -54,6 +55,10 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     """Prompt tokens per prefill step. Longer prompts are prefilled in chunks, and prefill steps
     alternate with decode steps, so a long prompt never stalls running streams for more than one chunk."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache a freed slot still holds when a new prompt starts with the same tokens."""
+    min_prefix_hit_tokens: int = 16
+    """Shorter common prefixes are not worth choosing a slot for."""
     max_logprobs: int = MAX_LOGPROBS
     """Largest number of top alternatives a request may ask for."""
 
@@ -130,6 +135,10 @@ class Engine:
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._running: dict[str, EngineRequest] = {}
         self._free_slots = list(range(config.num_slots - 1, -1, -1))
+        # the tokens whose keys/values each slot holds; kept after a request finishes, for prefix caching
+        self._slot_tokens: list[list[int]] = [[] for _ in range(config.num_slots)]
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which found cached
         self._pending_count = 0  # submitted but not yet taken from the inbox
         self._stopped = False
         self._accepting = True
@@ -271,9 +280,32 @@ class Engine:
         while self._waiting and self._free_slots:
             request = self._waiting.popleft()
             with self._lock:
-                request.slot = self._free_slots.pop()
+                slot, hit = self._pick_slot(request.prompt_token_ids)
+                self._free_slots.remove(slot)
+            if request.params.prompt_logprobs is not None:
+                hit = 0  # every prompt position must go through the model to get its logprobs
+            request.slot = slot
+            # keep at least one prompt token to prefill: its logits give the first generated token
+            request.cached = min(hit, len(request.prompt_token_ids) - 1)
+            if self.config.enable_prefix_caching:
+                self.prefix_cache_queries += len(request.prompt_token_ids)
+                self.prefix_cache_hits += request.cached
             request.times.scheduled = time.monotonic()
             self._running[request.request_id] = request
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot whose retained tokens share the longest prefix with `prompt`, and that length."""
+        best_slot, best = self._free_slots[-1], 0
+        if self.config.enable_prefix_caching:
+            for slot in self._free_slots:
+                held = self._slot_tokens[slot]
+                common = len(os.path.commonprefix([held, prompt])) if held else 0
+                if common > best:
+                    best_slot, best = slot, common
+        if best < self.config.min_prefix_hit_tokens:
+            # no useful hit: take the slot holding the least, so long cached prefixes survive longest
+            return min(self._free_slots, key=lambda s: len(self._slot_tokens[s])), 0
+        return best_slot, best
 
     def _plan(self) -> tuple[list[EngineRequest], list[list[int]]]:
         """One scheduling decision: a prefill chunk step or a decode step.
@@ -365,6 +397,9 @@ class Engine:
 
     def _finish(self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None) -> None:
         self._running.pop(request.request_id, None)
+        # what the slot's cache now holds: the prompt and output tokens whose keys/values were written
+        held = (request.prompt_token_ids + request.output_token_ids)[: request.cached]
+        self._slot_tokens[request.slot] = held if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT) else []
         request.times.finished = time.monotonic()
         with self._lock:
             self._free_slots.append(request.slot)

@@ -10,7 +10,7 @@ import os
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from services.common.metrics import ServingMetrics, kv_cache_usage_gauge
+from services.common.metrics import ServingMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.base import StepBatch
@@ -73,6 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
         engine, servicer.backend_name = await asyncio.to_thread(load_engine, args, config, model)
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
+        prefix_cache_counters(model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits)
 
     async def on_drain() -> None:
         await async_engine.drain(args.shutdown_grace_s)

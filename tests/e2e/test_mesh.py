@@ -133,6 +133,9 @@ def test_metrics_count_the_traffic(mesh):
         assert metric_value(after, e2e, **labels) - metric_value(before, e2e, **labels) == 3
         itl = "meshserve_inter_token_latency_seconds_count"
         assert metric_value(after, itl, **labels) - metric_value(before, itl, **labels) == generated - 3
+    # the three chats share the default system prompt: their prefix is served from the cache
+    hits = "meshserve_prefix_cache_hits_total"
+    assert metric_value(after_inference, hits) - metric_value(before_inference, hits) >= 2 * 16
     ok = "meshserve_requests_total"
     assert metric_value(after_router, ok, code="OK") - metric_value(before_router, ok, code="OK") == 3
     assert "meshserve_kv_cache_usage_perc" in after_inference

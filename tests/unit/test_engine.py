@@ -138,7 +138,7 @@ def test_invalid_requests_name_their_field(engine, prompt, params, field):
 
 @pytest.fixture(scope="module")
 def chunked_engine(model_dir):
-    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, max_prefill_tokens=16)
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, max_prefill_tokens=16, enable_prefix_caching=False)
     engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
     engine.start()
     yield engine
@@ -219,3 +219,33 @@ def test_penalties_and_min_tokens(engine, tokenizer):
     assert short.finish["s"] == FinishReason.STOP
     forced = run_all(engine, {"m": chat}, SamplingParams(max_tokens=64, temperature=0.0, min_tokens=len(short.tokens["s"]) + 5))
     assert len(forced.tokens["m"]) >= len(short.tokens["s"]) + 5
+
+
+def test_a_repeated_prefix_is_not_recomputed_and_gives_the_same_tokens(model_dir, tokenizer):
+    from services.tokenizer.core import ChatMessage
+
+    def engine_with(caching: bool) -> Engine:
+        config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, enable_prefix_caching=caching)
+        engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+        engine.start()
+        return engine
+
+    system = ChatMessage("system", "You are a terse assistant who answers geography questions in one sentence.")
+    first = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Italy?")])
+    second = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Spain?")])
+    shared = len(__import__("os").path.commonprefix([first, second]))
+    assert shared >= 20
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    cached, uncached = engine_with(True), engine_with(False)
+    try:
+        results = {}
+        for name, engine in (("cached", cached), ("uncached", uncached)):
+            run_all(engine, {"a": first}, greedy)
+            steps = engine.steps
+            results[name] = run_all(engine, {"b": second}, greedy).tokens["b"]
+        assert results["cached"] == results["uncached"]
+        assert cached.prefix_cache_hits == shared and cached.prefix_cache_queries == len(first) + len(second)
+        assert uncached.prefix_cache_hits == 0
+    finally:
+        cached.stop()
+        uncached.stop()

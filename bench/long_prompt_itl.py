@@ -1,0 +1,80 @@
+"""How much a long prompt arriving disturbs running streams (chunked prefill), engine only.
+
+    python bench/long_prompt_itl.py [--streams 4] [--prompt-tokens 1500] [--max-prefill-tokens 512] [--json]
+
+Starts `--streams` greedy generations, lets them reach steady decoding, then submits one prompt
+of `--prompt-tokens` tokens and reports the running streams' inter-token latency before and
+while it is prefilled, plus the long prompt's own time to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.engine import Engine, EngineConfig
+from services.inference.sampling import SamplingParams
+from services.modelstore.prepare import prepare_model
+from services.tokenizer.core import TokenizerCore
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=1500)
+    parser.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens)
+    parser.add_argument("--models-root", type=Path, default=Path("models"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    model = prepare_model(args.models_root)
+    tokenizer = TokenizerCore(model)
+    config = EngineConfig(num_slots=args.streams + 1, max_context=2048, max_new_tokens=1024,
+                          max_prefill_tokens=args.max_prefill_tokens)
+    engine = Engine(OnnxRuntimeBackend(model, config.num_slots, config.max_context), config)
+    engine.start()
+    times: dict[str, list[float]] = {f"s{i}": [] for i in range(args.streams)}
+    long_first = threading.Event()
+
+    def recorder(name: str):
+        return lambda out: times[name].extend([time.monotonic()] * len(out.token_ids))
+
+    for name in times:
+        engine.submit(name, tokenizer.encode_text(f"Story number {name}: once upon a time"),
+                      SamplingParams(max_tokens=1000, temperature=0.0), frozenset(), recorder(name))
+    while min(len(t) for t in times.values()) < 20:
+        time.sleep(0.01)
+    text = " ".join(f"word{i}" for i in range(args.prompt_tokens))
+    long_ids = tokenizer.encode_text(text)[: args.prompt_tokens]
+    submitted = time.monotonic()
+    engine.submit("long", long_ids, SamplingParams(max_tokens=1, temperature=0.0), frozenset(), lambda out: long_first.set())
+    long_first.wait(300)
+    ttft = time.monotonic() - submitted
+    time.sleep(0.5)
+    for name in times:
+        engine.abort(name)
+    engine.stop()
+
+    def gaps(lo: float, hi: float) -> np.ndarray:
+        return np.concatenate([np.diff([t for t in ts if lo <= t <= hi]) for ts in times.values()]) * 1000
+
+    before = gaps(0, submitted)
+    during = gaps(submitted, submitted + ttft)
+    result = {
+        "streams": args.streams, "prompt_tokens": len(long_ids), "max_prefill_tokens": args.max_prefill_tokens,
+        "long_prompt_ttft_ms": round(ttft * 1000, 1),
+        "itl_ms_before": {"p50": round(float(np.percentile(before, 50)), 1), "p99": round(float(np.percentile(before, 99)), 1)},
+        "itl_ms_during": {"p50": round(float(np.percentile(during, 50)), 1), "p99": round(float(np.percentile(during, 99)), 1),
+                          "max": round(float(during.max()), 1)},
+    }
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
