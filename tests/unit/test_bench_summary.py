@@ -17,8 +17,8 @@ def ok(tokens: int = 10, ttft_s: float = 0.1, itl_s: list[float] | None = None, 
                          prompt_tokens=prompt_tokens)
 
 
-def failed(code: str, ttft_s: float | None = None, itl_s: list[float] | None = None) -> RequestResult:
-    return RequestResult(ok=False, code=code, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=0.5)
+def failed(code: str, ttft_s: float | None = None, itl_s: list[float] | None = None, tokens: int = 0) -> RequestResult:
+    return RequestResult(ok=False, code=code, tokens=tokens, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=0.5, prompt_tokens=9)
 
 
 @pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
@@ -51,7 +51,8 @@ def test_itl_pools_the_per_token_values_of_every_request() -> None:
 
 
 def test_tokens_and_aggregate_throughput_count_successful_requests_only() -> None:
-    results = [ok(tokens=100), ok(tokens=28), failed("RESOURCE_EXHAUSTED")]
+    # the failed stream had streamed some tokens before it died: they are not a completion
+    results = [ok(tokens=100), ok(tokens=28), failed("UNAVAILABLE", tokens=50)]
     report = summarize(results, wall_s=4.0)
     assert report["tokens"] == 128
     assert report["tokens_per_s"] == pytest.approx(32.0)
