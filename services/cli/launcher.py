@@ -25,7 +25,7 @@ from services.cli.envoy_config import (
     render_envoy_config,
 )
 from services.modelstore.layout import add_models_root_arg
-from services.modelstore.prepare import prepare_model
+from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +43,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--inference-arg", action="append", default=[],
                         help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="weights to prepare and serve")
     add_models_root_arg(parser)
     add_public_endpoint_args(parser)
     parser.set_defaults(func=run)
@@ -67,7 +68,7 @@ def _wait_serving(target: str, service: str, deadline: float, procs: list[subpro
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_model(args.models_root)
+    prepare_model(args.models_root, args.precision)
     run_dir = args.run_dir / f"mesh-{args.port}"
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint_options = public_endpoint_options(args, run_dir)
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     }
     for i, port in enumerate(inference_ports):
         commands[f"inference-{i}"] = base + [
-            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common, *args.inference_arg]
+            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common,
+            "--precision", args.precision, *args.inference_arg]
     targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [

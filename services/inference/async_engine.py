@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from opentelemetry import trace
 
@@ -63,7 +63,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
-        priority: int = 0,
+        priority: int = 0, resumed_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GenerationResult]:
         engine = self.engine
         if engine is None:
@@ -74,7 +74,7 @@ class AsyncEngine:
         engine_id = f"{request_id}#{next(self._sequence)}"
         times = engine.submit(
             engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-            priority,
+            priority, resumed_token_ids,
         )
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finish: FinishReason | None = None

@@ -8,7 +8,7 @@ the difference between the two:
     python -m services.inference.bench_engine --concurrency 4 --max-tokens 32 --json
 
 Times are taken in the engine's output callback (on the engine thread), from `submit` to the
-first tokens (TTFT) and between successive outputs (ITL, per token). One warm-up request runs
+first tokens (TTFT) and between successive outputs (ITL, per token). One short warm-up wave runs
 first and is not reported. Greedy decoding, so repeated runs generate the same tokens.
 """
 
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.inference.bench_engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)")
+    parser.add_argument("--precision", help="weights of the prepared model (default: prepare-model's default)")
     parser.add_argument("--concurrency", type=positive_int, default=1, help="requests in the engine at once (default %(default)s)")
     parser.add_argument("--requests", type=positive_int, help="requests in all (default: one per concurrent stream)")
     parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: the built-in prompts)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     parser.add_argument("--num-slots", type=int, help="KV-cache slots (default: the engine default, or concurrency if larger)")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="run one short unreported wave first (default); --no-warmup measures a cold engine")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     total = args.requests or args.concurrency
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.inference.sampling import SamplingParams
     from services.modelstore.prepare import prepare_model
 
-    model = prepare_model(args.models_root)
+    model = prepare_model(args.models_root, args.precision) if args.precision else prepare_model(args.models_root)
     defaults = EngineConfig()
     config = dataclasses.replace(defaults, num_slots=args.num_slots or max(defaults.num_slots, args.concurrency))
     load_started = time.perf_counter()
@@ -151,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         encoded = encode_prompts(model, load_prompts(args.prompts), args.chat)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         stop_ids = frozenset(model.eos_token_ids)
-        # one short request so the measured ones do not pay for lazy initialisation
-        run_requests(engine, encoded[:1], dataclasses.replace(params, max_tokens=2), stop_ids, 1, 1, label="warmup")
+        # one short wave at the same concurrency, so the measured requests do not pay for lazy
+        # initialisation (ONNX Runtime's first runs of a shape, first touches of KV-cache pages)
+        if args.warmup:
+            warm = dataclasses.replace(params, max_tokens=min(params.max_tokens, 8))
+            run_requests(engine, encoded, warm, stop_ids, args.concurrency, args.concurrency, label="warmup")
         progress = not args.json
         if progress:
             print(f"running {total} requests, {args.concurrency} at a time ...", file=sys.stderr, flush=True)
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     report = summarize(results, wall_s)
     report.update(
         target="engine",
+        model=model.path.name,
         backend=getattr(backend, "name", type(backend).__name__),
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         load_s=round(load_s, 3),
         engine_steps=getattr(engine, "steps", None),
+        warmup=args.warmup,
     )
     if args.json:
         print(json.dumps(report))

@@ -18,6 +18,7 @@ from services.inference.backends.selection import BackendUnavailableError, creat
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
 from services.modelstore.layout import add_models_root_arg, find_model
+from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def add_parser(subparsers) -> None:
     add_models_root_arg(parser)
     defaults = EngineConfig()
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve")
     parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
     parser.add_argument("--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted")
@@ -57,7 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
     except BackendUnavailableError as error:
         raise SystemExit(f"meshserve serve-inference: {error}") from None
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
-    model = find_model(args.models_root)
+    model = find_model(args.models_root, args.precision)
     config = EngineConfig(
         num_slots=args.num_slots, max_context=args.max_context, max_new_tokens=args.max_new_tokens,
         max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,

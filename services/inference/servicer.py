@@ -44,7 +44,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         request_id = request.request_id or uuid.uuid4().hex
         results = self.engine.generate(
-            request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids), request.priority
+            request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids), request.priority,
+            list(request.resumed_token_ids),
         )
         async for result in results:
             yield pb.GenerateResponse(

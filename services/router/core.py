@@ -154,7 +154,7 @@ class Router:
                     raise UnavailableError("no inference replica is serving", retry_after_s=1.0)
                 tried.add(replica.target)
                 call = replica.stub.Generate(
-                    self._inference_request(request, prompt_ids + generated, len(generated)), timeout=remaining()
+                    self._inference_request(request, prompt_ids, generated), timeout=remaining()
                 )
                 replica.in_flight += 1
                 try:
@@ -210,26 +210,28 @@ class Router:
 
     def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str]) -> bool:
         # UNAVAILABLE: the replica died or is draining; RESOURCE_EXHAUSTED: its queue is full.
-        # Both are safe to continue elsewhere, since the tokens so far are part of the new prompt.
+        # Both are safe to continue elsewhere: the tokens so far go with the request as resumed tokens.
         retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
         others = any(r.healthy and r.target not in tried for r in self.replicas.replicas)
         return retryable and others and len(tried) <= MAX_FAILOVERS
 
-    def _inference_request(self, request: GenerationRequest, token_ids: list[int], already: int) -> inference_pb.GenerateRequest:
+    def _inference_request(self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]) -> inference_pb.GenerateRequest:
+        """The inference request for an attempt; after a failover `generated` (what the client already
+        has) is resumed: the replica replays those tokens and continues after them."""
         s = request.sampling
         sampling = inference_pb.SamplingParameters(
-            max_tokens=s.max_tokens - already, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
             repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, min_tokens=max(0, s.min_tokens - already),
+            frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
         )
         if s.seed is not None:
             sampling.seed = s.seed
         if s.logprobs is not None:
             sampling.logprobs = s.logprobs
-        if s.prompt_logprobs is not None and not already:  # a continuation after failover already sent them
+        if s.prompt_logprobs is not None and not generated:  # a continuation after failover already sent them
             sampling.prompt_logprobs = s.prompt_logprobs
         return inference_pb.GenerateRequest(
-            request_id=request.request_id, prompt_token_ids=token_ids, sampling=sampling,
+            request_id=request.request_id, prompt_token_ids=prompt_ids, resumed_token_ids=generated, sampling=sampling,
             stop_token_ids=sorted(set(self.eos_token_ids) | set(request.stop_token_ids)), priority=request.priority,
         )
 

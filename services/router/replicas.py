@@ -60,11 +60,20 @@ def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affin
     return preferred if preferred.load <= least.load + affinity_slack else least
 
 
+# gRPC's default reconnect backoff grows to minutes; a replica restarting after a crash takes
+# seconds, and the router should see it serving again within about a second of its return
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class ReplicaSet:
     def __init__(self, targets: tuple[str, ...], poll_interval_s: float = 0.25) -> None:
         self.replicas = []
         for target in targets:
-            channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
+            channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
             self.replicas.append(Replica(target, channel, pb_grpc.InferenceServiceStub(channel)))
         self.poll_interval_s = poll_interval_s
         self._task: asyncio.Task | None = None

@@ -13,7 +13,7 @@ from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
 from services.common.grpc_status import abort
-from services.common.metrics import ServingMetrics
+from services.common.metrics import ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
 from services.router.convert import to_generation_request
 from services.router.core import Completed, DownstreamError, Router, TextDelta
@@ -38,6 +38,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         assert self.router.limits is not None
         self.metrics = ServingMetrics(self.router.limits.model_name)
         self.metrics.num_requests_running.set_function(lambda: self.in_flight)
+        serving_replicas_gauge(lambda: sum(r.healthy for r in self.router.replicas.replicas))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         m = self.metrics

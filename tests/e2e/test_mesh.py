@@ -165,7 +165,8 @@ def test_cancelling_a_stream_frees_the_inference_slot(mesh):
 def test_deadline_shorter_than_generation_ends_with_deadline_exceeded(mesh):
     channel, stub = stub_for(mesh)
     with channel, pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(chat_request("Tell me a long story.", max_tokens=900), timeout=1.0))
+        # min_tokens: the model would otherwise end its story (and the stream) before the deadline
+        list(stub.Generate(chat_request("Tell me a long story.", max_tokens=900, min_tokens=900), timeout=1.0))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 5
     while metric_value(mesh.metrics("inference"), "meshserve_num_requests_running") != 0:

@@ -28,9 +28,10 @@ def mesh2(model_dir, otlp_receiver):
         yield mesh
 
 
-def request(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL) -> pb.GenerateRequest:
+def request(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL, min_tokens: int = 0) -> pb.GenerateRequest:
     return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
-                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0), priority=priority)
+                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, min_tokens=min_tokens),
+                              priority=priority)
 
 
 class Stream(threading.Thread):
@@ -109,10 +110,23 @@ def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clien
 
 
 def _serving(mesh, name: str) -> bool:
+    """Warm, not just started: these metrics are registered once the model is loaded (inference)
+    or the router has connected to its dependencies."""
+    ready = "meshserve_prefix_cache_queries_total" if name.startswith("inference") else "meshserve_time_to_first_token_seconds"
     try:
-        return "meshserve_num_requests_running" in mesh.metrics(name)
+        return ready in mesh.metrics(name)
     except OSError:
         return False
+
+
+@pytest.fixture(autouse=True)
+def all_replicas_serving(mesh2):
+    """Each test starts from the whole mesh, as the routers see it (an earlier test may have
+    killed a replica that the launcher restarted)."""
+    for name in ("inference-0", "inference-1", "router-0", "router-1"):
+        wait_until(lambda: _serving(mesh2, name), timeout=120)
+    for name in ("router-0", "router-1"):
+        wait_until(lambda: metric_value(mesh2.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout=30)
 
 
 def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
@@ -185,10 +199,12 @@ def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(mesh2
 
 
 def test_high_priority_is_admitted_when_low_priority_is_shed(mesh2):
-    hogs = [Stream(mesh2.target, request(PROMPTS[i % 4], 60)) for i in range(6)]
+    # six streams that surely outlast the two probes: half of the capacity of 12, low priority's share
+    hogs = [Stream(mesh2.target, request(PROMPTS[i % 4], 400, min_tokens=400)) for i in range(6)]
     for s in hogs:
         s.start()
     wait_until(lambda: sum(1 for s in hogs if s.tokens) >= 6)
+    time.sleep(0.75)  # both routers' load polls (every 0.25 s) now count all six, not only their own
     low = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_LOW)])[0]
     high = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_HIGH)])[0]
     for s in hogs:

@@ -21,6 +21,15 @@ TEXT = "<|im_start|>user\nWhat is the capital of France? 12345 héllo 😀 世�
 
 
 @pytest.fixture(scope="module")
+def model_dir():
+    """The fp32 model: the reference comparison is about the export, not quantization."""
+    from services.modelstore.prepare import prepare_model
+    from tests.conftest import MODELS_ROOT
+
+    return prepare_model(MODELS_ROOT, "fp32")
+
+
+@pytest.fixture(scope="module")
 def reference(model_dir):
     from services.modelstore.prepare import GGUF_MEMBER
     from tests.conftest import MODELS_ROOT

@@ -249,3 +249,87 @@ def test_a_repeated_prefix_is_not_recomputed_and_gives_the_same_tokens(model_dir
     finally:
         cached.stop()
         uncached.stop()
+
+
+# -- resuming an interrupted generation (router failover) -----------------------------------
+
+
+def _collect(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams, resumed=()) -> list[int]:
+    collector = Collector()
+    collector.expected = 1
+    engine.submit(request_id, prompt, params, frozenset({2}), collector(request_id), resumed_token_ids=resumed)
+    assert collector.done.wait(120)
+    return collector.tokens[request_id]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=48, temperature=0.0),
+                                    SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, seed=11)],
+                         ids=["greedy", "seeded"])
+def test_a_resumed_request_continues_exactly_where_the_interrupted_one_was(engine, tokenizer, params):
+    """What a replica that takes over a failed stream computes: the prompt plus the tokens the
+    client already has, resumed, give exactly the rest of the undisturbed run. The prompt is then
+    in the cache (a prefix hit) and another stream shares the batch, as on a busy replica."""
+    from services.tokenizer.core import ChatMessage
+
+    prompt = tokenizer.encode_chat([ChatMessage("user", "Tell me about the planets of the solar system.")])
+    full = _collect(engine, "full", prompt, params)
+    assert len(full) == 48
+    other = tokenizer.encode_chat([ChatMessage("user", "Explain how a bicycle works.")])
+    for cut in (1, 7, 30):
+        collector = Collector()
+        collector.expected = 2
+        engine.submit("busy", other, SamplingParams(max_tokens=40, temperature=0.0), frozenset({2}), collector("busy"))
+        engine.submit("resumed", prompt, params, frozenset({2}), collector("resumed"), resumed_token_ids=full[:cut])
+        assert collector.done.wait(120)
+        assert collector.tokens["resumed"] == full[cut:], f"diverged after resuming {cut} tokens"
+
+
+def test_resumed_tokens_must_leave_something_to_generate(engine):
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[5] * 4)
+    assert caught.value.field == "resumed_token_ids"
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[10**6])
+    assert caught.value.field == "resumed_token_ids"
+
+
+class RecordingBackend:
+    """Stands in for the model to observe the scheduler: the new tokens of every row of every step."""
+
+    def __init__(self, model_dir, num_slots: int, max_context: int) -> None:
+        self.config, self.num_slots, self.max_context = model_dir.config, num_slots, max_context
+        self.steps: list[list[int]] = []
+
+    def forward(self, batch):
+        import numpy as np
+
+        self.steps.append(batch.new_lengths.tolist())
+        logits = np.zeros((batch.rows, batch.logits_indices.shape[1], self.config.vocab_size), np.float32)
+        logits[..., 7] = 1.0  # greedy picks token 7
+        return logits
+
+    def close(self) -> None:
+        pass
+
+
+def test_prompt_positions_are_never_computed_by_a_one_token_step(model_dir):
+    """A prefill row with a single new token would take the decode kernels: chunks and prefix
+    hits always leave >= 2 prompt tokens per prefill row, and only prompt positions are reused
+    (see Engine's docstring)."""
+    backend = RecordingBackend(model_dir, 2, 256)
+    engine = Engine(backend, EngineConfig(num_slots=2, max_context=256, max_new_tokens=16, max_prefill_tokens=8))
+    engine.start()
+    try:
+        prompt = list(range(100, 117))  # 17 tokens: chunks of 8 + 8 would leave 1
+        steps = {}
+        for name, ids in (("first", prompt), ("again", prompt), ("extended", prompt + [7, 7, 50])):
+            backend.steps.clear()
+            assert _collect(engine, name, ids, SamplingParams(max_tokens=2, temperature=0.0)) == [7, 7]
+            steps[name] = list(backend.steps)
+    finally:
+        engine.stop()
+    assert steps["first"] == [[8], [7], [2], [1]]  # 8 + 7 + 2, never 8 + 8 + 1
+    assert steps["again"] == [[2], [1]]  # all 17 cached, yet the last two are prefilled again
+    # "again" wrote the prompt and its first output 7 to the slot, but only the prompt is reused
+    assert steps["extended"] == [[3], [1]]
+    assert engine.prefix_cache_hits == 15 + 17

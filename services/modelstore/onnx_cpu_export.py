@@ -1,0 +1,206 @@
+"""Builds `decoder_cpu.onnx`: the decoder for ONNX Runtime's CPU execution provider.
+
+`decoder.onnx` (onnx_export.py) keeps to standard operators so that TensorRT reads it; this graph
+computes the same function with ONNX Runtime's fused contrib operators, so each layer is a handful
+of kernels and the KV cache is updated in place:
+
+* `com.microsoft.GroupQueryAttention` with rotary embedding inside, reading and appending to the
+  caller's KV-cache buffers (past and present bound to the same memory), causal, right-padded
+  rows of different lengths (`query_seqlens`);
+* `com.microsoft.MatMulNBits` with 8-bit blocks (precision int8, see quantize.py) or plain
+  `MatMul` (fp32), with q/k/v stacked into one projection (GroupQueryAttention takes them packed);
+* `SkipSimplifiedLayerNormalization` for residual add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
+* the embedding and the tied lm_head from the GGUF's Q8_0 blocks (`GatherBlockQuantized`,
+  8-bit `MatMulNBits`) in the int8 precision.
+
+Contract (the ONNX Runtime backend is its only user):
+
+inputs
+  input_ids              int64   [batch, seq]   new tokens of each row, right-padded
+  seqlens_k              int32   [batch]        cached + new tokens of the row, minus one
+  query_lengths          int32   [batch]        real new tokens of the row (the rest is padding)
+  total_sequence_length  int32   []             an upper bound of cached + new over the rows
+  logits_indices         int64   [n]            flat indices (row * seq + position) needing logits
+  past_key_{i}           float32 [batch, kv_heads, capacity, head_dim]  the rows' KV-cache buffers
+  past_value_{i}         float32 [batch, kv_heads, capacity, head_dim]
+outputs
+  logits                 float32 [n, vocab]
+  present_key_{i}        float32 [batch, kv_heads, capacity, head_dim]  bind to the past_key_{i} buffer
+  present_value_{i}      float32 [batch, kv_heads, capacity, head_dim]
+
+Keys are stored after RoPE, as in decoder.onnx. A row needs `cached + seq <= capacity`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from services.modelstore.onnx_export import LlamaConfig
+from services.modelstore.quantize import NBitsWeight, Q80Blocks, q8_0_to_nbits
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 blocks (VNNI dot products)
+
+Linear = np.ndarray | NBitsWeight  # float32 [out, in], or quantized blocks
+
+
+@dataclass
+class CpuDecoderWeights:
+    """The decoder's weights as the CPU graph takes them (Hugging Face layouts, RoPE undone)."""
+
+    embed: np.ndarray | Q80Blocks  # [vocab, hidden]; also the tied lm_head
+    final_norm: np.ndarray
+    input_norms: list[np.ndarray] = field(default_factory=list)
+    post_norms: list[np.ndarray] = field(default_factory=list)
+    qkv: list[Linear] = field(default_factory=list)  # q, k, v stacked along out
+    o: list[Linear] = field(default_factory=list)
+    gate_up: list[Linear] = field(default_factory=list)  # gate, up stacked along out
+    down: list[Linear] = field(default_factory=list)
+
+
+def cpu_input_names(config: LlamaConfig) -> list[str]:
+    names = ["input_ids", "seqlens_k", "query_lengths", "total_sequence_length", "logits_indices"]
+    for i in range(config.num_layers):
+        names += [f"past_key_{i}", f"past_value_{i}"]
+    return names
+
+
+def cpu_output_names(config: LlamaConfig) -> list[str]:
+    names = ["logits"]
+    for i in range(config.num_layers):
+        names += [f"present_key_{i}", f"present_value_{i}"]
+    return names
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+
+    def name(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}_{self._counter}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: list[str] | None = None, hint: str | None = None,
+           n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs))
+        return outs
+
+
+def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
+    """Output features [start, stop) of a projection."""
+    if isinstance(weight, NBitsWeight):
+        zp = None if weight.zero_points is None else weight.zero_points[start:stop]
+        codes = weight.codes[start:stop]
+        return NBitsWeight(codes.shape[0], weight.k, codes, weight.scales[start:stop], zp)
+    return weight[start:stop]
+
+
+def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+    """Builds the CPU decoder graph (see the module docstring for its inputs and outputs)."""
+    g = _Builder()
+    c = config
+    hd = c.head_dim
+
+    def linear(x: str, weight: Linear, hint: str, output: str | None = None) -> str:
+        outputs = [output] if output else None
+        if isinstance(weight, NBitsWeight):
+            inputs = [x, g.const(f"{hint}_q", weight.codes), g.const(f"{hint}_scales", weight.scales)]
+            if weight.zero_points is not None:
+                inputs.append(g.const(f"{hint}_zp", weight.zero_points))
+            return g.op("MatMulNBits", inputs, outputs, hint=hint, domain=MS_DOMAIN, K=weight.k, N=weight.n,
+                        bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)[0]
+        w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T.astype(np.float32)))
+        return g.op("MatMul", [x, w], outputs, hint=hint)[0]
+
+    # 1. embeddings
+    if isinstance(weights.embed, Q80Blocks):
+        table = q8_0_to_nbits(weights.embed)
+        rows = table.n
+        data = g.const("embed_q", table.codes.reshape(rows, -1))
+        scales = g.const("embed_scales", table.scales)
+        h = g.op("GatherBlockQuantized", [data, "input_ids", scales], hint="embeddings", domain=MS_DOMAIN,
+                 bits=8, block_size=table.block_size, gather_axis=0, quantize_axis=1)[0]
+        lm_head: Linear = table
+    else:
+        h = g.op("Gather", [g.const("embed_tokens", weights.embed.astype(np.float32)), "input_ids"], hint="embeddings", axis=0)[0]
+        lm_head = weights.embed
+
+    # 2. RoPE tables for GroupQueryAttention: [max_position, head_dim / 2]
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    angles = np.arange(c.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = g.const("rope_cos", np.cos(angles).astype(np.float32))
+    sin = g.const("rope_sin", np.sin(angles).astype(np.float32))
+
+    eps = float(c.rms_norm_eps)
+    residual = h
+    x = g.op("SimplifiedLayerNormalization", [h, g.const("l0_attn_norm", weights.input_norms[0].astype(np.float32))],
+             hint="l0_attn_norm", axis=-1, epsilon=eps, stash_type=1)[0]
+    for i in range(c.num_layers):
+        # 3. attention: one projection for q/k/v, GQA appends to the cache and attends
+        qkv = linear(x, weights.qkv[i], f"l{i}_qkv")
+        attn = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin,
+             "", "", "", "", "", "", "", "query_lengths"],
+            [g.name(f"l{i}_attn"), f"present_key_{i}", f"present_value_{i}"],
+            domain=MS_DOMAIN, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+        )[0]
+        o = linear(attn, weights.o[i], f"l{i}_o")
+        x, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, g.const(f"l{i}_mlp_norm", weights.post_norms[i].astype(np.float32))],
+            [g.name(f"l{i}_mlp_norm"), "", "", g.name(f"l{i}_residual")],
+            domain=MS_DOMAIN, epsilon=eps,
+        )
+        # 4. SwiGLU MLP: gate and up as two projections (measured faster than one and a Split)
+        gate = linear(x, _rows(weights.gate_up[i], 0, c.intermediate_size), f"l{i}_gate")
+        up = linear(x, _rows(weights.gate_up[i], c.intermediate_size, None), f"l{i}_up")
+        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)[0], up])[0]
+        down = linear(act, weights.down[i], f"l{i}_down")
+        norm = weights.input_norms[i + 1] if i + 1 < c.num_layers else weights.final_norm
+        x, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [down, residual, g.const(f"l{i + 1}_norm", norm.astype(np.float32))],
+            [g.name(f"l{i + 1}_norm"), "", "", g.name(f"l{i + 1}_residual")],
+            domain=MS_DOMAIN, epsilon=eps,
+        )
+
+    # 5. only the requested tokens go through the (large) vocabulary projection
+    flat = g.op("Reshape", [x, g.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])[0]
+    selected = g.op("Gather", [flat, "logits_indices"], axis=0)[0]
+    linear(selected, lm_head, "lm_head", output="logits")
+
+    kv_shape = ["batch", c.num_kv_heads, "capacity", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("query_lengths", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["n_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", c.vocab_size])]
+    for i in range(c.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, kv_shape))
+    graph = helper.make_graph(g.nodes, "llama_decoder_cpu", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="meshserve",
+    )
+    model.ir_version = 9
+    return model
