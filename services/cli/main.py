@@ -28,7 +28,7 @@ def _prepare_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.cli import bench, client, credentials, launcher
+    from services.cli import bench, client, credentials, launcher, perplexity
     from services.inference import main as inference_main
     from services.router import main as router_main
     from services.tokenizer import main as tokenizer_main
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parser(subparsers)
     client.add_parsers(subparsers)
     bench.add_parser(subparsers)
+    perplexity.add_parser(subparsers)
     credentials.add_parsers(subparsers)
     _prepare_parser(subparsers)
     tokenizer_main.add_parser(subparsers)

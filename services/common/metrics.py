@@ -71,9 +71,10 @@ def kv_cache_usage_gauge(model_name: str) -> Gauge:
     return Gauge("meshserve_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1).", ["model_name"]).labels(model_name)
 
 
-def serving_replicas_gauge(read: Callable[[], float]) -> None:
+def serving_replicas_gauge(model_name: str, read: Callable[[], float]) -> None:
     """`meshserve_router_inference_replicas_serving`: replicas a router currently sends work to."""
-    Gauge("meshserve_router_inference_replicas_serving", "Inference replicas this router sees serving.").set_function(read)
+    gauge = Gauge("meshserve_router_inference_replicas_serving", "Inference replicas this router sees serving.", ["model_name"])
+    gauge.labels(model_name).set_function(read)
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:

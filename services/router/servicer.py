@@ -38,7 +38,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         assert self.router.limits is not None
         self.metrics = ServingMetrics(self.router.limits.model_name)
         self.metrics.num_requests_running.set_function(lambda: self.in_flight)
-        serving_replicas_gauge(lambda: sum(r.healthy for r in self.router.replicas.replicas))
+        serving_replicas_gauge(self.router.limits.model_name, lambda: sum(r.healthy for r in self.router.replicas.replicas))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         m = self.metrics

@@ -167,14 +167,27 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     wait_until(lambda: _serving(mesh2, victim), timeout=120)
 
 
-def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(mesh2):
+@pytest.fixture
+def latency_mesh(model_dir, otlp_receiver):
+    """Replicas configured for latency over queueing: no engine queue, so the capacity the routers
+    admit up to is the running slots, and an accepted request starts at the next engine step."""
+    with launch_mesh(otlp_receiver, inference_replicas=2, router_replicas=2,
+                     inference_args=["--num-slots=4", "--max-waiting=0"]) as mesh:
+        for name in ("router-0", "router-1"):
+            wait_until(lambda: metric_value(mesh.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout=120)
+        yield mesh
+
+
+def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(latency_mesh):
+    mesh2 = latency_mesh
+    run_streams(mesh2.target, [request(p, 4) for p in PROMPTS])  # warm: first requests pay one-time costs
     # unloaded time to first token
     unloaded = run_streams(mesh2.target, [request("Say hi.", 4)] * 3)
     unloaded_ttft = max(s.first_token_at - s.started for s in unloaded)
-    # capacity is 2 replicas x (4 slots + 2 waiting) = 12; offer 3x that at once
+    # capacity is 2 replicas x 4 slots = 8; offer 3x that at once
     channel = grpc.insecure_channel(mesh2.target)  # one connected channel: time the service, not handshakes
     grpc.channel_ready_future(channel).result(timeout=30)
-    offered = [Stream(mesh2.target, request(PROMPTS[i % 4], 24), channel) for i in range(36)]
+    offered = [Stream(mesh2.target, request(PROMPTS[i % 4], 24), channel) for i in range(24)]
     for s in offered:
         s.start()
     for s in offered:
