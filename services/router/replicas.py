@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,12 +35,16 @@ class Replica:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     capacity: int = 0  # max_running + max_waiting, from GetModelInfo
-    failures: int = field(default=0)
+    max_running: int = 0  # slots, from GetModelInfo
+    in_flight_at_poll: int = 0  # this router's in_flight when running/waiting were last read
 
     @property
     def load(self) -> int:
-        """Requests on this replica: the larger of what it reports and what this router sent it."""
-        return max(self.in_flight, self.running + self.waiting)
+        """Requests on this replica: the other routers' share of what it last reported, plus this
+        router's own in-flight count, which is exact and current (a finished request frees its place
+        at once, not at the next poll)."""
+        others = max(0, self.running + self.waiting - self.in_flight_at_poll)
+        return others + self.in_flight
 
 
 def prefix_key(prompt_token_ids: list[int]) -> bytes:
@@ -50,14 +54,16 @@ def prefix_key(prompt_token_ids: list[int]) -> bytes:
 
 def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affinity_slack: int = 2) -> Replica | None:
     """Prefix affinity weighed against load: the replica that rendezvous hashing prefers for this
-    prompt prefix (where its KV blocks are likely cached) wins unless it carries more than
-    `affinity_slack` requests above the least loaded healthy replica."""
+    prompt prefix (where its KV blocks are likely cached) wins while it has a free slot and carries
+    at most `affinity_slack` requests more than the least loaded healthy replica; a cached prefix
+    saves one prefill, never worth waiting in a queue while another replica has room."""
     candidates = [r for r in replicas if r.healthy and r.target not in exclude]
     if not candidates:
         return None
     least = min(candidates, key=lambda r: (r.load, r.kv_cache_usage))
     preferred = max(candidates, key=lambda r: hashlib.blake2b(key + r.target.encode(), digest_size=8).digest())
-    return preferred if preferred.load <= least.load + affinity_slack else least
+    has_room = not preferred.max_running or preferred.load < preferred.max_running
+    return preferred if has_room and preferred.load <= least.load + affinity_slack else least
 
 
 # gRPC's default reconnect backoff grows to minutes; a replica restarting after a crash takes
@@ -87,10 +93,11 @@ class ReplicaSet:
             serving = health.status == health_pb2.HealthCheckResponse.SERVING
             if serving and not replica.capacity:
                 info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-                replica.capacity = info.max_running + info.max_waiting
+                replica.capacity, replica.max_running = info.max_running + info.max_waiting, info.max_running
             if serving:
                 load = await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1)
                 replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
+                replica.in_flight_at_poll = replica.in_flight
         except grpc.aio.AioRpcError:
             serving = False
         if serving != replica.healthy:

@@ -4,7 +4,6 @@ Two inference replicas and two routers behind Envoy."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -37,9 +36,9 @@ def request(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL, mi
 class Stream(threading.Thread):
     """One client stream in a thread: its tokens, text, the time of its first token, or its error."""
 
-    def __init__(self, target: str, req: pb.GenerateRequest, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, target: str, req: pb.GenerateRequest) -> None:
         super().__init__(daemon=True)
-        self.target, self.req, self.channel = target, req, channel
+        self.target, self.req = target, req
         self.tokens: list[int] = []
         self.text = ""
         self.error: grpc.RpcError | None = None
@@ -47,10 +46,10 @@ class Stream(threading.Thread):
         self.started = self.first_token_at = self.ended_at = 0.0
 
     def run(self) -> None:
-        channel = self.channel or grpc.insecure_channel(self.target)
+        channel = grpc.insecure_channel(self.target)
         grpc.channel_ready_future(channel).result(timeout=30)
         self.started = time.monotonic()
-        with contextlib.nullcontext() if self.channel else channel:
+        with channel:
             try:
                 for response in pb_grpc.GenerationServiceStub(channel).Generate(self.req, timeout=120):
                     if response.HasField("chunk"):
@@ -178,37 +177,63 @@ def latency_mesh(model_dir, otlp_receiver):
         yield mesh
 
 
+async def _timed(stub, req: pb.GenerateRequest) -> tuple[str, float | None, float, bool]:
+    """One request: (status name, time to first token, time to the end, whether the error carries details)."""
+    started, first = time.monotonic(), None
+    try:
+        async for response in stub.Generate(req, timeout=60):
+            if response.HasField("chunk") and first is None:
+                first = time.monotonic() - started
+        return "OK", first, time.monotonic() - started, False
+    except grpc.aio.AioRpcError as error:
+        details = any(k == "grpc-status-details-bin" for k, _ in (error.trailing_metadata() or ()))
+        return error.code().name, None, time.monotonic() - started, details
+
+
+async def _overload(target: str, seconds: float = 5.0) -> dict:
+    """Unloaded TTFT from requests one at a time, then an open-loop offer of 3x capacity for `seconds`:
+    arrivals at 3 x (8 slots / the unloaded service time), whatever the mesh answers."""
+    import asyncio
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        await channel.channel_ready()
+        stub = pb_grpc.GenerationServiceStub(channel)
+        await asyncio.gather(*(_timed(stub, request(p, 4)) for p in PROMPTS))  # warm: one-time costs
+        unloaded = [await _timed(stub, request(PROMPTS[i % 4], 24, min_tokens=24)) for i in range(6)]
+        rate = 3 * 8 / (sum(r[2] for r in unloaded) / len(unloaded))
+        tasks, end, i = [], time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(_timed(stub, request(PROMPTS[i % 4], 24, min_tokens=24))))
+            i += 1
+            await asyncio.sleep(1 / rate)
+        return {"rate": rate, "unloaded": unloaded, "offered": await asyncio.gather(*tasks)}
+
+
 def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(latency_mesh):
-    mesh2 = latency_mesh
-    run_streams(mesh2.target, [request(p, 4) for p in PROMPTS])  # warm: first requests pay one-time costs
-    # unloaded time to first token
-    unloaded = run_streams(mesh2.target, [request("Say hi.", 4)] * 3)
-    unloaded_ttft = max(s.first_token_at - s.started for s in unloaded)
-    # capacity is 2 replicas x 4 slots = 8; offer 3x that at once
-    channel = grpc.insecure_channel(mesh2.target)  # one connected channel: time the service, not handshakes
-    grpc.channel_ready_future(channel).result(timeout=30)
-    offered = [Stream(mesh2.target, request(PROMPTS[i % 4], 24), channel) for i in range(24)]
-    for s in offered:
-        s.start()
-    for s in offered:
-        s.join(180)
-    channel.close()
-    refused = [s for s in offered if s.error is not None]
-    accepted = [s for s in offered if s.error is None]
+    import asyncio
+
+    result = asyncio.run(_overload(latency_mesh.target))
+    offered = result["offered"]
+    refused = [r for r in offered if r[0] != "OK"]
+    accepted = [r for r in offered if r[0] == "OK"]
     assert refused and accepted
-    for s in refused:
-        assert s.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # the issue asks for 100 ms; on this 2-core machine, with two engines decoding and 36 client
-        # threads in this process, refusals measured here take 0.1-0.4 s (see the closing note)
-        assert s.ended_at - s.started < 1.0
-        assert any(k == "grpc-status-details-bin" for k, _ in s.error.trailing_metadata())
-    for s in accepted:
-        assert s.complete is not None
-    ttfts = sorted(s.first_token_at - s.started for s in accepted)
-    refusal_ms = sorted((s.ended_at - s.started) * 1000 for s in refused)
-    print(f"overload: refusal p50={refusal_ms[len(refusal_ms) // 2]:.0f}ms max={refusal_ms[-1]:.0f}ms "
-          f"offered={len(offered)} accepted={len(accepted)} refused={len(refused)} "
-          f"ttft_unloaded={unloaded_ttft * 1000:.0f}ms ttft_p99_loaded={ttfts[-1] * 1000:.0f}ms")
+    for code, _, took, details in refused:
+        assert code == "RESOURCE_EXHAUSTED" and details  # RetryInfo rides in the status details
+        # the issue asks for 100 ms; timing is not asserted tightly on this shared 2-core machine
+        # (measured p99 25-85 ms, see README), only that refusal is immediate rather than queued
+        assert took < 1.0
+    assert all(first is not None for _, first, _, _ in accepted)
+
+    def p(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+    unloaded_ttft = [r[1] for r in result["unloaded"]]
+    print(f"overload: offered={len(offered)} at {result['rate']:.0f}/s for 5 s accepted={len(accepted)} "
+          f"refused={len(refused)} refusal p50={p([r[2] for r in refused], .5):.0f}ms "
+          f"p99={p([r[2] for r in refused], .99):.0f}ms max={p([r[2] for r in refused], 1):.0f}ms "
+          f"ttft_unloaded p50={p(unloaded_ttft, .5):.0f}ms p99={p(unloaded_ttft, .99):.0f}ms "
+          f"ttft_loaded p50={p([r[1] for r in accepted], .5):.0f}ms p99={p([r[1] for r in accepted], .99):.0f}ms")
 
 
 def test_high_priority_is_admitted_when_low_priority_is_shed(mesh2):
@@ -216,6 +241,7 @@ def test_high_priority_is_admitted_when_low_priority_is_shed(mesh2):
     hogs = [Stream(mesh2.target, request(PROMPTS[i % 4], 400, min_tokens=400)) for i in range(6)]
     for s in hogs:
         s.start()
+        time.sleep(0.3)  # past a load poll: each router places its hogs knowing the other's
     wait_until(lambda: sum(1 for s in hogs if s.tokens) >= 6)
     time.sleep(0.75)  # both routers' load polls (every 0.25 s) now count all six, not only their own
     low = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_LOW)])[0]

@@ -1,0 +1,72 @@
+"""The router's decisions without gRPC: a replica's load, which replica a prompt goes to, admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import ResourceExhaustedError, UnavailableError
+from services.router.admission import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, admit
+from services.router.replicas import Replica, choose_replica, prefix_key
+
+
+def replica(target: str, **state) -> Replica:
+    return Replica(target, channel=None, stub=None, healthy=True, capacity=6, max_running=4, **state)
+
+
+def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_poll():
+    r = replica("a", running=5, waiting=1, in_flight_at_poll=2, in_flight=2)
+    assert r.load == 6  # 4 from other routers + 2 of ours
+    r.in_flight = 0  # both of ours finished since the poll: their places are free now, not at the next poll
+    assert r.load == 4
+    r.in_flight = 3  # and a new one of ours, not yet polled
+    assert r.load == 7
+    # the replica reported less than we had in flight (it had not received them yet): never negative
+    assert replica("b", running=0, in_flight_at_poll=3, in_flight=3).load == 3
+
+
+def test_a_prefix_goes_to_the_same_replica_unless_it_is_much_busier():
+    replicas = [replica(t) for t in ("a", "b", "c")]
+    key = prefix_key(list(range(100)))
+    preferred = choose_replica(replicas, key, exclude=set())
+    assert all(choose_replica(replicas, key, exclude=set()) is preferred for _ in range(3))
+    assert prefix_key(list(range(32)) + [7] * 50) == prefix_key(list(range(32)))  # only the first block counts
+    preferred.in_flight = 2  # within the slack: affinity wins
+    assert choose_replica(replicas, key, exclude=set()) is preferred
+    preferred.in_flight = 3  # more than 2 above the least loaded: load wins
+    chosen = choose_replica(replicas, key, exclude=set())
+    assert chosen is not preferred and chosen.load == 0
+
+
+def test_a_prefix_never_waits_in_a_queue_while_another_replica_has_a_free_slot():
+    replicas = [replica(t) for t in ("a", "b")]
+    key = prefix_key(list(range(100)))
+    preferred = choose_replica(replicas, key, exclude=set())
+    other = next(r for r in replicas if r is not preferred)
+    other.in_flight = 2
+    preferred.in_flight = 4  # within the slack of 2, but all of its 4 slots are taken
+    assert choose_replica(replicas, key, exclude=set()) is other
+
+
+def test_failed_excluded_and_unhealthy_replicas_are_not_chosen():
+    a, b = replica("a"), replica("b")
+    key = prefix_key([1, 2, 3])
+    assert choose_replica([a, b], key, exclude={"a"}) is b
+    b.healthy = False
+    assert choose_replica([a, b], key, exclude={"a"}) is None
+
+
+@pytest.mark.parametrize(
+    ("priority", "admitted_up_to"),
+    [(PRIORITY_LOW, 5), (PRIORITY_NORMAL, 9), (PRIORITY_HIGH, 10)],  # shares 0.5, 0.9, 1.0 of 10
+)
+def test_each_priority_is_admitted_up_to_its_share_of_capacity(priority, admitted_up_to):
+    for load in range(admitted_up_to):
+        admit(priority, load, capacity=10)  # the request makes load + 1 <= share x capacity
+    with pytest.raises(ResourceExhaustedError) as refused:
+        admit(priority, admitted_up_to, capacity=10)
+    assert refused.value.retry_after_s > 0
+
+
+def test_no_serving_replica_is_unavailable_not_exhausted():
+    with pytest.raises(UnavailableError):
+        admit(PRIORITY_HIGH, 0, capacity=0)
