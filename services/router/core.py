@@ -128,9 +128,10 @@ class Router:
     async def generate(self, request: GenerationRequest, deadline: float | None) -> AsyncIterator[TextDelta | Completed]:
         """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value.
 
-        If the inference replica fails mid-stream, generation continues on another replica from
-        the prompt plus the tokens already streamed, so the client sees one answer with nothing
-        repeated or missing (identical to an undisturbed run when decoding is greedy)."""
+        If the inference replica fails mid-stream, generation continues on another replica, which
+        resumes from the prompt and the tokens already streamed (`resumed_token_ids`), so the client
+        sees one answer with nothing repeated or missing (identical to an undisturbed run when
+        decoding is greedy or seeded)."""
 
         def remaining() -> float | None:
             return None if deadline is None else max(0.001, deadline - time.monotonic())
