@@ -100,9 +100,11 @@ class AsyncEngine:
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
                 engine.abort(engine_id)
-            self._record(times, params, len(prompt_token_ids), generated)
+            self._record(request_id, times, params, len(prompt_token_ids), generated, len(resumed_token_ids))
 
-    def _record(self, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int) -> None:
+    def _record(
+        self, request_id: str, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int, resumed: int
+    ) -> None:
         m = self.metrics
         token_times = list(times.token_times)
         if times.scheduled is not None:
@@ -112,6 +114,14 @@ class AsyncEngine:
             for earlier, later in zip(token_times, token_times[1:]):
                 m.inter_token_latency.observe(later - earlier)
             m.e2e_request_latency.observe(token_times[-1] - times.arrival)
+        # the Generate server span carries the request's latencies (OpenTelemetry's gen_ai names, as vLLM)
+        request_span = trace.get_current_span()
+        request_span.set_attribute("gen_ai.request.id", request_id)
+        if times.scheduled is not None:
+            request_span.set_attribute("gen_ai.latency.time_in_queue", times.scheduled - times.arrival)
+        if token_times:
+            request_span.set_attribute("gen_ai.latency.time_to_first_token", token_times[0] - times.arrival)
+            request_span.set_attribute("gen_ai.latency.e2e", token_times[-1] - times.arrival)
         # queue wait, prefill and decode as child spans of the Generate server span
         end = times.finished or time.monotonic()
         spans = [("queue_wait", times.arrival, times.scheduled or end)]
@@ -128,4 +138,6 @@ class AsyncEngine:
                 span.set_attribute("gen_ai.request.max_tokens", params.max_tokens)
                 span.set_attribute("gen_ai.request.temperature", params.temperature)
                 span.set_attribute("gen_ai.request.top_p", params.top_p)
+                if resumed:  # replayed through decode steps after a failover, not generated again
+                    span.set_attribute("meshserve.resumed_tokens", resumed)
             span.end(end_time=_epoch_ns(stop))

@@ -47,6 +47,15 @@ def test_one_request_one_trace_through_all_four_services(mesh):
     prefill, decode = by_name["prefill"][1], by_name["decode"][1]
     assert prefill.end_time_unix_nano <= decode.start_time_unix_nano + 1
 
+    # the inference replica's Generate span carries the request's id and latencies
+    generate = [span for service, span in spans if service == "meshserve-inference" and span.name.endswith("InferenceService/Generate")]
+    assert len(generate) == 1
+    attributes = {kv.key: kv.value for kv in generate[0].attributes}
+    assert attributes["gen_ai.request.id"].string_value
+    ttft, e2e = attributes["gen_ai.latency.time_to_first_token"].double_value, attributes["gen_ai.latency.e2e"].double_value
+    assert 0 < ttft <= e2e
+    assert attributes["gen_ai.latency.time_in_queue"].double_value <= ttft
+
 
 def test_health_checks_and_load_polling_are_not_traced(mesh):
     time.sleep(1.5)  # several polling rounds and Envoy health checks, exported by now
