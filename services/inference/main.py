@@ -14,7 +14,8 @@ from services.common.metrics import ServingMetrics, kv_cache_usage_gauge, prefix
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.base import StepBatch
-from services.inference.backends.selection import BackendUnavailableError, create_backend, select_backend
+from services.inference.backends.probes import BackendUnavailableError
+from services.inference.backends.selection import create_backend, select_backend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
 from services.modelstore.layout import add_models_root_arg, find_model

@@ -62,6 +62,20 @@ class CpuDecoderWeights:
     gate_up: list[Linear] = field(default_factory=list)  # gate, up stacked along out
     down: list[Linear] = field(default_factory=list)
 
+    @classmethod
+    def from_fp32(cls, config: LlamaConfig, weights: dict[str, np.ndarray]) -> CpuDecoderWeights:
+        """From the dequantized float32 weights (Hugging Face names and layouts)."""
+        out = cls(embed=weights["model.embed_tokens.weight"], final_norm=weights["model.norm.weight"])
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            out.input_norms.append(weights[p + "input_layernorm.weight"])
+            out.post_norms.append(weights[p + "post_attention_layernorm.weight"])
+            out.qkv.append(np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+            out.o.append(weights[p + "self_attn.o_proj.weight"])
+            out.gate_up.append(np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]))
+            out.down.append(weights[p + "mlp.down_proj.weight"])
+        return out
+
 
 def cpu_input_names(config: LlamaConfig) -> list[str]:
     names = ["input_ids", "seqlens_k", "query_lengths", "total_sequence_length", "logits_indices"]

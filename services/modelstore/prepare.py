@@ -220,10 +220,10 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
     del model
 
     _progress(5, total, f"building the {precision} ONNX Runtime CPU decoder")
-    from services.modelstore.onnx_cpu_export import build_cpu_decoder
-    from services.modelstore.quantize import cpu_weights_from_fp32, gguf_embedding_blocks, smooth_and_quantize
+    from services.modelstore.onnx_cpu_export import CpuDecoderWeights, build_cpu_decoder
+    from services.modelstore.quantize import gguf_embedding_blocks, smooth_and_quantize
 
-    cpu_weights = cpu_weights_from_fp32(config, weights)
+    cpu_weights = CpuDecoderWeights.from_fp32(config, weights)
     del weights
     if precision == "int8":
         from tokenizers import Tokenizer

@@ -99,7 +99,7 @@ def smoothing_factors(activation_max: np.ndarray, weight: np.ndarray, alpha: flo
 
 def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
                         alpha: float = SMOOTHING_ALPHA):
-    """The int8 CpuDecoderWeights: float weights (see cpu_weights_from_fp32) smoothed with the
+    """The int8 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed with the
     calibration's per-channel input maxima `activation_max[(kind, layer)]` (kinds qkv, o, gate_up,
     down), their projections quantized to 8 bits; the embedding and lm_head are `embed`'s Q8_0 blocks."""
     from dataclasses import replace
@@ -132,22 +132,6 @@ def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], n
         out.o.append(quantize_8bit(o))
         out.gate_up.append(quantize_8bit(gate_up))
         out.down.append(quantize_8bit(down))
-    return out
-
-
-def cpu_weights_from_fp32(config, weights: dict[str, np.ndarray]):
-    """CpuDecoderWeights from the dequantized float32 weights (Hugging Face names and layouts)."""
-    from services.modelstore.onnx_cpu_export import CpuDecoderWeights
-
-    out = CpuDecoderWeights(embed=weights["model.embed_tokens.weight"], final_norm=weights["model.norm.weight"])
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        out.input_norms.append(weights[p + "input_layernorm.weight"])
-        out.post_norms.append(weights[p + "post_attention_layernorm.weight"])
-        out.qkv.append(np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-        out.o.append(weights[p + "self_attn.o_proj.weight"])
-        out.gate_up.append(np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]))
-        out.down.append(weights[p + "mlp.down_proj.weight"])
     return out
 
 

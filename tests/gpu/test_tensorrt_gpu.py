@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.inference.backends.base import StepBatch
-from services.inference.backends.selection import probe_cuda, probe_tensorrt, unavailable_message
+from services.inference.backends.probes import probe_cuda, probe_tensorrt, unavailable_message
 
 _TRT = probe_tensorrt()
 _CUDA = probe_cuda() if _TRT.available else None

@@ -7,15 +7,8 @@ import importlib.util
 
 import pytest
 
-from services.inference.backends.selection import (
-    BackendUnavailableError,
-    ProbeResult,
-    create_backend,
-    probe_cuda,
-    probe_tensorrt,
-    select_backend,
-    unavailable_message,
-)
+from services.inference.backends.probes import BackendUnavailableError, ProbeResult, probe_cuda, probe_tensorrt, unavailable_message
+from services.inference.backends.selection import create_backend, select_backend
 
 TRT_OK = ProbeResult(True, "TensorRT 10.9.0.34")
 GPU_OK = ProbeResult(True, "NVIDIA L4 (compute capability 8.9)")

@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.modelstore.onnx_cpu_export import CpuDecoderWeights
 from services.modelstore.onnx_export import LlamaConfig
 from services.modelstore.quantize import (
     BLOCK,
     NBitsWeight,
     Q80Blocks,
-    cpu_weights_from_fp32,
     parse_q8_0,
     q8_0_to_nbits,
     quantize_8bit,
@@ -72,7 +72,7 @@ def _random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]
 def test_smoothing_moves_scale_between_layers_without_changing_the_function():
     config = LlamaConfig(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, vocab_size=32,
                          rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
-    fp32 = cpu_weights_from_fp32(config, _random_weights(config))
+    fp32 = CpuDecoderWeights.from_fp32(config, _random_weights(config))
     rng = np.random.default_rng(1)
     # activation ranges with a few outlier channels, as in real models
     maxima = {}

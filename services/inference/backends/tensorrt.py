@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from services.inference.backends.base import DecoderBackend, StepBatch
-from services.inference.backends.selection import BackendUnavailableError, probe_cuda, probe_tensorrt, unavailable_message
+from services.inference.backends.probes import BackendUnavailableError, probe_cuda, probe_tensorrt, unavailable_message
 from services.modelstore.layout import ModelDirectory
 from services.modelstore.onnx_export import LlamaConfig, input_names, output_names
 
