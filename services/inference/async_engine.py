@@ -87,12 +87,12 @@ class AsyncEngine:
                 prompt_logprobs = output.prompt_logprobs
                 finish = output.finish_reason
                 while finish is None and not outputs.empty():
-                    more = outputs.get_nowait()
-                    tokens += more.token_ids
-                    if logprobs is not None and more.logprobs:
-                        logprobs += more.logprobs
-                    finish = more.finish_reason
-                if finish in (FinishReason.ABORT, FinishReason.ERROR):
+                    output = outputs.get_nowait()
+                    tokens += output.token_ids
+                    if logprobs is not None and output.logprobs:
+                        logprobs += output.logprobs
+                    finish = output.finish_reason
+                if finish in (FinishReason.ABORT, FinishReason.ERROR):  # `output` is the finishing one
                     raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
                 generated += len(tokens)
                 self.metrics.generation_tokens.inc(len(tokens))
@@ -105,23 +105,23 @@ class AsyncEngine:
     def _record(
         self, request_id: str, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int, resumed: int
     ) -> None:
+        # metrics, and the same latencies on the Generate server span (OpenTelemetry's gen_ai names, as vLLM)
         m = self.metrics
-        token_times = list(times.token_times)
-        if times.scheduled is not None:
-            m.request_queue_time.observe(times.scheduled - times.arrival)
-        if token_times:
-            m.time_to_first_token.observe(token_times[0] - times.arrival)
-            for earlier, later in zip(token_times, token_times[1:]):
-                m.inter_token_latency.observe(later - earlier)
-            m.e2e_request_latency.observe(token_times[-1] - times.arrival)
-        # the Generate server span carries the request's latencies (OpenTelemetry's gen_ai names, as vLLM)
         request_span = trace.get_current_span()
         request_span.set_attribute("gen_ai.request.id", request_id)
+        token_times = list(times.token_times)
         if times.scheduled is not None:
-            request_span.set_attribute("gen_ai.latency.time_in_queue", times.scheduled - times.arrival)
+            queued = times.scheduled - times.arrival
+            m.request_queue_time.observe(queued)
+            request_span.set_attribute("gen_ai.latency.time_in_queue", queued)
         if token_times:
-            request_span.set_attribute("gen_ai.latency.time_to_first_token", token_times[0] - times.arrival)
-            request_span.set_attribute("gen_ai.latency.e2e", token_times[-1] - times.arrival)
+            ttft, e2e = token_times[0] - times.arrival, token_times[-1] - times.arrival
+            m.time_to_first_token.observe(ttft)
+            for earlier, later in zip(token_times, token_times[1:]):
+                m.inter_token_latency.observe(later - earlier)
+            m.e2e_request_latency.observe(e2e)
+            request_span.set_attribute("gen_ai.latency.time_to_first_token", ttft)
+            request_span.set_attribute("gen_ai.latency.e2e", e2e)
         # queue wait, prefill and decode as child spans of the Generate server span
         end = times.finished or time.monotonic()
         spans = [("queue_wait", times.arrival, times.scheduled or end)]

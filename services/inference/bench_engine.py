@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import queue
 import sys
 import time
 from pathlib import Path
 
 from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
-
-log = logging.getLogger(__name__)
 
 
 class _Tracker:
@@ -54,7 +51,7 @@ class _Tracker:
             self.last = now
             self.tokens += n
         if output.finish_reason is not None:
-            self.finish = getattr(output.finish_reason, "value", str(output.finish_reason))
+            self.finish = output.finish_reason.value
             self.error = output.error
             self.finished_at = now
             self.done.put(self)
@@ -73,18 +70,12 @@ class _Tracker:
 
 
 def encode_prompts(model, prompts: list[str], chat: bool) -> list[list[int]]:
-    """Token ids of each prompt, rendered with the model's chat template when `chat`."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from tokenizers import Tokenizer
+    """Token ids of each prompt, rendered with the model's chat template when `chat`: the tokenizer
+    service's own core, so the prompts match the mesh's."""
+    from services.tokenizer.core import ChatMessage, TokenizerCore
 
-    tokenizer = Tokenizer.from_file(str(model.tokenizer_path))
-    # the same environment options as the tokenizer service, so the prompts match the mesh's
-    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(model.chat_template)
-    encoded = []
-    for prompt in prompts:
-        text = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
-        encoded.append(tokenizer.encode(text, add_special_tokens=False).ids)
-    return encoded
+    core = TokenizerCore(model)
+    return [core.encode_chat([ChatMessage("user", p)]) if chat else core.encode_text(p) for p in prompts]
 
 
 def run_requests(engine, encoded: list[list[int]], params, stop_ids: frozenset[int], concurrency: int,
@@ -170,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(
         target="engine",
         model=model.path.name,
-        backend=getattr(backend, "name", type(backend).__name__),
+        backend=backend.name,
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,
         temperature=0.0,
@@ -179,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         num_slots=config.num_slots,
         threads=args.threads,
         load_s=round(load_s, 3),
-        engine_steps=getattr(engine, "steps", None),
+        engine_steps=engine.steps,
         warmup=args.warmup,
     )
     if args.json:

@@ -21,12 +21,12 @@ import numpy as np
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.inference.sampling import (
-    MAX_LOGPROBS,
     SamplingParams,
     TokenLogprob,
     apply_penalties,
     sample_token,
     token_logprob,
+    token_logprobs,
     validate_sampling,
 )
 
@@ -63,8 +63,6 @@ class EngineConfig:
     `Engine` on why every position is computed the same way whatever the cache held."""
     min_prefix_hit_tokens: int = 16
     """Shorter common prefixes are not worth choosing a slot for."""
-    max_logprobs: int = MAX_LOGPROBS
-    """Largest number of top alternatives a request may ask for."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -191,7 +189,7 @@ class Engine:
             raise InvalidArgumentError("prompt_token_ids", f"token ids must be in [0, {vocab})")
         if any(t < 0 or t >= vocab for t in resumed_token_ids):
             raise InvalidArgumentError("resumed_token_ids", f"token ids must be in [0, {vocab})")
-        validate_sampling(params, c.max_new_tokens, c.max_logprobs)
+        validate_sampling(params, c.max_new_tokens)
         if len(resumed_token_ids) >= params.max_tokens:
             raise InvalidArgumentError(
                 "resumed_token_ids", f"{len(resumed_token_ids)} resumed tokens leave nothing to generate under max_tokens ({params.max_tokens})"
@@ -303,25 +301,26 @@ class Engine:
         """Gives free slots to waiting requests, highest priority first; they prefill from the next step."""
         while self._waiting and self._free_slots:
             request = self._waiting.popleft()
+            # prompt logprobs need every prompt position through the model: no cache to look up
+            use_cache = self.config.enable_prefix_caching and request.params.prompt_logprobs is None
             with self._lock:
-                slot, hit = self._pick_slot(request.prompt_token_ids)
+                slot, hit = self._pick_slot(request.prompt_token_ids, use_cache)
                 self._free_slots.remove(slot)
-            if request.params.prompt_logprobs is not None:
-                hit = 0  # every prompt position must go through the model to get its logprobs
             request.slot = slot
             # keep at least two prompt tokens to prefill: their logits give the first generated
             # token, and a single one would take the decode kernels (see the class docstring)
             request.cached = max(0, min(hit, len(request.prompt_token_ids) - 2))
-            if self.config.enable_prefix_caching:
+            if use_cache:
                 self.prefix_cache_queries += len(request.prompt_token_ids)
                 self.prefix_cache_hits += request.cached
             request.times.scheduled = time.monotonic()
             self._running[request.request_id] = request
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot whose retained tokens share the longest prefix with `prompt`, and that length."""
+    def _pick_slot(self, prompt: list[int], use_cache: bool) -> tuple[int, int]:
+        """The free slot whose retained tokens share the longest prefix with `prompt`, and that length
+        (without `use_cache`: the slot holding the least, so cached prefixes survive)."""
         best_slot, best = self._free_slots[-1], 0
-        if self.config.enable_prefix_caching:
+        if use_cache:
             for slot in self._free_slots:
                 held = self._slot_tokens[slot]
                 common = len(os.path.commonprefix([held, prompt])) if held else 0
@@ -369,10 +368,9 @@ class Engine:
         # logits for every chunk position only when someone asked for prompt logprobs
         wants_prompt = [r.params.prompt_logprobs is not None and r.prefilling for r in rows]
         n_logits = seq if any(wants_prompt) else 1
-        logits_indices = np.minimum(np.arange(n_logits)[None, :], (new_lengths - 1)[:, None])
-        if n_logits == 1:
-            logits_indices = (new_lengths - 1)[:, None]
-        # (with several positions, a row's last column is its last real token: padding repeats it)
+        # the last n_logits positions, clipped to each row's real tokens: a row's last column is its
+        # last real token (with several positions, padding repeats it)
+        logits_indices = np.minimum(np.arange(seq - n_logits, seq)[None, :], (new_lengths - 1)[:, None])
         batch = StepBatch(
             slots=np.array([r.slot for r in rows], np.int64),
             input_ids=input_ids,
@@ -396,11 +394,8 @@ class Engine:
 
     def _record_prompt_logprobs(self, request: EngineRequest, row_logits: np.ndarray, n: int) -> None:
         # logits at chunk position j predict prompt token cached + j + 1
-        prompt = request.prompt_token_ids
-        for j in range(n):
-            target = request.cached + j + 1
-            if target < len(prompt):
-                request.prompt_logprobs.append(token_logprob(row_logits[j], prompt[target], request.params.prompt_logprobs))
+        targets = request.prompt_token_ids[request.cached + 1 : request.cached + n + 1]
+        request.prompt_logprobs += token_logprobs(row_logits[: len(targets)], targets, request.params.prompt_logprobs)
 
     def _sample(self, request: EngineRequest, raw: np.ndarray, now: float) -> None:
         params = request.params
@@ -419,7 +414,7 @@ class Engine:
         finish = None
         if token in request.stop_token_ids:
             finish = FinishReason.STOP
-        elif len(request.output_token_ids) >= params.max_tokens or request.cached + 1 >= self.config.max_context:
+        elif len(request.output_token_ids) >= params.max_tokens:  # validate() keeps prompt + max_tokens in the context
             finish = FinishReason.LENGTH
         output = EngineOutput(request.request_id, [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         if finish is None:
@@ -430,7 +425,7 @@ class Engine:
     def _finish(self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None) -> None:
         self._running.pop(request.request_id, None)
         # what a later prompt may reuse: the prompt positions written (by prefill) to the slot's cache
-        held = request.prompt_token_ids[: min(request.cached, len(request.prompt_token_ids))]
+        held = request.prompt_token_ids[: request.cached]
         self._slot_tokens[request.slot] = held if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT) else []
         request.times.finished = time.monotonic()
         with self._lock:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+import numpy as np
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -15,7 +16,7 @@ from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.base import StepBatch
 from services.inference.backends.probes import BackendUnavailableError
-from services.inference.backends.selection import create_backend, select_backend
+from services.inference.backends.selection import BACKEND_CHOICES, create_backend, select_backend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
 from services.modelstore.layout import add_models_root_arg, find_model
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
     add_server_args(parser, port=50053, metrics_port=9103)
     add_models_root_arg(parser)
     defaults = EngineConfig()
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve")
     parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
     parser.add_argument("--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)")
@@ -41,24 +42,22 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def load_engine(args: argparse.Namespace, config: EngineConfig, model) -> tuple[Engine, str]:
-    name, reason = select_backend(args.backend)
-    log.info("backend %s: %s", name, reason)
+def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model) -> Engine:
+    """The engine over backend `name`, warmed by one tiny step so the first request does not pay
+    for lazy initialisation."""
     options = {"intra_op_threads": args.threads} if name == "onnxruntime" else {"max_prefill": config.max_prefill_tokens}
     backend = create_backend(name, model, config.num_slots, config.max_context, **options)
-    # one tiny step so the first request does not pay for lazy initialisation
-    import numpy as np
-
     backend.forward(StepBatch(np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
                               np.ones(1, np.int64), np.zeros((1, 1), np.int64)))
-    return Engine(backend, config), name
+    return Engine(backend, config)
 
 
 async def serve(args: argparse.Namespace) -> None:
     try:  # fail at start-up, in one sentence, when the asked-for backend cannot run here
-        select_backend(args.backend)
+        backend_name, reason = select_backend(args.backend)
     except BackendUnavailableError as error:
         raise SystemExit(f"meshserve serve-inference: {error}") from None
+    log.info("backend %s: %s", backend_name, reason)
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     model = find_model(args.models_root, args.precision)
     config = EngineConfig(
@@ -73,7 +72,8 @@ async def serve(args: argparse.Namespace) -> None:
     kv_gauge = kv_cache_usage_gauge(model.name)
 
     async def warm_up() -> None:
-        engine, servicer.backend_name = await asyncio.to_thread(load_engine, args, config, model)
+        engine = await asyncio.to_thread(load_engine, backend_name, args, config, model)
+        servicer.backend_name = backend_name
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
         prefix_cache_counters(model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits)

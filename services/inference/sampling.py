@@ -46,7 +46,7 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def validate_sampling(params: SamplingParams, max_new_tokens: int, max_logprobs: int = MAX_LOGPROBS) -> None:
+def validate_sampling(params: SamplingParams, max_new_tokens: int) -> None:
     """Raises InvalidArgumentError naming the first invalid field (paths as in the public API)."""
 
     def check(ok: bool, name: str, rule: str) -> None:
@@ -64,7 +64,7 @@ def validate_sampling(params: SamplingParams, max_new_tokens: int, max_logprobs:
     check(0 <= params.min_tokens <= params.max_tokens, "min_tokens", "in [0, max_tokens]")
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(params, name) is not None:
-            check(0 <= getattr(params, name) <= max_logprobs, name, f"in [0, {max_logprobs}]")
+            check(0 <= getattr(params, name) <= MAX_LOGPROBS, name, f"in [0, {MAX_LOGPROBS}]")
 
 
 @dataclass
@@ -77,8 +77,9 @@ class TokenLogprob:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
+    """Along the last axis, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def apply_penalties(
@@ -131,10 +132,18 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 
 def token_logprob(raw_logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
     """Log-probabilities under the model's own distribution (before sampling adjustments)."""
+    return token_logprobs(raw_logits[None], [token], top_n)[0]
+
+
+def token_logprobs(raw_logits: np.ndarray, tokens: list[int], top_n: int) -> list[TokenLogprob]:
+    """`token_logprob` for each row of raw_logits [n, vocab] and its token, with one log-softmax."""
     logprobs = log_softmax(raw_logits)
-    top: list[tuple[int, float]] = []
-    if top_n > 0:
-        best = np.argpartition(-logprobs, top_n - 1)[:top_n]
-        best = best[np.argsort(-logprobs[best], kind="stable")]
-        top = [(int(t), float(logprobs[t])) for t in best]
-    return TokenLogprob(token, float(logprobs[token]), top)
+    out = []
+    for row, token in zip(logprobs, tokens):
+        top: list[tuple[int, float]] = []
+        if top_n > 0:
+            best = np.argpartition(-row, top_n - 1)[:top_n]
+            best = best[np.argsort(-row[best], kind="stable")]
+            top = [(int(t), float(row[t])) for t in best]
+        out.append(TokenLogprob(token, float(row[token]), top))
+    return out

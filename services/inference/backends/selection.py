@@ -10,7 +10,6 @@ simulate any machine without touching imports.
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from services.inference.backends.probes import BackendUnavailableError, ProbeResult, probe_cuda, probe_tensorrt, unavailable_message
@@ -19,7 +18,6 @@ if TYPE_CHECKING:
     from services.inference.backends.base import DecoderBackend
     from services.modelstore.layout import ModelDirectory
 
-log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
 
