@@ -31,3 +31,12 @@ class UnavailableError(ServingError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class DownstreamError(ServingError):
+    """A dependency ended a call with another status (e.g. DEADLINE_EXCEEDED), passed on unchanged;
+    `code` is the status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

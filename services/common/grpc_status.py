@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def to_grpc_status(error: ServingError) -> grpc.Status:
         code = code_pb2.UNAVAILABLE
         if error.retry_after_s is not None:
             details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, DownstreamError):
+        code = getattr(code_pb2, error.code)
     else:
         code = code_pb2.INTERNAL
     return rpc_status.to_status(status_pb2.Status(code=code, message=str(error), details=details))
@@ -86,7 +88,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary_wrapper
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError | None:
+def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError:
     """Rebuilds the domain error a downstream service sent, so the router can pass it on."""
     status = rpc_status.from_call(error)
     code = error.code()
@@ -106,4 +108,4 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError | None:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return ResourceExhaustedError(error.details() or "overloaded", retry if retry is not None else 1.0)
         return UnavailableError(error.details() or "unavailable", retry)
-    return None
+    return DownstreamError(code.name, error.details() or "")

@@ -7,10 +7,11 @@ priority keeps being admitted while any capacity is left.
 
 from __future__ import annotations
 
+from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
+
 from services.common.errors import ResourceExhaustedError, UnavailableError
 
-PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 1, 2, 3
-# share of capacity each class may fill
+# share of capacity each class may fill (convert.py makes an unset priority NORMAL)
 ADMIT_SHARE = {PRIORITY_LOW: 0.5, PRIORITY_NORMAL: 0.9, PRIORITY_HIGH: 1.0}
 
 
@@ -18,7 +19,7 @@ def admit(priority: int, load: int, capacity: int) -> None:
     """Raises if a request of `priority` must be refused when `load` of `capacity` is in use."""
     if capacity <= 0:
         raise UnavailableError("no inference replica is serving", retry_after_s=1.0)
-    share = ADMIT_SHARE.get(priority, ADMIT_SHARE[PRIORITY_NORMAL])
+    share = ADMIT_SHARE[priority]
     if load + 1 > share * capacity:
         # a short retry delay: slots free as fast as generations finish
         raise ResourceExhaustedError(

@@ -50,25 +50,24 @@ class Completed:
 _FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
 
 
-class DownstreamError(Exception):
-    """A dependency ended a call with a status the router passes on unchanged."""
-
-    def __init__(self, error: grpc.aio.AioRpcError) -> None:
-        super().__init__(error.details())
-        self.code = error.code()
-        self.details = error.details() or ""
-
-
-def _passthrough(error: grpc.aio.AioRpcError) -> Exception:
-    return from_rpc_error(error) or DownstreamError(error)
-
-
 class _NotServing(Exception):
     pass
 
 
 # a broken stream is continued elsewhere at most this many times
 MAX_FAILOVERS = 2
+
+
+async def _detokenize(detokenizer, decoded_texts, ids: list[int]) -> str:
+    """The text of `ids` from the tokenizer's detokenization stream. Its failures are raised as the
+    tokenizer's (passed on), never as AioRpcError, so they are not mistaken for a failed replica."""
+    try:
+        await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
+        return (await anext(decoded_texts)).text
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error) from None
+    except StopAsyncIteration:
+        raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
 
 
 class Router:
@@ -78,7 +77,7 @@ class Router:
         self.tokenizer = tokenizer_grpc.TokenizerServiceStub(self.tokenizer_channel)
         self.replicas = ReplicaSet(config.inference_targets)
         self.limits: ModelLimits | None = None
-        self.eos_token_ids: list[int] = []
+        self.eos_token_ids: frozenset[int] = frozenset()
 
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
         """Waits until the tokenizer and an inference replica are SERVING, learns the model's
@@ -88,10 +87,10 @@ class Router:
             try:
                 health = await health_pb2_grpc.HealthStub(self.tokenizer_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 await self.replicas.poll_once()
-                serving = [r for r in self.replicas.replicas if r.healthy]
+                serving = self.replicas.healthy
                 if health.status != health_pb2.HealthCheckResponse.SERVING or not serving:
                     raise _NotServing()
-                info = await serving[0].stub.GetModelInfo(inference_pb.GetModelInfoRequest(), timeout=5)
+                info = serving[0].info  # a replica serves once the poll has its GetModelInfo
                 tok_info = await self.tokenizer.GetInfo(tokenizer_pb.GetInfoRequest(), timeout=5)
                 break
             except (grpc.aio.AioRpcError, _NotServing) as error:
@@ -100,7 +99,7 @@ class Router:
                 log.info("waiting for dependencies: %s", error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING")
                 await asyncio.sleep(0.5)
         self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens)
-        self.eos_token_ids = list(tok_info.eos_token_ids)
+        self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.replicas.start()
         return self.limits
 
@@ -121,7 +120,7 @@ class Router:
             try:
                 response = await self.tokenizer.Encode(encode, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                raise _passthrough(error) from None
+                raise from_rpc_error(error) from None
             span.set_attribute("gen_ai.usage.prompt_tokens", len(response.ids))
         return list(response.ids)
 
@@ -161,11 +160,11 @@ class Router:
                 try:
                     async for response in call:
                         ids = list(response.token_ids)
-                        prompt_logprobs = prompt_logprobs or list(response.prompt_logprobs)
+                        if response.prompt_logprobs:
+                            prompt_logprobs = list(response.prompt_logprobs)
                         if ids:
                             generated += ids
-                            await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
-                            text = stops.push((await anext(decoded_texts)).text)
+                            text = stops.push(await _detokenize(detokenizer, decoded_texts, ids))
                             yield TextDelta(text, ids, list(response.logprobs))
                             if stops.stopped:
                                 completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs)
@@ -176,7 +175,7 @@ class Router:
                             completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated), prompt_logprobs)
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried):
-                        raise _passthrough(error) from None
+                        raise from_rpc_error(error) from None
                     self.replicas.mark_failed(replica)
                     log.warning("inference replica %s failed (%s); continuing on another", replica.target, error.code().name)
                     continue
@@ -188,10 +187,8 @@ class Router:
             await detokenizer.done_writing()
             async for _ in decoded_texts:
                 pass
-        except grpc.aio.AioRpcError as error:
-            raise _passthrough(error) from None
-        except StopAsyncIteration:
-            raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
+        except grpc.aio.AioRpcError as error:  # the tokenizer's, ending its stream
+            raise from_rpc_error(error) from None
         finally:
             detokenizer.cancel()
         yield completed
@@ -213,7 +210,7 @@ class Router:
         # UNAVAILABLE: the replica died or is draining; RESOURCE_EXHAUSTED: its queue is full.
         # Both are safe to continue elsewhere: the tokens so far go with the request as resumed tokens.
         retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        others = any(r.healthy and r.target not in tried for r in self.replicas.replicas)
+        others = any(r.target not in tried for r in self.replicas.healthy)
         return retryable and others and len(tried) <= MAX_FAILOVERS
 
     def _inference_request(self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]) -> inference_pb.GenerateRequest:
@@ -233,7 +230,7 @@ class Router:
             sampling.prompt_logprobs = s.prompt_logprobs
         return inference_pb.GenerateRequest(
             request_id=request.request_id, prompt_token_ids=prompt_ids, resumed_token_ids=generated, sampling=sampling,
-            stop_token_ids=sorted(set(self.eos_token_ids) | set(request.stop_token_ids)), priority=request.priority,
+            stop_token_ids=sorted(self.eos_token_ids.union(request.stop_token_ids)), priority=request.priority,
         )
 
     async def close(self) -> None:

@@ -34,9 +34,17 @@ class Replica:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
-    capacity: int = 0  # max_running + max_waiting, from GetModelInfo
-    max_running: int = 0  # slots, from GetModelInfo
+    info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
     in_flight_at_poll: int = 0  # this router's in_flight when running/waiting were last read
+
+    @property
+    def max_running(self) -> int:
+        return self.info.max_running if self.info else 0
+
+    @property
+    def capacity(self) -> int:
+        """Running slots plus queue places."""
+        return self.info.max_running + self.info.max_waiting if self.info else 0
 
     @property
     def load(self) -> int:
@@ -91,9 +99,8 @@ class ReplicaSet:
         try:
             health = await health_pb2_grpc.HealthStub(replica.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             serving = health.status == health_pb2.HealthCheckResponse.SERVING
-            if serving and not replica.capacity:
-                info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-                replica.capacity, replica.max_running = info.max_running + info.max_waiting, info.max_running
+            if serving and replica.info is None:
+                replica.info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
             if serving:
                 load = await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1)
                 replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
@@ -117,12 +124,17 @@ class ReplicaSet:
         self._task = asyncio.get_running_loop().create_task(loop())
 
     @property
+    def healthy(self) -> list[Replica]:
+        """The replicas this router currently sends work to."""
+        return [r for r in self.replicas if r.healthy]
+
+    @property
     def capacity(self) -> int:
-        return sum(r.capacity for r in self.replicas if r.healthy)
+        return sum(r.capacity for r in self.healthy)
 
     @property
     def load(self) -> int:
-        return sum(r.load for r in self.replicas if r.healthy)
+        return sum(r.load for r in self.healthy)
 
     async def close(self) -> None:
         if self._task:

@@ -11,17 +11,14 @@ import grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
-from services.common.grpc_status import abort
+from services.common.errors import ServingError, UnavailableError
+from services.common.grpc_status import abort, to_grpc_status
 from services.common.metrics import ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
 from services.router.convert import to_generation_request
-from services.router.core import Completed, DownstreamError, Router, TextDelta
+from services.router.core import Completed, Router, TextDelta
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-_CODE_OF = {InvalidArgumentError: "INVALID_ARGUMENT", ResourceExhaustedError: "RESOURCE_EXHAUSTED", UnavailableError: "UNAVAILABLE"}
-
-
 def _logprobs(items: list) -> list[pb.TokenLogprob]:
     # the inference and public TokenLogprob messages have the same fields and numbers
     return [pb.TokenLogprob.FromString(item.SerializeToString()) for item in items]
@@ -38,7 +35,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         assert self.router.limits is not None
         self.metrics = ServingMetrics(self.router.limits.model_name)
         self.metrics.num_requests_running.set_function(lambda: self.in_flight)
-        serving_replicas_gauge(self.router.limits.model_name, lambda: sum(r.healthy for r in self.router.replicas.replicas))
+        serving_replicas_gauge(self.router.limits.model_name, lambda: len(self.router.replicas.healthy))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         m = self.metrics
@@ -80,13 +77,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         )
                     )
         except ServingError as error:
-            code = _CODE_OF.get(type(error), "INTERNAL")
-            await abort(context, error)
-        except DownstreamError as error:
-            code = error.code.name
-            await context.abort(error.code, error.details)
+            status = to_grpc_status(error)
+            code = status.code.name
+            await context.abort_with_status(status)
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
             raise
         finally:
             self.in_flight -= 1

@@ -9,7 +9,7 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2 as pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgumentError
-from services.common.grpc_status import abort, grpc_errors
+from services.common.grpc_status import grpc_errors
 from services.tokenizer.core import ChatMessage, TokenizerCore
 
 
@@ -32,16 +32,13 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         return pb.DecodeResponse(text=self.core.decode(list(request.ids), request.skip_special_tokens))
 
+    @grpc_errors
     async def DecodeStream(
         self, requests: AsyncIterator[pb.DecodeStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
         decoder = self.core.incremental_decoder()
         async for request in requests:
-            try:
-                text = decoder.push(list(request.ids))
-            except InvalidArgumentError as error:
-                await abort(context, error)
-            yield pb.DecodeStreamResponse(text=text)
+            yield pb.DecodeStreamResponse(text=decoder.push(list(request.ids)))
 
     @grpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -94,7 +95,6 @@ def test_abort_frees_the_slot(engine, tokenizer):
 
 
 def test_requests_beyond_slots_and_queue_are_refused(engine, tokenizer):
-    blocker = threading.Event()
     try:
         ids = tokenizer.encode_text("Hello")
         params = SamplingParams(max_tokens=64, temperature=0.0)
@@ -107,7 +107,6 @@ def test_requests_beyond_slots_and_queue_are_refused(engine, tokenizer):
     finally:
         for i in range(6):
             engine.abort(f"fill{i}")
-        blocker.set()
 
 
 @pytest.mark.parametrize(
@@ -233,7 +232,7 @@ def test_a_repeated_prefix_is_not_recomputed_and_gives_the_same_tokens(model_dir
     system = ChatMessage("system", "You are a terse assistant who answers geography questions in one sentence.")
     first = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Italy?")])
     second = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Spain?")])
-    shared = len(__import__("os").path.commonprefix([first, second]))
+    shared = len(os.path.commonprefix([first, second]))
     assert shared >= 20
     greedy = SamplingParams(max_tokens=10, temperature=0.0)
     cached, uncached = engine_with(True), engine_with(False)
@@ -241,7 +240,6 @@ def test_a_repeated_prefix_is_not_recomputed_and_gives_the_same_tokens(model_dir
         results = {}
         for name, engine in (("cached", cached), ("uncached", uncached)):
             run_all(engine, {"a": first}, greedy)
-            steps = engine.steps
             results[name] = run_all(engine, {"b": second}, greedy).tokens["b"]
         assert results["cached"] == results["uncached"]
         assert cached.prefix_cache_hits == shared and cached.prefix_cache_queries == len(first) + len(second)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from meshserve.inference.v1 import inference_service_pb2 as pb
 
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.router.admission import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, admit
@@ -10,7 +11,7 @@ from services.router.replicas import Replica, choose_replica, prefix_key
 
 
 def replica(target: str, **state) -> Replica:
-    return Replica(target, channel=None, stub=None, healthy=True, capacity=6, max_running=4, **state)
+    return Replica(target, channel=None, stub=None, healthy=True, info=pb.GetModelInfoResponse(max_running=4, max_waiting=2), **state)
 
 
 def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_poll():
