@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,13 @@ def model_dir():
     from services.modelstore.prepare import prepare_model
 
     return prepare_model(MODELS_ROOT)
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Asks a process to stop with `sig`, and kills it if it has not exited within `timeout` seconds."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.deploy.conftest import DEPLOY, conventions_processes, load_yaml_documents, run, tool
 
 # Validate mode builds the whole server config without resolving STRICT_DNS names or binding ports,
@@ -119,7 +119,6 @@ def test_compose_envoy_runs_and_passes_its_healthcheck(tmp_path: Path):
             metrics = response.read().decode()
         assert 'envoy_cluster_upstream_rq_total{envoy_cluster_name="router"}' in metrics
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process)
     # and the healthcheck fails once Envoy is gone
     assert subprocess.run(check, capture_output=True).returncode != 0

@@ -9,14 +9,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import MODELS_ROOT, REPO, free_port
+from services.cli.envoy_config import TlsFiles, envoy_binary, public_channel, validate_envoy_config
+from tests.conftest import MODELS_ROOT, REPO, free_port, stop_process
 
 
 class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -69,8 +73,13 @@ class Mesh:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
+    """The value of one sample in Prometheus text format: 0 for a labelled sample not created yet,
+    but a metric the text does not declare at all fails the test (a renamed metric never reads 0)."""
+    declared = False
     for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            declared |= name.startswith(line.split()[2])
+            continue
         if line.startswith("#") or not line.startswith(name):
             continue
         sample, _, value = line.rpartition(" ")
@@ -79,6 +88,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             continue
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             return float(value)
+    assert declared, f"{name} is not exported"
     return 0.0
 
 
@@ -129,11 +139,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
         yield Mesh(port=port, router_port=ports["router"], metrics_ports=metrics_ports, receiver=receiver,
                    process=process, log_path=log_path, run_dir=run_dir / f"mesh-{port}")
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, signal.SIGINT, timeout=60)
         log.close()
 
 
@@ -141,3 +147,32 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
 def mesh(model_dir, otlp_receiver):
     with launch_mesh(otlp_receiver, inference_args=["--num-slots=8"]) as mesh:
         yield mesh
+
+
+@contextlib.contextmanager
+def running_envoy(config: str, directory: Path, port: int, tls: TlsFiles | None) -> Iterator[subprocess.Popen]:
+    """Validates and runs one Envoy until the block exits; ready once a health check through it is SERVING."""
+    path = directory / "envoy.yaml"
+    path.write_text(config)
+    validated = validate_envoy_config(path)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    log = directory / "envoy.log"
+    process = subprocess.Popen([envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn",
+                                "--log-path", str(log)])
+    try:
+        with public_channel(f"127.0.0.1:{port}", tls) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.poll() is None, f"envoy exited with {process.returncode}: {log.read_text()[-3000:]}"
+                try:
+                    request = health_pb2.HealthCheckRequest(service="meshserve.v1.GenerationService")
+                    if health.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, f"envoy did not become ready: {log.read_text()[-3000:]}"
+                time.sleep(0.1)
+        yield process
+    finally:
+        stop_process(process)

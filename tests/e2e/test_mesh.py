@@ -59,11 +59,11 @@ def test_generate_streams_chunks_then_completion(mesh):
 
 def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
     channel, stub = stub_for(mesh)
-    request = pb.GenerateRequest(prompt="The weather today", sampling=pb.SamplingParameters(max_tokens=16, temperature=1.0, seed=1234))
+    request = pb.GenerateRequest(prompt="The weather today", sampling=pb.SamplingParameters(max_tokens=16, min_tokens=16, temperature=1.0, seed=1234))
     with channel:
         first = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
         second = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
-    assert sum(first, ()) == sum(second, ())
+    assert len(sum(first, ())) == 16 and sum(first, ()) == sum(second, ())
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from services.cli.credentials import ensure_dev_tls, ensure_signing_key, mint_token
 from services.cli.envoy_config import Endpoint, JwtAuth, TlsFiles, render_envoy_config
 from tests.conftest import REPO, free_port
-from tests.e2e.test_public_endpoint import running_envoy
+from tests.e2e.conftest import running_envoy
 
 CLIENT = REPO / "clients" / "node" / "client.js"
 

@@ -3,10 +3,8 @@ TLS (development CA), JWT auth, per-tenant rate limits, REST/JSON, gRPC-Web and 
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import signal
 import socket
 import ssl
 import struct
@@ -20,16 +18,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from services.cli.credentials import ensure_dev_tls, ensure_signing_key, mint_token
-from services.cli.envoy_config import (
-    Endpoint, JwtAuth, TenantRateLimit, TlsFiles, build_descriptor_set, envoy_binary, public_channel,
-    render_envoy_config, validate_envoy_config,
-)
+from services.cli.envoy_config import Endpoint, JwtAuth, TenantRateLimit, TlsFiles, build_descriptor_set, render_envoy_config
 from tests.conftest import free_port
+from tests.e2e.conftest import running_envoy
 
 MAX_REQUEST_BYTES = 64 * 1024
 RATE_LIMIT = 2  # generations per tenant per minute; every test uses its own tenants
@@ -55,40 +50,6 @@ class PublicEndpoint:
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
-
-
-@contextlib.contextmanager
-def running_envoy(config: str, directory: Path, port: int, tls: TlsFiles | None) -> Iterator[subprocess.Popen]:
-    """Validates and runs one Envoy until the block exits; ready once a health check through it is SERVING."""
-    path = directory / "envoy.yaml"
-    path.write_text(config)
-    validated = validate_envoy_config(path)
-    assert validated.returncode == 0, validated.stderr[-3000:]
-    log = directory / "envoy.log"
-    process = subprocess.Popen([envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn",
-                                "--log-path", str(log)])
-    try:
-        with public_channel(f"127.0.0.1:{port}", tls) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                assert process.poll() is None, f"envoy exited with {process.returncode}: {log.read_text()[-3000:]}"
-                try:
-                    request = health_pb2.HealthCheckRequest(service="meshserve.v1.GenerationService")
-                    if health.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, f"envoy did not become ready: {log.read_text()[-3000:]}"
-                time.sleep(0.1)
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

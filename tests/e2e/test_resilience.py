@@ -73,9 +73,11 @@ def run_streams(target: str, reqs: list[pb.GenerateRequest]) -> list[Stream]:
     return streams
 
 
-def busiest_inference(mesh) -> str:
+def busiest_inference(mesh) -> tuple[str, float]:
+    """The inference replica running the most requests, and how many."""
     running = {name: metric_value(mesh.metrics(name), "meshserve_num_requests_running") for name in ("inference-0", "inference-1")}
-    return max(running, key=running.get)
+    victim = max(running, key=running.get)
+    return victim, running[victim]
 
 
 def wait_until(predicate, timeout: float = 60.0) -> None:
@@ -94,7 +96,8 @@ def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clien
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 10 for s in streams))
-    victim = busiest_inference(mesh2)
+    victim, running = busiest_inference(mesh2)
+    assert running >= 1  # streams are mid-generation on the replica about to die
     os.kill(mesh2.pids()[victim], signal.SIGKILL)
     for s in streams:
         s.join(180)
@@ -133,7 +136,8 @@ def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
     for s in first:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 3 for s in first))
-    victim = busiest_inference(mesh2)
+    victim, running = busiest_inference(mesh2)
+    assert running >= 1
     os.kill(mesh2.pids()[victim], signal.SIGTERM)
     later = run_streams(mesh2.target, [request(p, 20) for p in PROMPTS])
     for s in first:
@@ -151,6 +155,7 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     wait_until(lambda: all(len(s.tokens) >= 3 for s in streams))
     on_router = {name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")}
     victim = max(on_router, key=on_router.get)
+    assert on_router[victim] >= 1
     os.kill(mesh2.pids()[victim], signal.SIGKILL)
     after = run_streams(mesh2.target, [request(p, 8) for p in PROMPTS])
     for s in streams:

@@ -1,4 +1,5 @@
-"""The router's decisions without gRPC: a replica's load, which replica a prompt goes to, admission."""
+"""The router's decisions without gRPC: a replica's load, which replica a prompt goes to, admission,
+and whose error a failure is."""
 
 from __future__ import annotations
 
@@ -71,3 +72,30 @@ def test_each_priority_is_admitted_up_to_its_share_of_capacity(priority, admitte
 def test_no_serving_replica_is_unavailable_not_exhausted():
     with pytest.raises(UnavailableError):
         admit(PRIORITY_HIGH, 0, capacity=0)
+
+
+def test_a_failing_detokenization_stream_is_the_tokenizers_error_not_a_replica_failure():
+    """The router fails a stream over only on AioRpcError from the inference call; the tokenizer's
+    stream failing mid-answer must surface as the tokenizer's status instead."""
+    import asyncio
+
+    import grpc
+
+    from services.router.core import _detokenize
+
+    class BrokenStream:
+        async def write(self, request):
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "tokenizer gone")
+
+    class ClosedStream:
+        async def write(self, request):
+            pass
+
+    async def nothing():
+        return
+        yield
+
+    with pytest.raises(UnavailableError, match="tokenizer gone"):
+        asyncio.run(_detokenize(BrokenStream(), nothing(), [1]))
+    with pytest.raises(UnavailableError, match="closed the detokenization stream"):
+        asyncio.run(_detokenize(ClosedStream(), nothing(), [1]))
