@@ -57,18 +57,23 @@ def decode_rate(backend: OnnxRuntimeBackend, rows: int, context: int, steps: int
 
 
 def prefill_ms(backend: OnnxRuntimeBackend, length: int) -> float:
-    prompt = np.random.default_rng(1).integers(100, 20000, (1, length))
+    prompt = np.random.default_rng(1).integers(100, 20000, length)
     started = time.perf_counter()
-    backend.forward(StepBatch(np.array([0]), prompt, np.array([0]), np.array([length]), np.array([[length - 1]])))
+    backend.forward(StepBatch.one_row(prompt))
     return (time.perf_counter() - started) * 1000
+
+
+def best_prefill_ms(backend: OnnxRuntimeBackend, length: int = 100) -> float:
+    """A warm-up of the shape, a quiet machine, then the best of three prefills of `length` tokens."""
+    prefill_ms(backend, length)
+    wait_for_idle()
+    return min(prefill_ms(backend, length) for _ in range(3))
 
 
 def measure_one(model: Path, batches: list[int], context: int, steps: int, threads: int) -> dict[str, float]:
     """One model in this process: prefill and decode timings."""
     backend = OnnxRuntimeBackend(ModelDirectory(model), max(batches), 1024, intra_op_threads=threads)
-    prefill_ms(backend, 100)  # warm-up of this shape
-    wait_for_idle()
-    out = {"prefill_100_ms": min(prefill_ms(backend, 100) for _ in range(3))}
+    out = {"prefill_100_ms": best_prefill_ms(backend)}
     for rows in batches:
         decode_rate(backend, rows, context, 2)  # warm-up of this shape
         wait_for_idle()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> dict:
     """One engine run in this process; returns the bench report plus the 100-token prefill time."""
-    from bench.backend_steps import prefill_ms, wait_for_idle
+    from bench.backend_steps import best_prefill_ms, wait_for_idle
     from services.cli.bench import load_prompts, summarize
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.bench_engine import encode_prompts, run_requests
@@ -35,9 +35,7 @@ def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> di
     directory = ModelDirectory(model)
     config = dataclasses.replace(EngineConfig(), num_slots=max(EngineConfig().num_slots, concurrency))
     backend = OnnxRuntimeBackend(directory, config.num_slots, config.max_context)
-    prefill_ms(backend, 100)
-    wait_for_idle()
-    prefill = min(prefill_ms(backend, 100) for _ in range(3))
+    prefill = best_prefill_ms(backend)
     engine = Engine(backend, config)
     engine.start()
     try:

@@ -57,10 +57,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 try:
-    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
+    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, run_pool, summarize
 except ImportError:  # run as `python bench/llamacpp_peer.py` without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
+    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, run_pool, summarize
 
 DEFAULT_GGUF = Path("models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -238,21 +238,9 @@ async def run_one_http(url: str, prompt: str, args: argparse.Namespace) -> Reque
 
 
 async def run_http(args: argparse.Namespace, prompts: list[str]) -> dict:
-    for i in range(args.warmup):
-        await run_one_http(args.server, prompts[i % len(prompts)], args)
-    results: list[RequestResult] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < args.requests:
-            i = next_index
-            next_index += 1
-            results.append(await run_one_http(args.server, prompts[i % len(prompts)], args))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
-    report = summarize(results, time.perf_counter() - started)
+    results, wall_s = await run_pool(args.requests, args.concurrency, args.warmup,
+                                     lambda i: run_one_http(args.server, prompts[i % len(prompts)], args))
+    report = summarize(results, wall_s)
     report.update(target=f"llama-server {args.server}", concurrency=args.concurrency)
     return report
 

@@ -13,13 +13,13 @@ import argparse
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.sampling import SamplingParams
+from services.modelstore.layout import add_models_root_arg
 from services.modelstore.prepare import prepare_model
 from services.tokenizer.core import TokenizerCore
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=1500)
     parser.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens)
-    parser.add_argument("--models-root", type=Path, default=Path("models"))
+    add_models_root_arg(parser)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

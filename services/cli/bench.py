@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 # Short, varied English prompts shared by the mesh bench, the engine bench and the llama.cpp peer
 # (bench/llamacpp_peer.py), so all three measure the same work.
@@ -251,6 +251,27 @@ async def _one_request(stub, request, timeout: float | None) -> RequestResult:
     return RequestResult(ok=False, code=code, ttft_s=ttft, itl_s=itl, latency_s=time.perf_counter() - started)
 
 
+async def run_pool(
+    total: int, concurrency: int, warmup: int, one: Callable[[int], Awaitable[RequestResult]],
+    on_result: Callable[[RequestResult], None] = lambda result: None,
+) -> tuple[list[RequestResult], float]:
+    """`warmup` requests one at a time (left out), then `total` requests, at most `concurrency` at
+    once; `one(i)` sends request i (i < 0 for warm-ups). Returns the results and the wall time."""
+    for i in range(warmup):
+        await one(-1 - i)
+    results: list[RequestResult] = []
+    indices = iter(range(total))
+
+    async def worker() -> None:
+        for i in indices:
+            results.append(await one(i))
+            on_result(results[-1])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+    return results, time.perf_counter() - started
+
+
 async def run_bench(args: argparse.Namespace, prompts: list[str], progress: bool) -> dict:
     """Runs the benchmark and returns the `summarize` report plus the run's settings."""
     import grpc
@@ -261,27 +282,12 @@ async def run_bench(args: argparse.Namespace, prompts: list[str], progress: bool
         stub = pb_grpc.GenerationServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), timeout=args.connect_timeout)
 
-        # warm-up requests are sent one at a time and left out of the report
-        for i in range(args.warmup):
-            await _one_request(stub, build_request(pb, prompts[i % len(prompts)], args, f"bench-warmup-{i}"), args.timeout)
+        def one(i: int) -> Awaitable[RequestResult]:
+            name = f"bench-{i}" if i >= 0 else f"bench-warmup-{-1 - i}"
+            return _one_request(stub, build_request(pb, prompts[i % len(prompts)], args, name), args.timeout)
 
         bar = _Progress(args.requests, progress)
-        results: list[RequestResult] = []
-        next_index = 0
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < args.requests:
-                i = next_index
-                next_index += 1
-                request = build_request(pb, prompts[i % len(prompts)], args, f"bench-{i}")
-                result = await _one_request(stub, request, args.timeout)
-                results.append(result)
-                bar.update(result)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
-        wall_s = time.perf_counter() - started
+        results, wall_s = await run_pool(args.requests, args.concurrency, args.warmup, one, bar.update)
         bar.close()
 
     report = summarize(results, wall_s)

@@ -10,6 +10,17 @@ from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 
+def add_connection_args(parser) -> None:
+    """--target, --ca and --token: how a command reaches the public endpoint."""
+    parser.add_argument("--target", default="localhost:8080", help="public endpoint host:port")
+    parser.add_argument("--ca", help="PEM CA bundle: connect with TLS (e.g. .run/mesh-8080/tls/ca.pem from --dev-tls)")
+    parser.add_argument("--token", help="bearer token (see `meshserve mint-token`)")
+
+
+def auth_metadata(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {args.token}")] if args.token else None
+
+
 def add_parsers(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="ask the model as a chat assistant")
     chat.add_argument("message")
@@ -17,14 +28,12 @@ def add_parsers(subparsers) -> None:
     generate = subparsers.add_parser("generate", help="continue a plain prompt")
     generate.add_argument("prompt")
     for parser in (chat, generate):
-        parser.add_argument("--target", default="localhost:8080", help="public endpoint host:port")
+        add_connection_args(parser)
         parser.add_argument("--max-tokens", type=int, help="tokens to generate (server default 256)")
         parser.add_argument("--temperature", type=float, help="0 is greedy (server default 1)")
         parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
         parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
         parser.add_argument("--timeout", type=float, help="deadline in seconds")
-        parser.add_argument("--ca", help="PEM CA bundle: connect with TLS (e.g. .run/mesh-8080/tls/ca.pem from --dev-tls)")
-        parser.add_argument("--token", help="bearer token (see `meshserve mint-token`)")
         parser.add_argument("--priority", choices=["low", "normal", "high"], help="scheduling class")
         parser.set_defaults(func=run)
 
@@ -55,7 +64,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def run(args: argparse.Namespace) -> int:
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    metadata = auth_metadata(args)
     with open_channel(args) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:

@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}
 
+    def write_pids() -> None:
+        (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
+
     def request_stop(signum, frame) -> None:
         stop["requested"] = True
 
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.startup_timeout_s
         for name, command in commands.items():
             procs[name] = subprocess.Popen(command)
-        (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
+        write_pids()
         for port in [args.tokenizer_port, *inference_ports, *router_ports]:
             _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         )
         _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()),
                       tls=endpoint_options.get("tls"))
-        (run_dir / "pids.json").write_text(json.dumps({name: proc.pid for name, proc in procs.items()}))
+        write_pids()
         print(f"meshserve is serving on localhost:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
         # supervise: a process that dies is restarted (the router fails its streams over meanwhile)
         restarts: dict[str, list[float]] = {}
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"meshserve: {name} exited with {proc.returncode}; restarting it", file=sys.stderr, flush=True)
                 restarts[name] = recent + [time.monotonic()]
                 procs[name] = subprocess.Popen(proc.args)
-                (run_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in procs.items()}))
+                write_pids()
             time.sleep(0.2)
     except (RuntimeError, TimeoutError) as error:
         print(f"meshserve: {error}", file=sys.stderr, flush=True)

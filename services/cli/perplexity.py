@@ -52,14 +52,12 @@ def perplexity_of(log_probs: list[list[float]]) -> float:
 
 
 def add_parser(subparsers) -> None:
-    from services.cli.client import open_channel
+    from services.cli.client import add_connection_args, auth_metadata, open_channel
 
     parser = subparsers.add_parser("perplexity", help="perplexity of the served model on a text, through the API")
     parser.add_argument("file", type=Path, help="UTF-8 text, paragraphs separated by blank lines (e.g. tests/data/perplexity_text.txt)")
-    parser.add_argument("--target", default="localhost:8080", help="public endpoint host:port")
+    add_connection_args(parser)
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="characters per request (default %(default)s)")
-    parser.add_argument("--ca", help="PEM CA bundle: connect with TLS")
-    parser.add_argument("--token", help="bearer token")
 
     def run(args: argparse.Namespace) -> int:
         import grpc
@@ -67,8 +65,7 @@ def add_parser(subparsers) -> None:
         texts = windows(args.file.read_text(encoding="utf-8"), args.max_chars)
         try:
             with open_channel(args) as channel:
-                metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
-                log_probs = prompt_log_probs(channel, texts, metadata=metadata)
+                log_probs = prompt_log_probs(channel, texts, metadata=auth_metadata(args))
         except grpc.RpcError as error:
             print(f"meshserve perplexity: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

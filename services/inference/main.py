@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 
-import numpy as np
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -47,8 +46,7 @@ def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model
     for lazy initialisation."""
     options = {"intra_op_threads": args.threads} if name == "onnxruntime" else {"max_prefill": config.max_prefill_tokens}
     backend = create_backend(name, model, config.num_slots, config.max_context, **options)
-    backend.forward(StepBatch(np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
-                              np.ones(1, np.int64), np.zeros((1, 1), np.int64)))
+    backend.forward(StepBatch.one_row([0]))
     return Engine(backend, config)
 
 

@@ -60,8 +60,7 @@ def activation_maxima(decoder_path: Path, config, token_ids: list[int]) -> dict[
     finally:
         probe.unlink()
 
-    n = len(token_ids)
-    batch = StepBatch(np.array([0]), np.array([token_ids]), np.array([0]), np.array([n]), np.array([[n - 1]]))
+    batch = StepBatch.one_row(token_ids)
     feed = {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids(),

@@ -19,7 +19,7 @@ def token_log_probs(backend: DecoderBackend, token_ids: list[int], slot: int = 0
     for start in range(0, len(ids) - 1, chunk):
         piece = ids[start : start + chunk]
         n = len(piece)
-        batch = StepBatch(np.array([slot]), piece[None], np.array([start]), np.array([n]), np.arange(n)[None])
+        batch = StepBatch.one_row(piece, slot, cached=start, all_logits=True)
         logits = backend.forward(batch)[0].astype(np.float64)
         targets = ids[start + 1 : start + n + 1]
         logits = logits[: len(targets)]
@@ -37,7 +37,7 @@ def perplexity(backend: DecoderBackend, token_ids: list[int], slot: int = 0, chu
 def greedy(backend: DecoderBackend, prompt_ids: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset(), slot: int = 0) -> list[int]:
     """Greedy decoding of one prompt in one slot."""
     n = len(prompt_ids)
-    logits = backend.forward(StepBatch(np.array([slot]), np.array([prompt_ids]), np.array([0]), np.array([n]), np.array([[n - 1]])))
+    logits = backend.forward(StepBatch.one_row(prompt_ids, slot))
     out: list[int] = []
     cached = n
     while len(out) < max_tokens:
@@ -45,6 +45,6 @@ def greedy(backend: DecoderBackend, prompt_ids: list[int], max_tokens: int, stop
         out.append(token)
         if token in stop_ids:
             break
-        logits = backend.forward(StepBatch(np.array([slot]), np.array([[token]]), np.array([cached]), np.array([1]), np.array([[0]])))
+        logits = backend.forward(StepBatch.one_row([token], slot, cached))
         cached += 1
     return out

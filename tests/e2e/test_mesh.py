@@ -43,6 +43,33 @@ def test_chat_cli_answers_paris_through_envoy(mesh):
     assert "completion tokens" in result.stderr
 
 
+def test_generate_cli_continues_a_plain_prompt_with_the_asked_length(mesh):
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "generate", "Once upon a time", "--target", mesh.target,
+         "--temperature", "0.8", "--top-p", "0.95", "--seed", "7", "--max-tokens", "12", "--priority", "high"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "12 completion tokens" in result.stderr or "[stop:" in result.stderr, result.stderr
+
+
+def test_bench_cli_reports_every_request_as_json(mesh):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "bench", "--target", mesh.target, "--concurrency", "2",
+         "--requests", "3", "--warmup", "1", "--max-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] == 3 and report["errors"] == 0 and 3 <= report["tokens"] <= 12
+    assert report["tokens_per_s"] > 0 and report["wall_s"] > 0
+    for key in ("ttft_ms", "itl_ms"):
+        assert {"p50", "p90", "p99"} <= report[key].keys() and report[key]["p50"] > 0
+
+
 def test_generate_streams_chunks_then_completion(mesh):
     channel, stub = stub_for(mesh)
     with channel:

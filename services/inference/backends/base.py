@@ -26,6 +26,13 @@ class StepBatch:
     new_lengths: np.ndarray  # int64 [rows]       real (unpadded) new tokens per row
     logits_indices: np.ndarray  # int64 [rows, n] positions (in 0..seq) whose logits are needed
 
+    @classmethod
+    def one_row(cls, token_ids, slot: int = 0, cached: int = 0, all_logits: bool = False) -> StepBatch:
+        """One row of new tokens after `cached` ones in `slot`; logits of its last token, or of all."""
+        n = len(token_ids)
+        positions = np.arange(n)[None] if all_logits else np.array([[n - 1]])
+        return cls(np.array([slot]), np.asarray(token_ids, np.int64).reshape(1, n), np.array([cached]), np.array([n]), positions)
+
     @property
     def rows(self) -> int:
         return int(self.slots.shape[0])
