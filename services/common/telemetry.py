@@ -38,6 +38,7 @@ _UNTRACED = filters.any_of(
     filters.service_name(_HEALTH_SERVICE),
     filters.service_prefix("grpc.reflection"),
     filters.method_name("GetLoad"),
+    filters.method_name("WatchLoad"),
     filters.method_name("GetModelInfo"),
 )
 

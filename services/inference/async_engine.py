@@ -43,16 +43,49 @@ class AsyncEngine:
         self.engine: Engine | None = None
         self.metrics = metrics
         self._sequence = itertools.count()
+        self._load_watchers: set[asyncio.Event] = set()
+        self._draining = False
 
     def attach(self, engine: Engine) -> None:
         """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
+        loop = asyncio.get_running_loop()
+        engine.on_load_change = lambda: loop.call_soon_threadsafe(self._notify_load_change)
         self.engine = engine
         engine.start()
+        self._notify_load_change()
         self.metrics.num_requests_running.set_function(lambda: engine.num_running)
         self.metrics.num_requests_waiting.set_function(lambda: engine.num_waiting)
 
+    def load(self) -> tuple[int, int, float]:
+        """(running, waiting, KV cache usage) now; zeros while the model loads."""
+        engine = self.engine
+        return (engine.num_running, engine.num_waiting, engine.kv_cache_usage) if engine else (0, 0, 0.0)
+
+    def _notify_load_change(self) -> None:
+        for changed in self._load_watchers:
+            changed.set()
+
+    async def watch_load(self, min_interval_s: float, heartbeat_s: float = 1.0) -> AsyncIterator[tuple[int, int, float]]:
+        """The load at once, then after every change (bursts within `min_interval_s` coalesced into
+        one report), and every `heartbeat_s` while nothing changes."""
+        changed = asyncio.Event()
+        self._load_watchers.add(changed)
+        try:
+            while not self._draining:  # a draining replica takes no work: its watchers need no load
+                changed.clear()  # before reading: a change from here on is reported next time
+                yield self.load()
+                try:
+                    await asyncio.wait_for(changed.wait(), heartbeat_s)
+                except asyncio.TimeoutError:
+                    continue
+                await asyncio.sleep(min_interval_s)
+        finally:
+            self._load_watchers.discard(changed)
+
     async def drain(self, grace_s: float) -> None:
         """Refuses new requests and waits (at most `grace_s`) for running ones to finish."""
+        self._draining = True
+        self._notify_load_change()  # ends the load watches, which would otherwise hold the server open
         engine = self.engine
         if engine is None:
             return

@@ -58,9 +58,11 @@ class EngineConfig:
     Prefill is compute-bound on CPU (about 600 tokens/s on two cores in int8): 128 tokens bound the
     stall of running streams to about 0.25 s (bench/long_prompt_itl.py) at no cost in prefill speed."""
     enable_prefix_caching: bool = True
-    """Reuse the KV cache a freed slot still holds when a new prompt starts with the same tokens.
-    Only positions a prefill computed are reused (a previous prompt, not its generated answer): see
-    `Engine` on why every position is computed the same way whatever the cache held."""
+    """Reuse keys and values already computed for the same leading prompt tokens: those a freed slot
+    still holds, or, copied into the new request's slot, those of any other slot (a running request's
+    prompt too: a shared system prompt is prefilled once, not once per slot). Only positions a
+    prefill computed are reused (a previous prompt, not its generated answer): see `Engine` on why
+    every position is computed the same way whatever the cache held."""
     min_prefix_hit_tokens: int = 16
     """Shorter common prefixes are not worth choosing a slot for."""
 
@@ -153,12 +155,15 @@ class Engine:
         self._slot_tokens: list[list[int]] = [[] for _ in range(config.num_slots)]
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found cached
+        self.prefix_copies = 0  # prefixes copied from another slot
         self._pending_count = 0  # submitted but not yet taken from the inbox
         self._stopped = False
         self._accepting = True
         self._last_step_decoded = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.on_load_change: Callable[[], None] = lambda: None
+        """Called (on the submitting or the engine thread) when a request is taken or finishes."""
 
     # -- public, thread-safe ---------------------------------------------------------------
     def start(self) -> None:
@@ -225,6 +230,7 @@ class Engine:
                     retry_after_s=1.0,
                 )
             self._pending_count += 1
+        self.on_load_change()
         times = RequestTimes(arrival=time.monotonic())
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(8), "little")
         request = EngineRequest(
@@ -294,6 +300,7 @@ class Engine:
         for request in [r for r in self._waiting if r.request_id in aborts]:
             self._waiting.remove(request)
             request.on_output(EngineOutput(request.request_id, [], FinishReason.ABORT))
+            self.on_load_change()
         for request_id in aborts & self._running.keys():
             self._finish(self._running[request_id], FinishReason.ABORT)
 
@@ -306,6 +313,8 @@ class Engine:
             with self._lock:
                 slot, hit = self._pick_slot(request.prompt_token_ids, use_cache)
                 self._free_slots.remove(slot)
+            if use_cache:
+                hit = self._share_prefix(request.prompt_token_ids, slot, hit)
             request.slot = slot
             # keep at least two prompt tokens to prefill: their logits give the first generated
             # token, and a single one would take the decode kernels (see the class docstring)
@@ -330,6 +339,26 @@ class Engine:
             # no useful hit: take the slot holding the least, so long cached prefixes survive longest
             return min(self._free_slots, key=lambda s: len(self._slot_tokens[s])), 0
         return best_slot, best
+
+    def _share_prefix(self, prompt: list[int], slot: int, hit: int) -> int:
+        """Copies into `slot` the longest prefix of `prompt` that another slot holds, when that beats
+        the `hit` the slot itself has; returns the prefix length now in `slot`."""
+        # what each slot holds as computed by prefill: a running request's prompt as far as its
+        # prefill got (`cached` runs past the prompt while it decodes), or what a finished one left
+        held = {r.slot: r.prompt_token_ids[: r.cached] for r in self._running.values()}
+        best_slot, best = -1, hit
+        for other in range(self.config.num_slots):
+            if other != slot:
+                common = len(os.path.commonprefix([held.get(other, self._slot_tokens[other]), prompt]))
+                if common > best:
+                    best_slot, best = other, common
+        # the last two prompt tokens are prefilled anyway; a short copy is not worth it
+        usable = min(best, len(prompt) - 2)
+        if best_slot < 0 or usable < self.config.min_prefix_hit_tokens or usable <= hit:
+            return hit
+        self.backend.copy_prefix(best_slot, slot, usable)
+        self.prefix_copies += 1
+        return usable
 
     def _plan(self) -> tuple[list[EngineRequest], list[list[int]]]:
         """One scheduling decision: a prefill chunk step or a decode step.
@@ -430,6 +459,7 @@ class Engine:
         request.times.finished = time.monotonic()
         with self._lock:
             self._free_slots.append(request.slot)
+        self.on_load_change()
         request.slot = -1
         output = last or EngineOutput(request.request_id, [])
         output.finish_reason, output.error = reason, error

@@ -14,6 +14,9 @@ from services.inference.async_engine import AsyncEngine
 from services.inference.engine import EngineConfig, FinishReason
 from services.inference.sampling import SamplingParams, TokenLogprob
 
+DEFAULT_LOAD_REPORT_INTERVAL_MS = 5
+"""Load reports coalesce the arrivals and finishes of this long: at most 200 reports a second."""
+
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -64,7 +67,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
-        engine = self.engine.engine
-        if engine is None:
-            return pb.GetLoadResponse()
-        return pb.GetLoadResponse(running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage)
+        running, waiting, kv_cache_usage = self.engine.load()
+        return pb.GetLoadResponse(running=running, waiting=waiting, kv_cache_usage=kv_cache_usage)
+
+    async def WatchLoad(self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchLoadResponse]:
+        min_interval_s = (request.min_interval_ms or DEFAULT_LOAD_REPORT_INTERVAL_MS) / 1000
+        async for running, waiting, kv_cache_usage in self.engine.watch_load(min_interval_s):
+            yield pb.WatchLoadResponse(load=pb.GetLoadResponse(running=running, waiting=waiting, kv_cache_usage=kv_cache_usage))

@@ -25,7 +25,7 @@ from services.common.telemetry import client_interceptors
 from services.router.config import RouterConfig
 from services.router.admission import admit
 from services.router.convert import GenerationRequest, ModelLimits
-from services.router.replicas import ReplicaSet, choose_replica, prefix_key
+from services.router.replicas import ReplicaSet, choose_replica, prefix_key, record_call_error
 from services.router.stops import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ class Router:
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried):
                         raise from_rpc_error(error) from None
-                    self.replicas.mark_failed(replica)
-                    log.warning("inference replica %s failed (%s); continuing on another", replica.target, error.code().name)
+                    record_call_error(replica, error.code())
+                    log.warning("inference replica %s refused or failed (%s); continuing on another", replica.target, error.code().name)
                     continue
                 finally:
                     replica.in_flight -= 1

@@ -1,7 +1,8 @@
 """The inference replicas as the router sees them: health, load, and the choice for each request.
 
-A background task polls every replica's health and load (GetLoad: running, waiting, KV usage);
-the router adds its own in-flight count, which is exact for its own traffic and moves at once.
+A background task polls every replica's health; each serving replica streams its load to the
+router (WatchLoad: running, waiting, KV usage, sent as requests arrive and finish there). The router
+adds its own in-flight count, which is exact for its own traffic and moves at once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Replica:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
-    in_flight_at_poll: int = 0  # this router's in_flight when running/waiting were last read
+    in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
+    load_watch: asyncio.Task | None = None  # follows the replica's WatchLoad stream
 
     @property
     def max_running(self) -> int:
@@ -50,8 +52,8 @@ class Replica:
     def load(self) -> int:
         """Requests on this replica: the other routers' share of what it last reported, plus this
         router's own in-flight count, which is exact and current (a finished request frees its place
-        at once, not at the next poll)."""
-        others = max(0, self.running + self.waiting - self.in_flight_at_poll)
+        at once, not at the next report)."""
+        others = max(0, self.running + self.waiting - self.in_flight_at_report)
         return others + self.in_flight
 
 
@@ -72,6 +74,14 @@ def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affin
     preferred = max(candidates, key=lambda r: hashlib.blake2b(key + r.target.encode(), digest_size=8).digest())
     has_room = not preferred.max_running or preferred.load < preferred.max_running
     return preferred if has_room and preferred.load <= least.load + affinity_slack else least
+
+
+def record_call_error(replica: Replica, code: grpc.StatusCode) -> None:
+    """A call on `replica` ended with `code`. UNAVAILABLE (dead, or draining) takes it out of the
+    choice until a health check passes again; RESOURCE_EXHAUSTED does not: a full replica is
+    healthy, and its load already keeps it from being chosen while it is full."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        replica.healthy = False
 
 
 # gRPC's default reconnect backoff grows to minutes; a replica restarting after a crash takes
@@ -101,19 +111,25 @@ class ReplicaSet:
             serving = health.status == health_pb2.HealthCheckResponse.SERVING
             if serving and replica.info is None:
                 replica.info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-            if serving:
-                load = await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1)
-                replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
-                replica.in_flight_at_poll = replica.in_flight
         except grpc.aio.AioRpcError:
             serving = False
+        if serving and (replica.load_watch is None or replica.load_watch.done()):
+            replica.load_watch = asyncio.get_running_loop().create_task(self._watch_load(replica))
         if serving != replica.healthy:
             log.info("inference replica %s is %s", replica.target, "serving" if serving else "not serving")
         replica.healthy = serving
 
-    def mark_failed(self, replica: Replica) -> None:
-        """A stream broke on this replica: stop choosing it until a health check passes again."""
-        replica.healthy = False
+    @staticmethod
+    async def _watch_load(replica: Replica) -> None:
+        """Follows the replica's load reports until the stream breaks; the next health poll that
+        finds the replica serving starts another."""
+        try:
+            async for report in replica.stub.WatchLoad(pb.WatchLoadRequest()):
+                load = report.load
+                replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
+                replica.in_flight_at_report = replica.in_flight
+        except grpc.aio.AioRpcError as error:
+            log.debug("load reports from %s ended: %s", replica.target, error.code().name)
 
     def start(self) -> None:
         async def loop() -> None:
@@ -140,4 +156,6 @@ class ReplicaSet:
         if self._task:
             self._task.cancel()
         for replica in self.replicas:
+            if replica.load_watch:
+                replica.load_watch.cancel()
             await replica.channel.close()

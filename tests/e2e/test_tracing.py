@@ -64,4 +64,4 @@ def test_health_checks_and_load_polling_are_not_traced(mesh):
     time.sleep(1.5)  # several polling rounds and Envoy health checks, exported by now
     names = {span.name for _, span in list(mesh.receiver.spans)}
     assert "/meshserve.v1.GenerationService/Generate" in names
-    assert not {n for n in names if n.endswith(("/GetLoad", "/GetModelInfo", "/Check", "/Watch"))}, names
+    assert not {n for n in names if n.endswith(("/GetLoad", "/WatchLoad", "/GetModelInfo", "/Check", "/Watch"))}, names

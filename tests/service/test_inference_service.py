@@ -95,3 +95,42 @@ async def test_invalid_max_tokens_is_invalid_argument(service):
         await stub.Generate(_request(201)).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sampling.max_tokens" in caught.value.details()
+
+
+async def test_load_reports_follow_requests_as_they_arrive_and_finish(service):
+    """What a router sees of this replica: a report at once, then one soon after each change, so a
+    freed slot is visible in milliseconds rather than at the next poll."""
+    stub, _ = service
+    reports = stub.WatchLoad(pb.WatchLoadRequest(min_interval_ms=1))
+
+    async def next_load() -> pb.GetLoadResponse:
+        return (await asyncio.wait_for(reports.read(), timeout=0.9)).load  # sooner than the 1 s heartbeat
+
+    try:
+        assert (await next_load()).running == 0
+        call = stub.Generate(_request(150))
+        await call.read()  # the first tokens: the request runs
+        busy = await next_load()  # sent when it arrived: waiting, or already running
+        assert busy.running + busy.waiting == 1
+        call.cancel()
+        load = await next_load()
+        while load.running:  # the cancellation frees the slot at the next engine step
+            load = await next_load()
+        assert load.running == load.waiting == 0 and load.kv_cache_usage == 0.0
+    finally:
+        reports.cancel()
+
+
+async def test_draining_ends_the_load_watches_so_the_server_can_stop(model_dir, metrics):
+    config = EngineConfig(num_slots=1, max_context=64, max_new_tokens=8)
+    async_engine = AsyncEngine(metrics)
+    async_engine.attach(Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config))
+    try:
+        reports = async_engine.watch_load(0.001)
+        assert await anext(reports) == (0, 0, 0.0)
+        pending = asyncio.ensure_future(anext(reports))
+        await async_engine.drain(1.0)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, 0.5)  # well before the 1 s heartbeat
+    finally:
+        async_engine.engine.stop()

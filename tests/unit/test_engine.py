@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -247,6 +248,43 @@ def test_a_repeated_prefix_is_not_recomputed_and_gives_the_same_tokens(model_dir
     finally:
         cached.stop()
         uncached.stop()
+
+
+def test_a_prefix_another_running_request_computed_is_copied_and_gives_the_same_tokens(model_dir, tokenizer):
+    """A shared system prompt is prefilled once per engine, not once per slot: a request that arrives
+    while another with the same system prompt runs copies those keys and values from the running
+    request's slot, and generates what it generates without any cache."""
+    from services.tokenizer.core import ChatMessage
+
+    system = ChatMessage("system", "You are a terse assistant who answers geography questions in one sentence.")
+    first = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Italy?")])
+    second = tokenizer.encode_chat([system, ChatMessage("user", "What is the capital of Spain?")])
+    shared = len(os.path.commonprefix([first, second]))
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64)
+    results = {}
+    for caching in (True, False):
+        engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context),
+                        dataclasses.replace(config, enable_prefix_caching=caching))
+        engine.start()
+        try:
+            collector = Collector()
+            collector.expected = 2
+            engine.submit("a", first, SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0), frozenset({2}), collector("a"))
+            deadline = time.monotonic() + 60
+            while not collector.tokens.get("a"):  # a is past its prefill and still running
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            engine.submit("b", second, greedy, frozenset({2}), collector("b"))
+            assert collector.done.wait(120)
+            results[caching] = (collector.tokens["b"], engine.prefix_copies, engine.prefix_cache_hits)
+        finally:
+            engine.stop()
+    tokens, copies, hits = results[True]
+    assert tokens == results[False][0]
+    # b's own slot held nothing; had a finished first, b would have taken a's freed slot and copied nothing
+    assert copies == 1 and hits == shared
+    assert results[False][1:] == (0, 0)
 
 
 # -- resuming an interrupted generation (router failover) -----------------------------------

@@ -8,22 +8,22 @@ from meshserve.inference.v1 import inference_service_pb2 as pb
 
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.router.admission import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, admit
-from services.router.replicas import Replica, choose_replica, prefix_key
+from services.router.replicas import Replica, choose_replica, prefix_key, record_call_error
 
 
 def replica(target: str, **state) -> Replica:
     return Replica(target, channel=None, stub=None, healthy=True, info=pb.GetModelInfoResponse(max_running=4, max_waiting=2), **state)
 
 
-def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_poll():
-    r = replica("a", running=5, waiting=1, in_flight_at_poll=2, in_flight=2)
+def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_report():
+    r = replica("a", running=5, waiting=1, in_flight_at_report=2, in_flight=2)
     assert r.load == 6  # 4 from other routers + 2 of ours
-    r.in_flight = 0  # both of ours finished since the poll: their places are free now, not at the next poll
+    r.in_flight = 0  # both of ours finished since the poll: their places are free now, not at the next report
     assert r.load == 4
-    r.in_flight = 3  # and a new one of ours, not yet polled
+    r.in_flight = 3  # and a new one of ours, not yet reported
     assert r.load == 7
     # the replica reported less than we had in flight (it had not received them yet): never negative
-    assert replica("b", running=0, in_flight_at_poll=3, in_flight=3).load == 3
+    assert replica("b", running=0, in_flight_at_report=3, in_flight=3).load == 3
 
 
 def test_a_prefix_goes_to_the_same_replica_unless_it_is_much_busier():
@@ -67,6 +67,16 @@ def test_each_priority_is_admitted_up_to_its_share_of_capacity(priority, admitte
     with pytest.raises(ResourceExhaustedError) as refused:
         admit(priority, admitted_up_to, capacity=10)
     assert refused.value.retry_after_s > 0
+
+
+def test_a_full_replica_stays_in_the_choice_and_a_dead_one_leaves_it():
+    import grpc
+
+    r = replica("a")
+    record_call_error(r, grpc.StatusCode.RESOURCE_EXHAUSTED)  # refused: its slots were taken meanwhile
+    assert r.healthy and choose_replica([r], b"k", exclude=set()) is r
+    record_call_error(r, grpc.StatusCode.UNAVAILABLE)  # died or drains: out until a health check passes
+    assert not r.healthy and choose_replica([r], b"k", exclude=set()) is None
 
 
 def test_no_serving_replica_is_unavailable_not_exhausted():

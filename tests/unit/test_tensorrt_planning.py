@@ -318,6 +318,9 @@ def test_cache_gather_and_scatter_match_numpy(model_dir):
     assert gathered.is_contiguous() and gathered[1, 0].is_contiguous()
     np.testing.assert_array_equal(gathered.numpy(), reference[:, :, [0, 2], :, :3])
     assert cache.gather(torch.tensor([1]), past=0).numel() == 0
+    cache.copy_prefix(src_slot=2, dst_slot=1, length=3)  # a shared prompt prefix into another slot
+    reference[:, :, 1, :, :3] = reference[:, :, 2, :, :3]
+    np.testing.assert_array_equal(cache.storage.numpy(), reference)
 
 
 @pytest.fixture(scope="module")

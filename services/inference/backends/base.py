@@ -82,5 +82,9 @@ class DecoderBackend(abc.ABC):
         """Runs one step, appends the new tokens' keys/values to each row's slot after its cached
         tokens, and returns float32 logits [rows, n_logits, vocab] on the host."""
 
+    @abc.abstractmethod
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copies the keys and values of positions [0, length) of `src_slot` into `dst_slot`."""
+
     def close(self) -> None:
         """Releases device resources."""

@@ -94,6 +94,14 @@ class OnnxRuntimeBackend(DecoderBackend):
         self._row_length[start + local] = batch.cached_lengths + batch.new_lengths
         return logits.reshape(rows, n, -1)
 
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        for layer in range(self.config.num_layers):
+            (src_k, src_v), (dst_k, dst_v) = self.slot_cache(layer, src_slot), self.slot_cache(layer, dst_slot)
+            dst_k[:, :length] = src_k[:, :length]
+            dst_v[:, :length] = src_v[:, :length]
+        row = self._row_of_slot[dst_slot]
+        self._row_length[row] = max(int(self._row_length[row]), length)
+
     def slot_cache(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the keys and values [kv_heads, max_context, head_dim] that `slot` holds in
         `layer` (slots move between buffer rows, so index through this, not the buffers)."""

@@ -486,6 +486,10 @@ class DeviceKVCache:
         # both sides index two non-adjacent dims, so both come out as [tokens, layers, 2, kv, head_dim]
         self.storage[:, :, slot_idx, :, pos_idx] = new_kv[:, :, row_idx, :, t_idx]
 
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Every layer's keys and values of positions [0, length) from one slot to another."""
+        self.storage[:, :, dst_slot, :, :length] = self.storage[:, :, src_slot, :, :length]
+
 
 class DeviceStepRunner:
     """One engine step on a device: per sub-step, upload the small inputs, gather the rows' past
@@ -808,6 +812,11 @@ class TensorRTBackend(DecoderBackend):
         torch = self._torch
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             return self._runner.forward(batch)
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        torch = self._torch
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+            self._runner.cache.copy_prefix(src_slot, dst_slot, length)
 
     def close(self) -> None:
         self._stream.synchronize()
