@@ -49,12 +49,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def inference_threads(replicas: int) -> int:
-    """Compute threads for each of `replicas` inference processes sharing this machine's cores: more
-    threads than cores in all leaves ONNX Runtime's spinning workers fighting over them (measured on
-    two cores with two replicas: time to first token under load about halved with one thread each).
-    An --inference-arg=--threads=N given by the user comes later on the command line and wins."""
-    return max(1, len(os.sched_getaffinity(0)) // replicas)
+def inference_threads_args(replicas: int) -> list[str]:
+    """--threads for each of `replicas` inference processes sharing this machine's cores: more threads
+    than cores in all leaves ONNX Runtime's spinning workers fighting over them (measured on two cores
+    with two replicas: time to first token under load about halved with one thread each). One replica
+    keeps ONNX Runtime's own choice, and MESHSERVE_INFERENCE_THREADS or an --inference-arg=--threads=N
+    (later on the command line) wins."""
+    if replicas <= 1 or os.environ.get("MESHSERVE_INFERENCE_THREADS"):
+        return []
+    return [f"--threads={max(1, len(os.sched_getaffinity(0)) // replicas)}"]
 
 
 def _wait_serving(target: str, service: str, deadline: float, procs: list[subprocess.Popen], tls=None) -> None:
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     for i, port in enumerate(inference_ports):
         commands[f"inference-{i}"] = base + [
             "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common,
-            "--precision", args.precision, f"--threads={inference_threads(args.inference_replicas)}", *args.inference_arg]
+            "--precision", args.precision, *inference_threads_args(args.inference_replicas), *args.inference_arg]
     targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [

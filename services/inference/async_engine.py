@@ -49,7 +49,12 @@ class AsyncEngine:
     def attach(self, engine: Engine) -> None:
         """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
         loop = asyncio.get_running_loop()
-        engine.on_load_change = lambda: loop.call_soon_threadsafe(self._notify_load_change)
+
+        def on_load_change() -> None:
+            if not loop.is_closed():  # the engine thread may outlive the loop at shutdown
+                loop.call_soon_threadsafe(self._notify_load_change)
+
+        engine.on_load_change = on_load_change
         self.engine = engine
         engine.start()
         self._notify_load_change()

@@ -60,8 +60,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse keys and values already computed for the same leading prompt tokens: those a freed slot
     still holds, or, copied into the new request's slot, those of any other slot (a running request's
-    prompt too: a shared system prompt is prefilled once, not once per slot). Only positions a
-    prefill computed are reused (a previous prompt, not its generated answer): see `Engine` on why
+    prompt too: once a system prompt is computed, later requests copy it instead of prefilling it;
+    requests admitted together before that each prefill it). Only positions a prefill computed are reused (a previous prompt, not its generated answer): see `Engine` on why
     every position is computed the same way whatever the cache held."""
     min_prefix_hit_tokens: int = 16
     """Shorter common prefixes are not worth choosing a slot for."""
@@ -163,7 +163,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.on_load_change: Callable[[], None] = lambda: None
-        """Called (on the submitting or the engine thread) when a request is taken or finishes."""
+        """Called (on the submitting or the engine thread) when a request arrives, is admitted to a
+        slot, or finishes."""
 
     # -- public, thread-safe ---------------------------------------------------------------
     def start(self) -> None:
@@ -306,6 +307,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Gives free slots to waiting requests, highest priority first; they prefill from the next step."""
+        admitted = bool(self._waiting and self._free_slots)
         while self._waiting and self._free_slots:
             request = self._waiting.popleft()
             # prompt logprobs need every prompt position through the model: no cache to look up
@@ -324,6 +326,8 @@ class Engine:
                 self.prefix_cache_hits += request.cached
             request.times.scheduled = time.monotonic()
             self._running[request.request_id] = request
+        if admitted:  # a load report read during this pass may have missed the moving requests
+            self.on_load_change()
 
     def _pick_slot(self, prompt: list[int], use_cache: bool) -> tuple[int, int]:
         """The free slot whose retained tokens share the longest prefix with `prompt`, and that length
@@ -459,8 +463,8 @@ class Engine:
         request.times.finished = time.monotonic()
         with self._lock:
             self._free_slots.append(request.slot)
-        self.on_load_change()
         request.slot = -1
         output = last or EngineOutput(request.request_id, [])
         output.finish_reason, output.error = reason, error
         request.on_output(output)
+        self.on_load_change()

@@ -71,6 +71,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.GetLoadResponse(running=running, waiting=waiting, kv_cache_usage=kv_cache_usage)
 
     async def WatchLoad(self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchLoadResponse]:
-        min_interval_s = (request.min_interval_ms or DEFAULT_LOAD_REPORT_INTERVAL_MS) / 1000
+        # bounded: a watcher may not ask for a flood, nor sleep through a drain
+        min_interval_s = min(max(request.min_interval_ms or DEFAULT_LOAD_REPORT_INTERVAL_MS, 1), 1000) / 1000
         async for running, waiting, kv_cache_usage in self.engine.watch_load(min_interval_s):
             yield pb.WatchLoadResponse(load=pb.GetLoadResponse(running=running, waiting=waiting, kv_cache_usage=kv_cache_usage))

@@ -38,6 +38,7 @@ class Replica:
     info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
     in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
     load_watch: asyncio.Task | None = None  # follows the replica's WatchLoad stream
+    polls_load: bool = False  # an older replica without WatchLoad: its load is polled with GetLoad
 
     @property
     def max_running(self) -> int:
@@ -76,10 +77,20 @@ def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affin
     return preferred if has_room and preferred.load <= least.load + affinity_slack else least
 
 
+LOAD_REPORT_TIMEOUT_S = 3.0
+"""A replica's load stream sends at least one report a second; after this long without one the
+router drops the stream and opens another."""
+
+
+def _set_load(replica: Replica, load: pb.GetLoadResponse) -> None:
+    replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
+    replica.in_flight_at_report = replica.in_flight
+
+
 def record_call_error(replica: Replica, code: grpc.StatusCode) -> None:
     """A call on `replica` ended with `code`. UNAVAILABLE (dead, or draining) takes it out of the
     choice until a health check passes again; RESOURCE_EXHAUSTED does not: a full replica is
-    healthy, and its load already keeps it from being chosen while it is full."""
+    healthy, and its load ranks it last among the others (the request that met it tries those)."""
     if code == grpc.StatusCode.UNAVAILABLE:
         replica.healthy = False
 
@@ -111,9 +122,11 @@ class ReplicaSet:
             serving = health.status == health_pb2.HealthCheckResponse.SERVING
             if serving and replica.info is None:
                 replica.info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
+            if serving and replica.polls_load:
+                _set_load(replica, await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1))
         except grpc.aio.AioRpcError:
             serving = False
-        if serving and (replica.load_watch is None or replica.load_watch.done()):
+        if serving and not replica.polls_load and (replica.load_watch is None or replica.load_watch.done()):
             replica.load_watch = asyncio.get_running_loop().create_task(self._watch_load(replica))
         if serving != replica.healthy:
             log.info("inference replica %s is %s", replica.target, "serving" if serving else "not serving")
@@ -123,13 +136,24 @@ class ReplicaSet:
     async def _watch_load(replica: Replica) -> None:
         """Follows the replica's load reports until the stream breaks; the next health poll that
         finds the replica serving starts another."""
+        reports = replica.stub.WatchLoad(pb.WatchLoadRequest())
         try:
-            async for report in replica.stub.WatchLoad(pb.WatchLoadRequest()):
-                load = report.load
-                replica.running, replica.waiting, replica.kv_cache_usage = load.running, load.waiting, load.kv_cache_usage
-                replica.in_flight_at_report = replica.in_flight
+            while True:
+                # reports come at least every second; a silent stream is a stuck or half-open one
+                report = await asyncio.wait_for(reports.read(), LOAD_REPORT_TIMEOUT_S)
+                if report is grpc.aio.EOF:
+                    break
+                _set_load(replica, report.load)
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                replica.polls_load = True
             log.debug("load reports from %s ended: %s", replica.target, error.code().name)
+        except asyncio.TimeoutError:
+            log.warning("no load report from %s for %.0f s; reconnecting", replica.target, LOAD_REPORT_TIMEOUT_S)
+        finally:
+            reports.cancel()
+            # what it reported is of a replica that may be gone: a restarted one starts empty
+            replica.running = replica.waiting = replica.in_flight_at_report = 0
 
     def start(self) -> None:
         async def loop() -> None:

@@ -250,9 +250,11 @@ def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(laten
 
     def ttft(results):
         firsts = [r[1] for r in results if r[0] == "OK"]
-        return f"p50={p(firsts, .5):.0f}ms p99={p(firsts, .99):.0f}ms"
+        return f"p50={p(firsts, .5):.0f}ms p99={p(firsts, .99):.0f}ms" if firsts else "n/a"
 
+    # below capacity nothing should be refused; a few may, when a load report is a few ms behind
     capacity_ok = sum(1 for r in result["at_capacity"] if r[0] == "OK")
+    assert capacity_ok >= 0.8 * len(result["at_capacity"]), [r[0] for r in result["at_capacity"]]
     print(f"overload: offered={len(offered)} at {result['rate']:.0f}/s for 5 s accepted={len(accepted)} "
           f"refused={len(refused)} refusal p50={p([r[2] for r in refused], .5):.0f}ms "
           f"p99={p([r[2] for r in refused], .99):.0f}ms max={p([r[2] for r in refused], 1):.0f}ms "

@@ -18,7 +18,7 @@ def replica(target: str, **state) -> Replica:
 def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_report():
     r = replica("a", running=5, waiting=1, in_flight_at_report=2, in_flight=2)
     assert r.load == 6  # 4 from other routers + 2 of ours
-    r.in_flight = 0  # both of ours finished since the poll: their places are free now, not at the next report
+    r.in_flight = 0  # both of ours finished since the report: their places are free now, not at the next report
     assert r.load == 4
     r.in_flight = 3  # and a new one of ours, not yet reported
     assert r.load == 7
@@ -109,3 +109,64 @@ def test_a_failing_detokenization_stream_is_the_tokenizers_error_not_a_replica_f
         asyncio.run(_detokenize(BrokenStream(), nothing(), [1]))
     with pytest.raises(UnavailableError, match="closed the detokenization stream"):
         asyncio.run(_detokenize(ClosedStream(), nothing(), [1]))
+
+
+class _Reports:
+    """A WatchLoad call standing in for a replica's: these reports, then `end`."""
+
+    def __init__(self, loads, end) -> None:
+        self.loads, self.end, self.cancelled = list(loads), end, False
+
+    async def read(self):
+        import asyncio
+
+        if self.loads:
+            return pb.WatchLoadResponse(load=self.loads.pop(0))
+        if self.end == "silence":
+            await asyncio.sleep(3600)
+        raise self.end
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _watch(r: Replica, reports: _Reports, monkeypatch) -> None:
+    import asyncio
+    import types
+
+    from services.router import replicas
+
+    monkeypatch.setattr(replicas, "LOAD_REPORT_TIMEOUT_S", 0.05)
+    r.stub = types.SimpleNamespace(WatchLoad=lambda request: reports)
+    asyncio.run(replicas.ReplicaSet._watch_load(r))
+    assert reports.cancelled
+
+
+def test_load_reports_update_the_replica_and_a_broken_stream_forgets_them(monkeypatch):
+    import grpc
+
+    r = replica("a", in_flight=2)
+    seen = []
+    loads = [pb.GetLoadResponse(running=3, waiting=1, kv_cache_usage=0.75)]
+
+    class Recording(_Reports):
+        async def read(self):
+            seen.append((r.running, r.waiting, r.kv_cache_usage, r.in_flight_at_report))
+            return await super().read()
+
+    gone = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    _watch(r, Recording(loads, gone), monkeypatch)
+    assert seen[-1] == (3, 1, 0.75, 2)  # applied, with our in-flight count at that report
+    assert (r.running, r.waiting, r.in_flight_at_report) == (0, 0, 0)  # a restarted replica starts empty
+    assert not r.polls_load
+
+
+def test_a_silent_load_stream_is_dropped_and_an_old_replica_is_polled(monkeypatch):
+    import grpc
+
+    r = replica("a")
+    _watch(r, _Reports([pb.GetLoadResponse(running=2)], "silence"), monkeypatch)  # ends after the timeout
+    assert r.running == 0 and not r.polls_load
+    unimplemented = grpc.aio.AioRpcError(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "")
+    _watch(r, _Reports([], unimplemented), monkeypatch)
+    assert r.polls_load  # the health poll reads its load with GetLoad from now on
