@@ -172,6 +172,29 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     wait_until(lambda: _serving(mesh2, victim), timeout=120)
 
 
+def test_sigterm_of_a_router_finishes_its_streams_while_envoy_moves_new_ones(mesh2):
+    """A router told to stop keeps serving through its drain notice (Envoy's health checks take it
+    out meanwhile), finishes the streams it carries, then exits: no client sees an error. The streams
+    outlast the 2 s notice, so they finish inside the shutdown grace, not before the drain begins."""
+    streams = [Stream(mesh2.target, request(p, 400, min_tokens=400)) for p in PROMPTS]
+    for s in streams:
+        s.start()
+    wait_until(lambda: all(len(s.tokens) >= 3 for s in streams))
+    on_router = {name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")}
+    victim = max(on_router, key=on_router.get)
+    assert on_router[victim] >= 1
+    pid = mesh2.pids()[victim]
+    os.kill(pid, signal.SIGTERM)
+    during = run_streams(mesh2.target, [request(p, 8) for p in PROMPTS])  # sent while it drains
+    for s in streams:
+        s.join(180)
+    for s in streams + during:
+        assert s.error is None, s.error
+        assert s.complete is not None
+    wait_until(lambda: mesh2.pids()[victim] != pid, timeout=60)  # it exited; the launcher started another
+    wait_until(lambda: _serving(mesh2, victim), timeout=120)
+
+
 @pytest.fixture
 def latency_mesh(model_dir, otlp_receiver):
     """Replicas configured for latency over queueing: no engine queue, so the capacity the routers
