@@ -33,7 +33,8 @@ def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> di
     from services.modelstore.layout import ModelDirectory
 
     directory = ModelDirectory(model)
-    config = dataclasses.replace(EngineConfig(), num_slots=max(EngineConfig().num_slots, concurrency))
+    base = EngineConfig()
+    config = dataclasses.replace(base, num_slots=max(base.num_slots, concurrency))
     backend = OnnxRuntimeBackend(directory, config.num_slots, config.max_context)
     prefill = best_prefill_ms(backend)
     engine = Engine(backend, config)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
+from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
 
 class _Tracker:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.inference.bench_engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)")
-    parser.add_argument("--precision", help="weights of the prepared model (default: prepare-model's default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to run")
     parser.add_argument("--concurrency", type=positive_int, default=1, help="requests in the engine at once (default %(default)s)")
     parser.add_argument("--requests", type=positive_int, help="requests in all (default: one per concurrent stream)")
     parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)")
@@ -132,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.engine import Engine, EngineConfig
     from services.inference.sampling import SamplingParams
-    from services.modelstore.prepare import prepare_model
 
-    model = prepare_model(args.models_root, args.precision) if args.precision else prepare_model(args.models_root)
+    model = prepare_model(args.models_root, args.precision)
     defaults = EngineConfig()
     config = dataclasses.replace(defaults, num_slots=args.num_slots or max(defaults.num_slots, args.concurrency))
     load_started = time.perf_counter()

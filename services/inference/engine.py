@@ -298,9 +298,11 @@ class Engine:
             aborts, self._aborts = self._aborts, set()
         if not aborts:
             return
-        for request in [r for r in self._waiting if r.request_id in aborts]:
+        aborted_waiting = [r for r in self._waiting if r.request_id in aborts]
+        for request in aborted_waiting:
             self._waiting.remove(request)
             request.on_output(EngineOutput(request.request_id, [], FinishReason.ABORT))
+        if aborted_waiting:
             self.on_load_change()
         for request_id in aborts & self._running.keys():
             self._finish(self._running[request_id], FinishReason.ABORT)
@@ -312,8 +314,8 @@ class Engine:
             request = self._waiting.popleft()
             # prompt logprobs need every prompt position through the model: no cache to look up
             use_cache = self.config.enable_prefix_caching and request.params.prompt_logprobs is None
+            slot, hit = self._pick_slot(request.prompt_token_ids, use_cache)  # only this thread changes _free_slots
             with self._lock:
-                slot, hit = self._pick_slot(request.prompt_token_ids, use_cache)
                 self._free_slots.remove(slot)
             if use_cache:
                 hit = self._share_prefix(request.prompt_token_ids, slot, hit)
@@ -345,17 +347,15 @@ class Engine:
         return best_slot, best
 
     def _share_prefix(self, prompt: list[int], slot: int, hit: int) -> int:
-        """Copies into `slot` the longest prefix of `prompt` that another slot holds, when that beats
-        the `hit` the slot itself has; returns the prefix length now in `slot`."""
-        # what each slot holds as computed by prefill: a running request's prompt as far as its
-        # prefill got (`cached` runs past the prompt while it decodes), or what a finished one left
-        held = {r.slot: r.prompt_token_ids[: r.cached] for r in self._running.values()}
+        """Copies into `slot` the longest prefix of `prompt` that a running request's slot holds, when
+        that beats the `hit` the slot itself has; returns the prefix length now in `slot`. (Free slots
+        need no look: `_pick_slot` already took the free slot with the longest one.)"""
         best_slot, best = -1, hit
-        for other in range(self.config.num_slots):
-            if other != slot:
-                common = len(os.path.commonprefix([held.get(other, self._slot_tokens[other]), prompt]))
-                if common > best:
-                    best_slot, best = other, common
+        for request in self._running.values():
+            # only what its prefill computed: `cached` runs past the prompt while it decodes
+            common = min(len(os.path.commonprefix([request.prompt_token_ids, prompt])), request.cached)
+            if common > best:
+                best_slot, best = request.slot, common
         # the last two prompt tokens are prefilled anyway; a short copy is not worth it
         usable = min(best, len(prompt) - 2)
         if best_slot < 0 or usable < self.config.min_prefix_hit_tokens or usable <= hit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.inference.backends.base import DecoderBackend, StepBatch
+from services.inference.sampling import log_softmax
 
 
 def token_log_probs(backend: DecoderBackend, token_ids: list[int], slot: int = 0, chunk: int = 512) -> np.ndarray:
@@ -20,12 +21,9 @@ def token_log_probs(backend: DecoderBackend, token_ids: list[int], slot: int = 0
         piece = ids[start : start + chunk]
         n = len(piece)
         batch = StepBatch.one_row(piece, slot, cached=start, all_logits=True)
-        logits = backend.forward(batch)[0].astype(np.float64)
         targets = ids[start + 1 : start + n + 1]
-        logits = logits[: len(targets)]
-        peak = logits.max(-1, keepdims=True)
-        log_norm = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
-        out.append(logits[np.arange(len(targets)), targets] - log_norm)
+        log_probs = log_softmax(backend.forward(batch)[0][: len(targets)])
+        out.append(log_probs[np.arange(len(targets)), targets])
     return np.concatenate(out)
 
 

@@ -28,3 +28,20 @@ def test_resource_exhausted_and_unavailable_carry_retry_info():
         info = error_details_pb2.RetryInfo()
         assert _details(status)[0].Unpack(info)
         assert info.retry_delay.ToMilliseconds() == error.retry_after_s * 1000
+
+
+def test_a_downstream_status_is_passed_on_unchanged():
+    """What the router does with a dependency's error: the same code and message reach its caller,
+    with the domain errors' details rebuilt (RetryInfo here)."""
+    from services.common.errors import DownstreamError
+    from services.common.grpc_status import from_rpc_error
+
+    def received(status: grpc.Status) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details)
+
+    passed = from_rpc_error(received(to_grpc_status(DownstreamError("DEADLINE_EXCEEDED", "took too long"))))
+    assert isinstance(passed, DownstreamError)
+    again = to_grpc_status(passed)
+    assert (again.code, again.details) == (grpc.StatusCode.DEADLINE_EXCEEDED, "took too long")
+    refused = from_rpc_error(received(to_grpc_status(ResourceExhaustedError("full", 1.5))))
+    assert isinstance(refused, ResourceExhaustedError) and refused.retry_after_s == 1.5
