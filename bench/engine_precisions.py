@@ -29,7 +29,7 @@ def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> di
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.bench_engine import encode_prompts, run_requests
     from services.inference.engine import Engine, EngineConfig
-    from services.inference.sampling import SamplingParams
+    from services.common.contract import SamplingParams
     from services.modelstore.layout import ModelDirectory
 
     directory = ModelDirectory(model)

@@ -18,7 +18,7 @@ import numpy as np
 
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig
-from services.inference.sampling import SamplingParams
+from services.common.contract import SamplingParams
 from services.modelstore.layout import add_models_root_arg
 from services.modelstore.prepare import prepare_model
 from services.tokenizer.core import TokenizerCore

@@ -33,6 +33,10 @@ class UnavailableError(ServingError):
         self.retry_after_s = retry_after_s
 
 
+class InternalError(ServingError):
+    """A fault that ended one request (a bug, or the request hit one): INTERNAL to its client alone."""
+
+
 class DownstreamError(ServingError):
     """A dependency ended a call with another status (e.g. DEADLINE_EXCEEDED), passed on unchanged;
     `code` is the status name."""

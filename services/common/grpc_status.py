@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
+import uuid
 from typing import Any, Callable
 
 import grpc
@@ -52,6 +54,15 @@ async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
     await context.abort_with_status(to_grpc_status(error))
 
 
+async def abort_internal(context: grpc.aio.ServicerContext, where: str) -> None:
+    """Ends a call that hit a bug: the client gets INTERNAL with an id to quote, never the exception
+    (its class name, or internal addresses in its message); the log gets the traceback under that id.
+    Call it from an `except` block."""
+    error_id = uuid.uuid4().hex[:16]
+    log.exception("unhandled error %s in %s", error_id, where)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
+
+
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a servicer method (coroutine or async generator): domain errors become their
     statuses, unexpected exceptions INTERNAL (logged with a traceback), cancellation passes."""
@@ -59,8 +70,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     async def _handle(exc: Exception, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, ServingError):
             await abort(context, exc)
-        log.exception("unhandled error in %s", method.__qualname__)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        await abort_internal(context, method.__qualname__)
 
     if inspect.isasyncgenfunction(method):
 
@@ -88,8 +98,17 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary_wrapper
 
 
+# host:port of internal services (gRPC's transport errors name them): not for clients' eyes
+_ADDRESS = re.compile(r"(?:\b(?:ipv4|ipv6|dns|unix):)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):\d{2,5}\b")
+
+
+def scrub_addresses(message: str) -> str:
+    return _ADDRESS.sub("<internal address>", message)
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError:
-    """Rebuilds the domain error a downstream service sent, so the router can pass it on."""
+    """Rebuilds the domain error a downstream service sent, so the router can pass it on (without
+    internal addresses in its message)."""
     status = rpc_status.from_call(error)
     code = error.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -106,6 +125,6 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError:
             if detail.Unpack(info):
                 retry = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ResourceExhaustedError(error.details() or "overloaded", retry if retry is not None else 1.0)
-        return UnavailableError(error.details() or "unavailable", retry)
-    return DownstreamError(code.name, error.details() or "")
+            return ResourceExhaustedError(scrub_addresses(error.details() or "overloaded"), retry if retry is not None else 1.0)
+        return UnavailableError(scrub_addresses(error.details() or "unavailable"), retry)
+    return DownstreamError(code.name, scrub_addresses(error.details() or ""))

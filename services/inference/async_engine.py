@@ -11,10 +11,11 @@ from typing import AsyncIterator, Sequence
 
 from opentelemetry import trace
 
-from services.common.errors import UnavailableError
+from services.common.contract import SamplingParams
+from services.common.errors import InternalError, UnavailableError
 from services.common.metrics import ServingMetrics
 from services.inference.engine import Engine, EngineOutput, FinishReason, RequestTimes
-from services.inference.sampling import SamplingParams, TokenLogprob
+from services.inference.sampling import TokenLogprob
 
 tracer = trace.get_tracer("meshserve.inference")
 
@@ -36,6 +37,8 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    cached_prompt_tokens: int = 0
+    """Prompt positions the prefix cache supplied (on the result that carries the first token)."""
 
 
 class AsyncEngine:
@@ -100,7 +103,7 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: Sequence[int],
         priority: int = 0, resumed_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GenerationResult]:
         engine = self.engine
@@ -123,18 +126,22 @@ class AsyncEngine:
                 tokens = list(output.token_ids)
                 logprobs = list(output.logprobs) if output.logprobs is not None else None
                 prompt_logprobs = output.prompt_logprobs
+                cached_prompt_tokens = output.cached_prompt_tokens or 0
                 finish = output.finish_reason
                 while finish is None and not outputs.empty():
                     output = outputs.get_nowait()
                     tokens += output.token_ids
+                    cached_prompt_tokens = max(cached_prompt_tokens, output.cached_prompt_tokens or 0)
                     if logprobs is not None and output.logprobs:
                         logprobs += output.logprobs
                     finish = output.finish_reason
-                if finish in (FinishReason.ABORT, FinishReason.ERROR):  # `output` is the finishing one
+                if finish is FinishReason.ERROR:  # this request failed; the replica and its other streams go on
+                    raise InternalError(f"internal error (request {request_id})")
+                if finish is FinishReason.ABORT:  # the replica stopped: another one can continue the request
                     raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
                 generated += len(tokens)
                 self.metrics.generation_tokens.inc(len(tokens))
-                yield GenerationResult(tokens, finish, len(prompt_token_ids), logprobs, prompt_logprobs)
+                yield GenerationResult(tokens, finish, len(prompt_token_ids), logprobs, prompt_logprobs, cached_prompt_tokens)
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
                 engine.abort(engine_id)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.engine import Engine, EngineConfig
-    from services.inference.sampling import SamplingParams
+    from services.common.contract import SamplingParams
 
     model = prepare_model(args.models_root, args.precision)
     defaults = EngineConfig()

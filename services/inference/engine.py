@@ -18,17 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.common.contract import EngineLimits, SamplingParams, validate_generation
+from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.inference.backends.base import DecoderBackend, StepBatch
-from services.inference.sampling import (
-    SamplingParams,
-    TokenLogprob,
-    apply_penalties,
-    sample_token,
-    token_logprob,
-    token_logprobs,
-    validate_sampling,
-)
+from services.inference.sampling import TokenLogprob, apply_penalties, sample_token, token_logprob, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +82,8 @@ class EngineOutput:
     """One per token in token_ids, when the request asked for logprobs."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """For prompt tokens 1..n-1 (the first has no context), on the first output, when asked for."""
+    cached_prompt_tokens: int | None = None
+    """Prompt positions taken from the prefix cache, on the first output that carries a token."""
 
 
 @dataclass
@@ -112,7 +107,10 @@ class EngineRequest:
     times: RequestTimes
     priority: int = 0
     slot: int = -1
-    cached: int = 0
+    num_computed_tokens: int = 0
+    """Positions whose keys/values the slot holds: prompt prefix from the cache, prefilled chunks, decoded tokens."""
+    num_cached_prompt_tokens: int = 0
+    """Of the prompt, positions taken from the prefix cache at admission instead of prefilled."""
     output_token_ids: list[int] = field(default_factory=list)
     rng: np.random.Generator | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -121,7 +119,7 @@ class EngineRequest:
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt_token_ids)
+        return self.num_computed_tokens < len(self.prompt_token_ids)
 
 
 class Engine:
@@ -185,33 +183,21 @@ class Engine:
     def idle(self) -> bool:
         return not self._running and not self._waiting and self._pending_count == 0
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resumed_token_ids: Sequence[int] = ()) -> None:
-        """Raises InvalidArgumentError for requests this engine can never serve."""
-        c = self.config
-        if not prompt_token_ids:
-            raise InvalidArgumentError("prompt_token_ids", "the prompt has no tokens")
-        vocab = self.backend.config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise InvalidArgumentError("prompt_token_ids", f"token ids must be in [0, {vocab})")
-        if any(t < 0 or t >= vocab for t in resumed_token_ids):
-            raise InvalidArgumentError("resumed_token_ids", f"token ids must be in [0, {vocab})")
-        validate_sampling(params, c.max_new_tokens)
-        if len(resumed_token_ids) >= params.max_tokens:
-            raise InvalidArgumentError(
-                "resumed_token_ids", f"{len(resumed_token_ids)} resumed tokens leave nothing to generate under max_tokens ({params.max_tokens})"
-            )
-        if len(prompt_token_ids) + params.max_tokens > c.max_context:
-            raise InvalidArgumentError(
-                "sampling.max_tokens",
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {c.max_context} tokens",
-            )
+    def validate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, stop_token_ids: Sequence[int] = (),
+        resumed_token_ids: Sequence[int] = (), priority: int = 0,
+    ) -> None:
+        """Raises InvalidArgumentError for requests this engine can never serve (the request contract,
+        services/common/contract.py, with this engine's vocabulary and context)."""
+        limits = EngineLimits(self.backend.config.vocab_size, self.config.max_context, self.config.max_new_tokens)
+        validate_generation(limits, prompt_token_ids, params, stop_token_ids, resumed_token_ids, priority)
 
     def submit(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        stop_token_ids: frozenset[int],
+        stop_token_ids: Sequence[int],
         on_output: Callable[[EngineOutput], None],
         priority: int = 0,
         resumed_token_ids: Sequence[int] = (),
@@ -219,7 +205,7 @@ class Engine:
         """Queues a request; outputs arrive through `on_output` on the engine thread. Waiting
         requests are admitted highest `priority` first, in arrival order within a priority.
         `resumed_token_ids` continue an interrupted generation: they count as its first outputs."""
-        self.validate(prompt_token_ids, params, resumed_token_ids)
+        self.validate(prompt_token_ids, params, list(stop_token_ids), resumed_token_ids, priority)
         with self._lock:
             if self._stopped or not self._accepting:
                 raise UnavailableError("this replica is draining", retry_after_s=0.1)
@@ -235,7 +221,7 @@ class Engine:
         times = RequestTimes(arrival=time.monotonic())
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(8), "little")
         request = EngineRequest(
-            request_id, list(prompt_token_ids), params, stop_token_ids, on_output, times, priority,
+            request_id, list(prompt_token_ids), params, frozenset(stop_token_ids), on_output, times, priority,
             rng=np.random.default_rng(seed), resumed_token_ids=list(resumed_token_ids),
         )
         self._inbox.put(request)
@@ -268,7 +254,7 @@ class Engine:
                 break
             try:
                 self._step()
-            except Exception:  # a failed step must not hang its requests: end them with an error
+            except Exception:  # not attributable to a request (those fail alone, in _step): end them all
                 log.exception("engine step failed")
                 for request in list(self._running.values()):
                     self._finish(request, FinishReason.ERROR, error="engine step failed")
@@ -318,14 +304,18 @@ class Engine:
             with self._lock:
                 self._free_slots.remove(slot)
             if use_cache:
-                hit = self._share_prefix(request.prompt_token_ids, slot, hit)
+                try:
+                    hit = self._share_prefix(request.prompt_token_ids, slot, hit)
+                except Exception:  # a failed copy costs a prefill, nothing else
+                    log.exception("request %s: copying a cached prefix failed; prefilling it", request.request_id)
             request.slot = slot
             # keep at least two prompt tokens to prefill: their logits give the first generated
             # token, and a single one would take the decode kernels (see the class docstring)
-            request.cached = max(0, min(hit, len(request.prompt_token_ids) - 2))
+            request.num_computed_tokens = max(0, min(hit, len(request.prompt_token_ids) - 2))
+            request.num_cached_prompt_tokens = request.num_computed_tokens
             if use_cache:
                 self.prefix_cache_queries += len(request.prompt_token_ids)
-                self.prefix_cache_hits += request.cached
+                self.prefix_cache_hits += request.num_computed_tokens
             request.times.scheduled = time.monotonic()
             self._running[request.request_id] = request
         if admitted:  # a load report read during this pass may have missed the moving requests
@@ -352,8 +342,8 @@ class Engine:
         need no look: `_pick_slot` already took the free slot with the longest one.)"""
         best_slot, best = -1, hit
         for request in self._running.values():
-            # only what its prefill computed: `cached` runs past the prompt while it decodes
-            common = min(len(os.path.commonprefix([request.prompt_token_ids, prompt])), request.cached)
+            # only what its prefill computed: `num_computed_tokens` runs past the prompt while it decodes
+            common = min(len(os.path.commonprefix([request.prompt_token_ids, prompt])), request.num_computed_tokens)
             if common > best:
                 best_slot, best = request.slot, common
         # the last two prompt tokens are prefilled anyway; a short copy is not worth it
@@ -375,14 +365,14 @@ class Engine:
             self._last_step_decoded = False
             rows, chunks, budget = [], [], self.config.max_prefill_tokens
             for request in prefilling:
-                rest = len(request.prompt_token_ids) - request.cached
+                rest = len(request.prompt_token_ids) - request.num_computed_tokens
                 take = min(rest, budget)
                 if take < rest:  # a chunk of a longer prompt: neither it nor what is left is one token
                     take = min(take, rest - 2)
                 if take < min(2, rest):
                     break
                 rows.append(request)
-                chunks.append(request.prompt_token_ids[request.cached : request.cached + take])
+                chunks.append(request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take])
                 budget -= take
             return rows, chunks
         self._last_step_decoded = True
@@ -407,27 +397,58 @@ class Engine:
         batch = StepBatch(
             slots=np.array([r.slot for r in rows], np.int64),
             input_ids=input_ids,
-            cached_lengths=np.array([r.cached for r in rows], np.int64),
+            cached_lengths=np.array([r.num_computed_tokens for r in rows], np.int64),
             new_lengths=new_lengths,
             logits_indices=logits_indices,
         )
-        logits = self.backend.forward(batch)
+        results = self._forward(rows, batch)
         self.steps += 1
         now = time.monotonic()
+        for i, request, row_logits in results:
+            try:
+                self._advance(request, row_logits, int(new_lengths[i]), wants_prompt[i], now)
+            except Exception:  # a fault of this request (its sampling, stops, logprobs): it fails alone
+                self._fail(request, "processing its step's output")
+
+    def _forward(self, rows: list[EngineRequest], batch: StepBatch) -> list[tuple[int, EngineRequest, np.ndarray]]:
+        """(row index, request, its logits) of every row the step computed. When the batch fails, each
+        row is run alone (rows are computed independently, so a row's logits are the same alone or
+        batched): a row that fails again is the culprit and fails alone; the others go on."""
+        try:
+            return [(i, request, row_logits) for (i, request), row_logits in zip(enumerate(rows), self.backend.forward(batch))]
+        except Exception:
+            if len(rows) == 1:
+                self._fail(rows[0], "its forward step")
+                return []
+            log.exception("a forward step of %d rows failed; running its rows one by one", len(rows))
+        results = []
         for i, request in enumerate(rows):
-            n = int(new_lengths[i])
-            if wants_prompt[i]:
-                self._record_prompt_logprobs(request, logits[i], n)
-            request.cached += n
-            if request.prefilling:
-                continue  # a chunk of a longer prompt: nothing to sample yet
-            if request.times.prefill_done is None:
-                request.times.prefill_done = now
-            self._sample(request, logits[i, -1], now)  # the last requested position is the chunk's last token
+            try:
+                results.append((i, request, self.backend.forward(batch.row(i))[0]))
+            except Exception:
+                self._fail(request, "its forward step")
+        return results
+
+    def _fail(self, request: EngineRequest, stage: str) -> None:
+        # the request id and the stage, never the prompt
+        log.exception("request %s failed in %s", request.request_id, stage)
+        self._finish(request, FinishReason.ERROR, error="internal error")
+
+    def _advance(self, request: EngineRequest, row_logits: np.ndarray, n: int, wants_prompt: bool, now: float) -> None:
+        """Takes one row's step result: prompt logprobs, the new position count, and a sampled token
+        once the prompt is complete."""
+        if wants_prompt:
+            self._record_prompt_logprobs(request, row_logits, n)
+        request.num_computed_tokens += n
+        if request.prefilling:
+            return  # a chunk of a longer prompt: nothing to sample yet
+        if request.times.prefill_done is None:
+            request.times.prefill_done = now
+        self._sample(request, row_logits[-1], now)  # the last requested position is the chunk's last token
 
     def _record_prompt_logprobs(self, request: EngineRequest, row_logits: np.ndarray, n: int) -> None:
-        # logits at chunk position j predict prompt token cached + j + 1
-        targets = request.prompt_token_ids[request.cached + 1 : request.cached + n + 1]
+        # logits at chunk position j predict prompt token num_computed_tokens + j + 1
+        targets = request.prompt_token_ids[request.num_computed_tokens + 1 : request.num_computed_tokens + n + 1]
         request.prompt_logprobs += token_logprobs(row_logits[: len(targets)], targets, request.params.prompt_logprobs)
 
     def _sample(self, request: EngineRequest, raw: np.ndarray, now: float) -> None:
@@ -441,15 +462,18 @@ class Engine:
         request.output_token_ids.append(token)
         request.times.token_times.append(now)
         logprobs = [token_logprob(raw, token, params.logprobs)] if params.logprobs is not None else None
-        prompt_logprobs = None
-        if len(request.output_token_ids) == len(request.resumed_token_ids) + 1 and params.prompt_logprobs is not None:
-            prompt_logprobs = request.prompt_logprobs
+        prompt_logprobs = cached_prompt_tokens = None
+        if len(request.output_token_ids) == len(request.resumed_token_ids) + 1:  # the first token sent
+            cached_prompt_tokens = request.num_cached_prompt_tokens
+            if params.prompt_logprobs is not None:
+                prompt_logprobs = request.prompt_logprobs
         finish = None
         if token in request.stop_token_ids:
             finish = FinishReason.STOP
         elif len(request.output_token_ids) >= params.max_tokens:  # validate() keeps prompt + max_tokens in the context
             finish = FinishReason.LENGTH
-        output = EngineOutput(request.request_id, [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        output = EngineOutput(request.request_id, [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              cached_prompt_tokens=cached_prompt_tokens)
         if finish is None:
             request.on_output(output)
         else:
@@ -458,7 +482,7 @@ class Engine:
     def _finish(self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None) -> None:
         self._running.pop(request.request_id, None)
         # what a later prompt may reuse: the prompt positions written (by prefill) to the slot's cache
-        held = request.prompt_token_ids[: request.cached]
+        held = request.prompt_token_ids[: request.num_computed_tokens]
         self._slot_tokens[request.slot] = held if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT) else []
         request.times.finished = time.monotonic()
         with self._lock:

@@ -7,64 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common.errors import InvalidArgumentError
-
-MAX_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks its tokens. Validated by the engine before admission."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0 disables."""
-    min_p: float = 0.0
-    """Drop tokens less likely than min_p times the most likely one; 0 disables."""
-    repetition_penalty: float = 1.0
-    """Divides positive (multiplies negative) logits of tokens seen in prompt or output; 1 disables."""
-    presence_penalty: float = 0.0
-    """Subtracted once from the logit of every token already generated."""
-    frequency_penalty: float = 0.0
-    """Subtracted from a token's logit per time it was generated."""
-    min_tokens: int = 0
-    """Stop tokens are suppressed until this many tokens were generated."""
-    logprobs: int | None = None
-    """Return the chosen token's log-probability and this many top alternatives (None: none)."""
-    prompt_logprobs: int | None = None
-    """Return the log-probability of every prompt token after the first, with this many alternatives."""
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def needs_history(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def validate_sampling(params: SamplingParams, max_new_tokens: int) -> None:
-    """Raises InvalidArgumentError naming the first invalid field (paths as in the public API)."""
-
-    def check(ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise InvalidArgumentError(f"sampling.{name}", f"{name} must be {rule}, got {getattr(params, name)}")
-
-    check(1 <= params.max_tokens <= max_new_tokens, "max_tokens", f"in [1, {max_new_tokens}]")
-    check(params.temperature >= 0, "temperature", ">= 0")  # `not >=` also rejects NaN
-    check(0 < params.top_p <= 1, "top_p", "in (0, 1]")
-    check(params.top_k >= 0, "top_k", ">= 0 (0 disables it)")
-    check(0 <= params.min_p <= 1, "min_p", "in [0, 1]")
-    check(params.repetition_penalty > 0, "repetition_penalty", "> 0")
-    check(-2 <= params.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
-    check(-2 <= params.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
-    check(0 <= params.min_tokens <= params.max_tokens, "min_tokens", "in [0, max_tokens]")
-    for name in ("logprobs", "prompt_logprobs"):
-        if getattr(params, name) is not None:
-            check(0 <= getattr(params, name) <= MAX_LOGPROBS, name, f"in [0, {MAX_LOGPROBS}]")
+from services.common.contract import SamplingParams
 
 
 @dataclass

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import AsyncIterator
 
 import grpc
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
+from services.common.contract import DEFAULT_MAX_TOKENS, request_id_or_new, sampling_from_proto
 from services.common.grpc_status import grpc_errors
 from services.inference.async_engine import AsyncEngine
 from services.inference.engine import EngineConfig, FinishReason
-from services.inference.sampling import SamplingParams, TokenLogprob
+from services.inference.sampling import TokenLogprob
 
 DEFAULT_LOAD_REPORT_INTERVAL_MS = 5
 """Load reports coalesce the arrivals and finishes of this long: at most 200 reports a second."""
@@ -29,31 +29,26 @@ def to_pb_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: AsyncEngine, config: EngineConfig, model_name: str, backend_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, config: EngineConfig, model_name: str, backend_name: str, vocab_size: int) -> None:
         self.engine = engine
+        self.vocab_size = vocab_size
         self.config = config
         self.model_name = model_name
         self.backend_name = backend_name
 
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        s = request.sampling
-        params = SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed if s.HasField("seed") else None,
-            top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty or 1.0,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
-            logprobs=s.logprobs if s.HasField("logprobs") else None,
-            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
-        )
-        request_id = request.request_id or uuid.uuid4().hex
+        # the engine checks the request against the contract before it queues it
+        params = sampling_from_proto(request.sampling, min(DEFAULT_MAX_TOKENS, self.config.max_new_tokens))
         results = self.engine.generate(
-            request_id, list(request.prompt_token_ids), params, frozenset(request.stop_token_ids), request.priority,
-            list(request.resumed_token_ids),
+            request_id_or_new(request.request_id), list(request.prompt_token_ids), params, list(request.stop_token_ids),
+            request.priority, list(request.resumed_token_ids),
         )
         async for result in results:
             yield pb.GenerateResponse(
                 token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens,
                 logprobs=to_pb_logprobs(result.logprobs), prompt_logprobs=to_pb_logprobs(result.prompt_logprobs),
+                cached_prompt_tokens=result.cached_prompt_tokens,
             )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
@@ -64,6 +59,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             backend=self.backend_name,
             max_running=self.config.num_slots,
             max_waiting=self.config.max_waiting,
+            vocab_size=self.vocab_size,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:

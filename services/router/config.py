@@ -15,7 +15,16 @@ class RouterConfig:
     """host:port of every inference replica."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset."""
+    max_streams_per_tenant: int = 64
+    """Concurrent streams one tenant may hold on this router (0: no limit); more get RESOURCE_EXHAUSTED.
+    Unauthenticated requests are all one tenant, "anonymous"."""
+    max_stream_duration_s: float = 600.0
+    """A stream ends with DEADLINE_EXCEEDED after this long, whatever deadline the client set (or none)."""
 
     def __post_init__(self) -> None:
         if not self.inference_targets:
             raise ValueError("at least one --inference-target is required")
+        if self.max_streams_per_tenant < 0:
+            raise ValueError("--max-streams-per-tenant must be >= 0 (0: no limit)")
+        if not self.max_stream_duration_s > 0:
+            raise ValueError("--max-stream-duration-s must be > 0")

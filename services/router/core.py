@@ -19,6 +19,7 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
 
+from services.common.contract import sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.grpc_status import from_rpc_error
 from services.common.telemetry import client_interceptors
@@ -45,6 +46,7 @@ class Completed:
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob
+    cached_prompt_tokens: int = 0
 
 
 _FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
@@ -98,7 +100,9 @@ class Router:
                     raise UnavailableError("dependencies did not become ready") from error
                 log.info("waiting for dependencies: %s", error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING")
                 await asyncio.sleep(0.5)
-        self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens)
+        # ids the model knows (older replicas do not report it) and the detokenizer can turn into text
+        vocab_size = min(info.vocab_size or tok_info.vocab_size, tok_info.vocab_size)
+        self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size)
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.replicas.start()
         return self.limits
@@ -110,17 +114,23 @@ class Router:
     async def tokenize(self, request: GenerationRequest, timeout: float | None) -> list[int]:
         if request.token_ids is not None:
             return request.token_ids
+        # a prompt that cannot fit the context is refused by the tokenizer from its length alone
+        max_tokens = self.limits.max_context_tokens - 1
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
-                chat=tokenizer_pb.ChatMessages(messages=[tokenizer_pb.ChatMessage(role=r, content=c) for r, c in request.chat])
+                chat=tokenizer_pb.ChatMessages(messages=[tokenizer_pb.ChatMessage(role=r, content=c) for r, c in request.chat]),
+                max_tokens=max_tokens,
             )
         else:
-            encode = tokenizer_pb.EncodeRequest(text=request.prompt)
+            encode = tokenizer_pb.EncodeRequest(text=request.prompt, max_tokens=max_tokens)
         with tracer.start_as_current_span("tokenize") as span:
             try:
                 response = await self.tokenizer.Encode(encode, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                raise from_rpc_error(error) from None
+                passed_on = from_rpc_error(error)
+                if isinstance(passed_on, InvalidArgumentError) and passed_on.field == "text":
+                    passed_on = InvalidArgumentError("prompt", passed_on.description)  # the public name
+                raise passed_on from None
             span.set_attribute("gen_ai.usage.prompt_tokens", len(response.ids))
         return list(response.ids)
 
@@ -146,6 +156,7 @@ class Router:
         tried: set[str] = set()
         completed: Completed | None = None
         prompt_logprobs: list = []
+        cached_prompt_tokens = 0
         stops = StopStringMatcher(request.stop)
         try:
             while completed is None:
@@ -162,17 +173,20 @@ class Router:
                         ids = list(response.token_ids)
                         if response.prompt_logprobs:
                             prompt_logprobs = list(response.prompt_logprobs)
+                        cached_prompt_tokens = max(cached_prompt_tokens, response.cached_prompt_tokens)
                         if ids:
                             generated += ids
                             text = stops.push(await _detokenize(detokenizer, decoded_texts, ids))
                             yield TextDelta(text, ids, list(response.logprobs))
                             if stops.stopped:
-                                completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs)
+                                completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs,
+                                                      cached_prompt_tokens)
                                 break
                         if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
                             if held := stops.flush():
                                 yield TextDelta(held, [])
-                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated), prompt_logprobs)
+                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated),
+                                                  prompt_logprobs, cached_prompt_tokens)
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried):
                         raise from_rpc_error(error) from None
@@ -183,7 +197,8 @@ class Router:
                     replica.in_flight -= 1
                     call.cancel()  # on client cancellation this frees the slot at once
                 if completed is None:
-                    raise UnavailableError(f"inference replica {replica.target} ended the stream early", retry_after_s=1.0)
+                    log.warning("inference replica %s ended a stream without finishing it", replica.target)
+                    raise UnavailableError("an inference replica ended the stream early", retry_after_s=1.0)
             await detokenizer.done_writing()
             async for _ in decoded_texts:
                 pass
@@ -207,8 +222,10 @@ class Router:
             )
 
     def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str]) -> bool:
-        # UNAVAILABLE: the replica died or is draining; RESOURCE_EXHAUSTED: its queue is full.
-        # Both are safe to continue elsewhere: the tokens so far go with the request as resumed tokens.
+        # Only what the replica's state caused: UNAVAILABLE (it died, is draining or still loading) and
+        # RESOURCE_EXHAUSTED (its queue is full; refused before any work). An error the request caused
+        # (INVALID_ARGUMENT, INTERNAL from a request that failed alone, ...) would fail on every replica
+        # and is passed on. The tokens so far go with the request as resumed tokens.
         retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
         others = any(r.target not in tried for r in self.replicas.healthy)
         return retryable and others and len(tried) <= MAX_FAILOVERS
@@ -216,18 +233,9 @@ class Router:
     def _inference_request(self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]) -> inference_pb.GenerateRequest:
         """The inference request for an attempt; after a failover `generated` (what the client already
         has) is resumed: the replica replays those tokens and continues after them."""
-        s = request.sampling
-        sampling = inference_pb.SamplingParameters(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
-        )
-        if s.seed is not None:
-            sampling.seed = s.seed
-        if s.logprobs is not None:
-            sampling.logprobs = s.logprobs
-        if s.prompt_logprobs is not None and not generated:  # a continuation after failover already sent them
-            sampling.prompt_logprobs = s.prompt_logprobs
+        sampling = sampling_to_proto(request.sampling, inference_pb.SamplingParameters())
+        if generated:  # a continuation after failover: the first attempt sent the prompt logprobs
+            sampling.ClearField("prompt_logprobs")
         return inference_pb.GenerateRequest(
             request_id=request.request_id, prompt_token_ids=prompt_ids, resumed_token_ids=generated, sampling=sampling,
             stop_token_ids=sorted(self.eos_token_ids.union(request.stop_token_ids)), priority=request.priority,

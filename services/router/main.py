@@ -21,6 +21,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--inference-target", action="append", dest="inference_targets",
                         help="inference replica host:port (repeat for several)")
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it unset")
+    parser.add_argument("--max-streams-per-tenant", type=int, default=RouterConfig.max_streams_per_tenant,
+                        help="concurrent streams per tenant on this router (0: no limit); unauthenticated traffic is one tenant")
+    parser.add_argument("--max-stream-duration-s", type=float, default=RouterConfig.max_stream_duration_s,
+                        help="server-side limit on a stream's duration (DEADLINE_EXCEEDED past it)")
     parser.add_argument("--drain-notice-s", type=float, default=2.0,
                         help="after SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING")
     parser.set_defaults(func=run)
@@ -31,6 +35,8 @@ async def serve(args: argparse.Namespace) -> None:
         tokenizer_target=args.tokenizer_target,
         inference_targets=tuple(args.inference_targets or ["127.0.0.1:50053"]),
         default_max_tokens=args.default_max_tokens,
+        max_streams_per_tenant=args.max_streams_per_tenant,
+        max_stream_duration_s=args.max_stream_duration_s,
     )
     process = ServiceProcess("meshserve-router", ServerConfig.from_args(args))
     router = Router(config)

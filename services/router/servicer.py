@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-import uuid
 from typing import AsyncIterator
 
 import grpc
 from meshserve.v1 import generation_service_pb2 as pb
+from opentelemetry import trace
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from services.common.errors import ServingError, UnavailableError
-from services.common.grpc_status import abort, to_grpc_status
+from services.common.grpc_status import abort, abort_internal, to_grpc_status
 from services.common.metrics import ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
 from services.router.convert import to_generation_request
 from services.router.core import Completed, Router, TextDelta
+from services.router.tenancy import Caller, TenantStreams
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 def _logprobs(items: list) -> list[pb.TokenLogprob]:
@@ -30,6 +32,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.config = config
         self.metrics: ServingMetrics | None = None  # created once the model name is known
         self.in_flight = 0
+        self.tenant_streams = TenantStreams(config.max_streams_per_tenant)
 
     def on_connected(self) -> None:
         assert self.router.limits is not None
@@ -43,13 +46,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await abort(context, UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0))
         started = time.monotonic()
         remaining = context.time_remaining()
-        deadline = None if remaining is None else started + remaining
-        request_id = request.request_id or uuid.uuid4().hex
+        # the server's own limit on a stream's life holds whatever deadline the client set, or none
+        limit = self.config.max_stream_duration_s
+        deadline = started + (limit if remaining is None else min(remaining, limit))
+        caller = Caller.from_metadata(context.invocation_metadata())
         code = "OK"
         self.in_flight += 1
         last_token_at: float | None = None
+        counted_stream = False
         try:
-            generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens, request_id)
+            generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens)
+            request_id = generation.request_id
+            generation = dataclasses.replace(generation, priority=caller.priority(generation.priority))
+            span = trace.get_current_span()
+            span.set_attribute("gen_ai.request.id", request_id)
+            span.set_attribute("meshserve.priority", pb.Priority.Name(generation.priority))
+            self.tenant_streams.acquire(caller.tenant)
+            counted_stream = True
             async for event in self.router.generate(generation, deadline):
                 if isinstance(event, TextDelta):
                     now = time.monotonic()
@@ -74,6 +87,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                             completion_tokens=event.completion_tokens,
                             request_id=request_id,
                             prompt_logprobs=_logprobs(event.prompt_logprobs),
+                            cached_prompt_tokens=event.cached_prompt_tokens,
                         )
                     )
         except ServingError as error:
@@ -83,9 +97,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception:
-            code = "INTERNAL"
+        except grpc.aio.AbortError:
             raise
+        except Exception:  # a bug: INTERNAL with an id to quote, never the exception's class or text
+            code = "INTERNAL"
+            await abort_internal(context, "GenerationService.Generate")
         finally:
             self.in_flight -= 1
+            if counted_stream:
+                self.tenant_streams.release(caller.tenant)
             m.count_request(code)

@@ -8,10 +8,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from services.common.contract import validate_chat, validate_prompt_text
 from services.common.errors import InvalidArgumentError
 from services.modelstore.layout import ModelDirectory
-
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -29,29 +28,48 @@ class TokenizerCore:
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(model.chat_template)
         self.eos_token_ids = model.eos_token_ids
         self.bos_token_id = model.bos_token_id
+        # no token covers more bytes than this, so text of n bytes has at least n / max_token_bytes tokens
+        self.max_token_bytes = max(
+            len(self.tokenizer.decode([i], skip_special_tokens=False).encode()) for i in range(self.vocab_size)
+        )
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode_text(self, text: str) -> list[int]:
-        if not text:
-            raise InvalidArgumentError("text", "must not be empty")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode_text(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of plain text. Text whose byte length alone proves it has more than `max_tokens`
+        tokens is refused before it is tokenized."""
+        validate_prompt_text(text, "text")
+        self._check_fits(text, max_tokens, "text")
+        return self._encode(text)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
-        if not messages:
-            raise InvalidArgumentError("chat.messages", "must hold at least one message")
-        for i, message in enumerate(messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidArgumentError(f"chat.messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        validate_chat([(m.role, m.content) for m in messages])
         return self._template.render(
             messages=[{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True
         )
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        # special tokens in the rendered template (<|im_start|>) are matched as added tokens
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (special tokens such as
+        <|im_start|> are matched as added tokens)."""
+        validate_chat([(m.role, m.content) for m in messages])
+        self._check_fits("".join(m.content for m in messages), max_tokens, "chat")
+        return self._encode(self.render_chat(messages))
+
+    def _encode(self, text: str) -> list[int]:
+        # encode_batch releases the GIL (encode does not): run in a thread, tokenization of a long
+        # prompt leaves the event loop and its other streams running
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _check_fits(self, text: str, max_tokens: int | None, field: str) -> None:
+        if max_tokens is None:
+            return
+        at_least = -(-len(text.encode()) // self.max_token_bytes)
+        if at_least > max_tokens:
+            raise InvalidArgumentError(
+                field, f"the prompt has at least {at_least} tokens; the limit (max_context_tokens) is {max_tokens}"
+            )
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         self._check_ids(ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
@@ -20,10 +21,13 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     @grpc_errors
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         kind = request.WhichOneof("input")
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+        # off the event loop: a long prompt must not stall the detokenization streams of running requests
         if kind == "text":
-            ids = self.core.encode_text(request.text)
+            ids = await asyncio.to_thread(self.core.encode_text, request.text, max_tokens)
         elif kind == "chat":
-            ids = self.core.encode_chat([ChatMessage(m.role, m.content) for m in request.chat.messages])
+            messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
+            ids = await asyncio.to_thread(self.core.encode_chat, messages, max_tokens)
         else:
             raise InvalidArgumentError("input", "set text or chat")
         return pb.EncodeResponse(ids=ids)

@@ -104,7 +104,8 @@ def otlp_receiver():
 
 
 @contextlib.contextmanager
-def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router_replicas: int = 1, inference_args=()):
+def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router_replicas: int = 1, inference_args=(),
+                router_args=()):
     """Runs `meshserve up` on free ports until the block exits."""
     port = free_port()
     ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin")}
@@ -120,7 +121,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
          "--inference-port", str(ports["inference"]), "--metrics-port-base", str(metrics_base),
          "--inference-replicas", str(inference_replicas), "--router-replicas", str(router_replicas),
          "--models-root", str(MODELS_ROOT), "--run-dir", str(run_dir),
-         *[f"--inference-arg={a}" for a in inference_args]],
+         *[f"--inference-arg={a}" for a in inference_args], *[f"--router-arg={a}" for a in router_args]],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
     deadline = time.monotonic() + 240

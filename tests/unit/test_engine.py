@@ -12,7 +12,7 @@ import pytest
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig, FinishReason
-from services.inference.sampling import SamplingParams
+from services.common.contract import SamplingParams
 from services.tokenizer.core import TokenizerCore
 
 
@@ -369,3 +369,92 @@ def test_prompt_positions_are_never_computed_by_a_one_token_step(model_dir):
     # "again" wrote the prompt and its first output 7 to the slot, but only the prompt is reused
     assert steps["extended"] == [[3], [1]]
     assert engine.prefix_cache_hits == 15 + 17
+
+
+# -- fault isolation: a request may fail itself, never its neighbours -------------------------
+
+
+class PoisonedBackend:
+    """The real backend, except that any step containing the token id POISON fails, as a kernel
+    fault on one row's input would."""
+
+    POISON = 12345
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.config, self.num_slots, self.max_context = inner.config, inner.num_slots, inner.max_context
+        self.failed_steps = 0
+
+    def forward(self, batch):
+        if (batch.input_ids == self.POISON).any():
+            self.failed_steps += 1
+            raise RuntimeError("kernel fault")
+        return self.inner.forward(batch)
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        self.inner.copy_prefix(src_slot, dst_slot, length)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _innocent_prompts(tokenizer) -> dict[str, list[int]]:
+    texts = ["The capital of France is", "Once upon a time in a land far away", "1, 2, 3, 4,"]
+    return {f"innocent-{i}": tokenizer.encode_text(t) for i, t in enumerate(texts)}
+
+
+def test_a_failing_row_fails_alone_and_the_rest_of_its_step_goes_on(model_dir, tokenizer):
+    config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, max_waiting=2)
+    backend = PoisonedBackend(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context))
+    engine = Engine(backend, config)
+    engine.start()
+    try:
+        greedy = SamplingParams(max_tokens=24, temperature=0.0)
+        alone = {name: _collect(engine, name, ids, greedy) for name, ids in _innocent_prompts(tokenizer).items()}
+        collector = Collector()
+        collector.expected = 4
+        for name, ids in _innocent_prompts(tokenizer).items():
+            engine.submit(name, ids, greedy, frozenset({2}), collector(name))
+        # prefilled in the same step as the innocent prompts: the whole batch fails at first
+        engine.submit("poison", [1, 2, PoisonedBackend.POISON, 4], greedy, frozenset({2}), collector("poison"))
+        assert collector.done.wait(120)
+    finally:
+        engine.stop()
+    assert backend.failed_steps >= 2  # the batch, then the culprit's row alone
+    assert collector.finish["poison"] is FinishReason.ERROR
+    for name, tokens in alone.items():
+        assert collector.finish[name] is not FinishReason.ERROR
+        assert collector.tokens[name] == tokens, f"{name} changed when a neighbour failed"
+
+
+def test_a_request_whose_sampling_raises_fails_alone(engine, tokenizer, monkeypatch):
+    """The poison requests of issue 11 with the contract switched off (as if a check were missing):
+    an out-of-vocabulary stop id and an infinite temperature raise in sampling, for that row only."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = {name: _collect(engine, name, ids, greedy) for name, ids in list(_innocent_prompts(tokenizer).items())[:2]}
+    monkeypatch.setattr(engine, "validate", lambda *args, **kwargs: None)
+    collector = Collector()
+    collector.expected = 4
+    for name, ids in list(_innocent_prompts(tokenizer).items())[:2]:
+        engine.submit(name, ids, greedy, frozenset({2}), collector(name))
+    ids = tokenizer.encode_text("Hello there")
+    engine.submit("bad-stop", ids, SamplingParams(max_tokens=8, min_tokens=2), [4_000_000_000], collector("bad-stop"))
+    engine.submit("bad-temperature", ids, SamplingParams(max_tokens=8, min_tokens=2, temperature=float("inf")),
+                  frozenset({2}), collector("bad-temperature"))
+    assert collector.done.wait(120)
+    assert collector.finish["bad-stop"] is FinishReason.ERROR
+    assert collector.finish["bad-temperature"] is FinishReason.ERROR
+    for name, tokens in alone.items():
+        assert collector.tokens[name] == tokens
+
+
+def test_the_contract_refuses_the_poison_requests_before_they_are_queued(engine):
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("x", [1, 2, 3], SamplingParams(max_tokens=8, min_tokens=2), [4_000_000_000], lambda o: None)
+    assert caught.value.field == "stop_token_ids"
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("x", [1, 2, 3], SamplingParams(max_tokens=8, temperature=float("inf")), [2], lambda o: None)
+    assert caught.value.field == "sampling.temperature"
+    with pytest.raises(InvalidArgumentError) as caught:
+        engine.submit("x", [1, 2, 3], SamplingParams(max_tokens=8), list(range(73)), lambda o: None)
+    assert caught.value.field == "stop_token_ids"

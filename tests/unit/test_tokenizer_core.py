@@ -40,3 +40,22 @@ def test_invalid_input_names_the_field(core):
     with pytest.raises(InvalidArgumentError) as caught:
         core.decode([5, 10**6])
     assert caught.value.field == "ids[1]"
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_from_its_length_alone(core):
+    # no token covers more than max_token_bytes bytes, so this text has more than 2047 tokens
+    text = "a" * (core.max_token_bytes * 2047 + 1)
+    with pytest.raises(InvalidArgumentError) as caught:
+        core.encode_text(text, max_tokens=2047)
+    assert caught.value.field == "text" and "at least 2048 tokens" in caught.value.description
+    with pytest.raises(InvalidArgumentError) as caught:
+        core.encode_chat([ChatMessage("user", text)], max_tokens=2047)
+    assert caught.value.field == "chat"
+
+
+def test_the_length_bound_never_refuses_what_fits(core):
+    """The bound is sound: text of exactly max_tokens tokens is encoded, whatever its bytes per token
+    (long runs of '#' and spaces are the vocabulary's longest tokens)."""
+    for text in ("#" * 8000, "\n" + " " * 80 + "x" * 3, "hello world " * 300, "日本語のテキスト" * 50, "a"):
+        expected = core.tokenizer.encode(text, add_special_tokens=False).ids
+        assert core.encode_text(text, max_tokens=len(expected)) == expected
