@@ -153,9 +153,13 @@ def ensure_signing_key(directory: Path) -> SigningKey:
     return SigningKey(key_path, jwks_path, jwk["kid"])
 
 
+MAX_PRIORITIES = ("low", "normal", "high")
+
+
 def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DEV_ISSUER,
-               audience: str = DEV_AUDIENCE, now: float | None = None) -> str:
-    """A development JWT (RS256) for `tenant`, signed with the key in `directory` (created if missing)."""
+               audience: str = DEV_AUDIENCE, now: float | None = None, max_priority: str | None = None) -> str:
+    """A development JWT (RS256) for `tenant`, signed with the key in `directory` (created if missing);
+    `max_priority` (low, normal, high) becomes the `max_priority` claim that lets the tenant use it."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -163,11 +167,15 @@ def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DE
         raise ValueError("tenant must not be empty")
     if ttl_s < 1:
         raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
+    if max_priority is not None and max_priority not in MAX_PRIORITIES:
+        raise ValueError(f"max_priority must be one of {', '.join(MAX_PRIORITIES)}, got {max_priority!r}")
     signing = ensure_signing_key(directory)
     key = serialization.load_pem_private_key(signing.private_key.read_bytes(), password=None)
     issued = int(time.time() if now is None else now)
     header = {"alg": "RS256", "typ": "JWT", "kid": signing.kid}
     claims = {"iss": issuer, "aud": audience, "sub": tenant, "tenant": tenant, "iat": issued, "exp": issued + ttl_s}
+    if max_priority is not None:
+        claims["max_priority"] = max_priority
     signing_input = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims))
     signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{_b64url(signature)}"
@@ -192,6 +200,8 @@ def add_parsers(subparsers) -> None:
     mint = subparsers.add_parser("mint-token", help="print a development JWT for a tenant (for `up --auth jwt`)")
     mint.add_argument("--tenant", required=True, help="tenant name (the `tenant` and `sub` claims)")
     mint.add_argument("--ttl-s", type=int, default=3600, help="seconds until the token expires")
+    mint.add_argument("--max-priority", choices=MAX_PRIORITIES,
+                      help="the highest priority the tenant may use (without it: normal; HIGH is capped)")
     mint.add_argument("--issuer", default=DEV_ISSUER)
     mint.add_argument("--audience", default=DEV_AUDIENCE)
     mint.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
@@ -199,7 +209,8 @@ def add_parsers(subparsers) -> None:
 
     def run_mint(args: argparse.Namespace) -> int:
         try:
-            print(mint_token(args.credentials_dir, args.tenant, args.ttl_s, args.issuer, args.audience))
+            print(mint_token(args.credentials_dir, args.tenant, args.ttl_s, args.issuer, args.audience,
+                             max_priority=args.max_priority))
         except ValueError as error:
             print(f"meshserve mint-token: {error}", file=sys.stderr)
             return 2

@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "envoy" / "envoy.yaml.j2"
 PROTOS = REPO / "protos"
 PUBLIC_PROTO = "meshserve/v1/generation_service.proto"
-# Envoy sets this request header from the verified token's tenant claim (and removes any the client sent).
+# Envoy sets these request headers from the verified token's claims (and removes any the client sent):
+# the tenant, and the highest priority the tenant may ask for (low, normal, high).
 TENANT_HEADER = "x-meshserve-tenant"
+MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 
@@ -49,6 +51,9 @@ class JwtAuth:
     audiences: tuple[str, ...]
     tenant_claim: str = "tenant"
     """The claim naming the tenant; Envoy forwards it to the router as the x-meshserve-tenant header."""
+    max_priority_claim: str = "max_priority"
+    """The claim naming the highest priority the tenant may use (low, normal, high; absent: normal),
+    forwarded as x-meshserve-max-priority."""
 
     def __post_init__(self) -> None:
         if not self.audiences:
@@ -112,7 +117,7 @@ def render_envoy_config(
     return template.render(
         port=port, admin_port=admin_port, router_endpoints=router_endpoints, otlp=otlp, listen_address=listen_address,
         tls=tls, jwt=jwt, rate_limit=rate_limit, rest_descriptor=rest_descriptor, grpc_web=grpc_web,
-        max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER,
+        max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER, max_priority_header=MAX_PRIORITY_HEADER,
     )
 
 

@@ -4,6 +4,7 @@ processes in the foreground; Ctrl-C (or SIGTERM) stops them all cleanly."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -30,6 +31,11 @@ from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_m
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("up", help="prepare the model and run the whole mesh behind Envoy")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the public listener (Envoy); anything beyond loopback needs --auth jwt "
+                             "or --allow-unauthenticated")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve a non-loopback --host without authentication (anyone who reaches it can use it)")
     parser.add_argument("--port", type=int, default=8080, help="public gRPC port (Envoy)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
     parser.add_argument("--router-port", type=int, default=50051)
@@ -42,6 +48,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
     parser.add_argument("--inference-arg", action="append", default=[],
                         help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
+    parser.add_argument("--router-arg", action="append", default=[],
+                        help="extra argument for serve-router, e.g. --router-arg=--max-streams-per-tenant=8")
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="weights to prepare and serve")
     add_models_root_arg(parser)
@@ -78,7 +86,27 @@ def _wait_serving(target: str, service: str, deadline: float, procs: list[subpro
             time.sleep(0.2)
 
 
+def check_exposure(host: str, auth: str, allow_unauthenticated: bool) -> str | None:
+    """Refuses (SystemExit) a public listener beyond loopback that anyone could use; returns the warning
+    to print when the operator allowed it anyway."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback or auth == "jwt":
+        return None
+    risk = (f"--host {host} serves the model to anyone who can reach this machine, without authentication: "
+            "they can use all of its capacity and read nothing back but their own answers")
+    if not allow_unauthenticated:
+        raise SystemExit(f"meshserve up: {risk}. Add --auth jwt (see docs/public-endpoint.md), or "
+                         "--allow-unauthenticated to accept that.")
+    return f"meshserve: WARNING: {risk} (--allow-unauthenticated)"
+
+
 def run(args: argparse.Namespace) -> int:
+    warning = check_exposure(args.host, args.auth, args.allow_unauthenticated)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     prepare_model(args.models_root, args.precision)
     run_dir = args.run_dir / f"mesh-{args.port}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [
             "serve-router", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mp + 1 + 10 * i),
-            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}", *targets]
+            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}", *targets, *args.router_arg]
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}
 
@@ -122,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         config = run_dir / "envoy.yaml"
         config.write_text(render_envoy_config(
             port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
-            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")), **endpoint_options,
+            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")), listen_address=args.host,
+            **endpoint_options,
         ))
         procs["envoy"] = subprocess.Popen(
             [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
@@ -131,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()),
                       tls=endpoint_options.get("tls"))
         write_pids()
-        print(f"meshserve is serving on localhost:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        print(f"meshserve is serving on {args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
         # supervise: a process that dies is restarted (the router fails its streams over meanwhile)
         restarts: dict[str, list[float]] = {}
         while not stop["requested"]:

@@ -13,7 +13,7 @@ from google.protobuf import descriptor_pb2
 
 from services.cli.credentials import ensure_dev_tls, ensure_signing_key
 from services.cli.envoy_config import (
-    DEFAULT_MAX_REQUEST_BYTES, TENANT_HEADER, Endpoint, JwtAuth, TenantRateLimit, TlsFiles, add_public_endpoint_args,
+    DEFAULT_MAX_REQUEST_BYTES, MAX_PRIORITY_HEADER, TENANT_HEADER, Endpoint, JwtAuth, TenantRateLimit, TlsFiles, add_public_endpoint_args,
     build_descriptor_set, public_endpoint_options, render_envoy_config, validate_envoy_config,
 )
 
@@ -49,7 +49,10 @@ def http_filters(config: dict) -> list[str]:
 
 def test_defaults_are_plaintext_grpc_without_auth_or_limits(tmp_path):
     config = render_and_validate(tmp_path)
-    assert http_filters(config) == ["router"]
+    # no auth, but client-sent tenant and priority headers are still removed (the router trusts them)
+    assert http_filters(config) == ["header_mutation", "router"]
+    mutation = connection_manager(config)["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
+    assert mutation == [{"remove": TENANT_HEADER}, {"remove": MAX_PRIORITY_HEADER}]
     assert "transport_socket" not in config["static_resources"]["listeners"][0]["filter_chains"][0]
     assert "local_reply_config" not in connection_manager(config)
     routes = connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
@@ -70,9 +73,13 @@ def test_everything_on_validates_in_the_right_filter_order(tmp_path, files):
     assert tls["tls_certificates"][0]["certificate_chain"]["filename"] == str(files["tls"].cert)
     filters = {f["name"]: f["typed_config"] for f in connection_manager(config)["http_filters"]}
     jwt = filters["envoy.filters.http.jwt_authn"]
-    assert jwt["providers"]["meshserve"]["claim_to_headers"] == [{"header_name": TENANT_HEADER, "claim_name": "tenant"}]
+    assert jwt["providers"]["meshserve"]["claim_to_headers"] == [
+        {"header_name": TENANT_HEADER, "claim_name": "tenant"},
+        {"header_name": MAX_PRIORITY_HEADER, "claim_name": "max_priority"},
+    ]
     assert jwt["rules"][0] == {"match": {"prefix": "/grpc.health.v1.Health/"}}  # health checks need no token
-    assert filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"] == [{"remove": TENANT_HEADER}]
+    assert filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"] == [
+        {"remove": TENANT_HEADER}, {"remove": MAX_PRIORITY_HEADER}]
     limiter = filters["envoy.filters.http.local_ratelimit"]
     assert limiter["descriptors"][0]["entries"] == [{"key": "tenant", "value": ""}]
     assert limiter["descriptors"][0]["token_bucket"] == {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "60s"}
@@ -120,7 +127,7 @@ def test_up_flags_default_to_plaintext_with_rest_grpc_web_and_a_size_limit(tmp_p
     assert options["grpc_web"] is True and options["max_request_bytes"] == DEFAULT_MAX_REQUEST_BYTES
     assert options["rest_descriptor"].is_file()
     assert http_filters(render_and_validate(tmp_path, **options)) == [
-        "grpc_web", "grpc_json_transcoder", "body_size_limit", "buffer", "router"]
+        "grpc_web", "header_mutation", "grpc_json_transcoder", "body_size_limit", "buffer", "router"]
     assert public_endpoint_options(parse("--no-rest", "--no-grpc-web", "--max-request-bytes", "0"), tmp_path) == {
         "grpc_web": False}
 
