@@ -33,6 +33,10 @@ class UnavailableError(ServingError):
         self.retry_after_s = retry_after_s
 
 
+class AbortedError(ServingError):
+    """The client (or its tenant, through Abort) ended the request: CANCELLED, never continued elsewhere."""
+
+
 class InternalError(ServingError):
     """A fault that ended one request (a bug, or the request hit one): INTERNAL to its client alone."""
 

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.errors import AbortedError, DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def to_grpc_status(error: ServingError) -> grpc.Status:
         code = code_pb2.UNAVAILABLE
         if error.retry_after_s is not None:
             details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, AbortedError):
+        code = code_pb2.CANCELLED
     elif isinstance(error, DownstreamError):
         code = getattr(code_pb2, error.code)
     else:

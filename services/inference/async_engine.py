@@ -12,7 +12,7 @@ from typing import AsyncIterator, Sequence
 from opentelemetry import trace
 
 from services.common.contract import SamplingParams
-from services.common.errors import InternalError, UnavailableError
+from services.common.errors import AbortedError, InternalError, UnavailableError
 from services.common.metrics import ServingMetrics
 from services.inference.engine import Engine, EngineOutput, FinishReason, RequestTimes
 from services.inference.sampling import TokenLogprob
@@ -46,6 +46,9 @@ class AsyncEngine:
         self.engine: Engine | None = None
         self.metrics = metrics
         self._sequence = itertools.count()
+        # request id -> {engine id: tenant} of its running generations (an id may repeat), for Abort
+        self._active: dict[str, dict[str, str]] = {}
+        self._aborted: set[str] = set()  # engine ids ended by Abort
         self._load_watchers: set[asyncio.Event] = set()
         self._draining = False
 
@@ -102,9 +105,18 @@ class AsyncEngine:
         while not engine.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
+    def abort(self, request_id: str, tenant: str) -> int:
+        """Ends the generations of `request_id` that `tenant` started; returns how many."""
+        engine = self.engine
+        ids = [e for e, owner in self._active.get(request_id, {}).items() if owner == tenant]
+        for engine_id in ids if engine else ():
+            self._aborted.add(engine_id)
+            engine.abort(engine_id)
+        return len(ids)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: Sequence[int],
-        priority: int = 0, resumed_token_ids: Sequence[int] = (),
+        priority: int = 0, resumed_token_ids: Sequence[int] = (), tenant: str = "",
     ) -> AsyncIterator[GenerationResult]:
         engine = self.engine
         if engine is None:
@@ -117,6 +129,7 @@ class AsyncEngine:
             engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
             priority, resumed_token_ids,
         )
+        self._active.setdefault(request_id, {})[engine_id] = tenant
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finish: FinishReason | None = None
         generated = 0
@@ -137,6 +150,8 @@ class AsyncEngine:
                     finish = output.finish_reason
                 if finish is FinishReason.ERROR:  # this request failed; the replica and its other streams go on
                     raise InternalError(f"internal error (request {request_id})")
+                if finish is FinishReason.ABORT and engine_id in self._aborted:
+                    raise AbortedError("the request was aborted by its tenant")
                 if finish is FinishReason.ABORT:  # the replica stopped: another one can continue the request
                     raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
                 generated += len(tokens)
@@ -145,6 +160,11 @@ class AsyncEngine:
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
                 engine.abort(engine_id)
+            running = self._active.get(request_id, {})
+            running.pop(engine_id, None)
+            if not running:
+                self._active.pop(request_id, None)
+            self._aborted.discard(engine_id)
             self._record(request_id, times, params, len(prompt_token_ids), generated, len(resumed_token_ids))
 
     def _record(

@@ -64,7 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     metrics = ServingMetrics(model.name)
     async_engine = AsyncEngine(metrics)
-    servicer = InferenceServicer(async_engine, config, model.name, "loading", model.config.vocab_size)
+    servicer = InferenceServicer(async_engine, config, model, "loading")
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, process.server)
     process.add_service(pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)
     kv_gauge = kv_cache_usage_gauge(model.name)

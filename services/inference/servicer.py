@@ -13,6 +13,7 @@ from services.common.grpc_status import grpc_errors
 from services.inference.async_engine import AsyncEngine
 from services.inference.engine import EngineConfig, FinishReason
 from services.inference.sampling import TokenLogprob
+from services.modelstore.layout import ModelDirectory
 
 DEFAULT_LOAD_REPORT_INTERVAL_MS = 5
 """Load reports coalesce the arrivals and finishes of this long: at most 200 reports a second."""
@@ -29,11 +30,10 @@ def to_pb_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: AsyncEngine, config: EngineConfig, model_name: str, backend_name: str, vocab_size: int) -> None:
+    def __init__(self, engine: AsyncEngine, config: EngineConfig, model: ModelDirectory, backend_name: str) -> None:
         self.engine = engine
-        self.vocab_size = vocab_size
         self.config = config
-        self.model_name = model_name
+        self.model = model
         self.backend_name = backend_name
 
     @grpc_errors
@@ -42,7 +42,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         params = sampling_from_proto(request.sampling, min(DEFAULT_MAX_TOKENS, self.config.max_new_tokens))
         results = self.engine.generate(
             request_id_or_new(request.request_id), list(request.prompt_token_ids), params, list(request.stop_token_ids),
-            request.priority, list(request.resumed_token_ids),
+            request.priority, list(request.resumed_token_ids), tenant=request.tenant,
         )
         async for result in results:
             yield pb.GenerateResponse(
@@ -53,14 +53,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         return pb.GetModelInfoResponse(
-            model=self.model_name,
+            model=self.model.name,
             max_context_tokens=self.config.max_context,
             max_new_tokens=self.config.max_new_tokens,
             backend=self.backend_name,
             max_running=self.config.num_slots,
             max_waiting=self.config.max_waiting,
-            vocab_size=self.vocab_size,
+            vocab_size=self.model.config.vocab_size,
+            revision=self.model.revision,
+            precision=self.model.precision,
         )
+
+    @grpc_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=self.engine.abort(request.request_id, request.tenant))
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         running, waiting, kv_cache_usage = self.engine.load()

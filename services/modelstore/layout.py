@@ -35,6 +35,15 @@ class ModelDirectory:
         return self.manifest["name"]
 
     @property
+    def revision(self) -> str:
+        """The sha256 of the GGUF the directory was prepared from."""
+        return self.manifest["source"]["sha256"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
     def config(self) -> LlamaConfig:
         return LlamaConfig(**self.manifest["config"])
 

@@ -32,6 +32,9 @@ class ModelLimits:
     max_new_tokens: int
     vocab_size: int
     """Token ids the model and the detokenizer both know: below this."""
+    revision: str = ""
+    """The sha256 of the served GGUF."""
+    precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,24 @@ class GenerationRequest:
     priority: int = pb.PRIORITY_NORMAL
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    tenant: str = ""
+    """Who asked (from the verified token); inference replicas let only this tenant abort it."""
+
+
+def to_tokenize_input(request: pb.TokenizeRequest, limits: ModelLimits) -> GenerationRequest:
+    """A Tokenize call's input as a generation request that generates nothing, checked as Generate checks it."""
+    validate_model_name(request.model, limits.model_name)
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgumentError("input", "set one of prompt or chat")
+    prompt = chat = None
+    if kind == "prompt":
+        validate_prompt_text(request.prompt, "prompt")
+        prompt = request.prompt
+    else:
+        chat = [(m.role, m.content) for m in request.chat.messages]
+        validate_chat(chat)
+    return GenerationRequest(request_id_or_new(""), prompt, chat, None, SamplingParams(max_tokens=1))
 
 
 def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, default_max_tokens: int) -> GenerationRequest:

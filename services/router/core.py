@@ -52,6 +52,16 @@ class Completed:
 _FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
 
 
+@dataclass(frozen=True)
+class ServerInfo:
+    replicas_serving: int
+    replicas_total: int
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    max_running: int
+
+
 class _NotServing(Exception):
     pass
 
@@ -102,7 +112,8 @@ class Router:
                 await asyncio.sleep(0.5)
         # ids the model knows (older replicas do not report it) and the detokenizer can turn into text
         vocab_size = min(info.vocab_size or tok_info.vocab_size, tok_info.vocab_size)
-        self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size)
+        self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision,
+                                  info.precision)
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.replicas.start()
         return self.limits
@@ -239,7 +250,31 @@ class Router:
         return inference_pb.GenerateRequest(
             request_id=request.request_id, prompt_token_ids=prompt_ids, resumed_token_ids=generated, sampling=sampling,
             stop_token_ids=sorted(self.eos_token_ids.union(request.stop_token_ids)), priority=request.priority,
+            tenant=request.tenant,
         )
+
+    def server_info(self) -> ServerInfo:
+        serving = self.replicas.healthy
+        return ServerInfo(
+            replicas_serving=len(serving), replicas_total=len(self.replicas.replicas),
+            running=sum(r.running for r in serving), waiting=sum(r.waiting for r in serving),
+            kv_cache_usage=sum(r.kv_cache_usage for r in serving) / len(serving) if serving else 0.0,
+            max_running=sum(r.max_running for r in serving),
+        )
+
+    async def abort(self, request_id: str, tenant: str) -> bool:
+        """Ends `tenant`'s running generations of `request_id` on every replica (the stream may run
+        through another router); True when one was found."""
+
+        async def abort_on(replica) -> int:
+            try:
+                response = await replica.stub.Abort(inference_pb.AbortRequest(request_id=request_id, tenant=tenant), timeout=2)
+                return response.aborted
+            except grpc.aio.AioRpcError as error:
+                log.warning("abort on inference replica %s failed: %s", replica.target, error.code().name)
+                return 0
+
+        return sum(await asyncio.gather(*(abort_on(r) for r in self.replicas.healthy))) > 0
 
     async def close(self) -> None:
         await self.tokenizer_channel.close()

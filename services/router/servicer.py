@@ -12,11 +12,13 @@ from meshserve.v1 import generation_service_pb2 as pb
 from opentelemetry import trace
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
-from services.common.errors import ServingError, UnavailableError
+from services.common.errors import InvalidArgumentError, ServingError, UnavailableError
 from services.common.grpc_status import abort, abort_internal, to_grpc_status
 from services.common.metrics import ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
-from services.router.convert import to_generation_request
+from services.common.contract import request_id_or_new
+from services.common.grpc_status import grpc_errors
+from services.router.convert import to_generation_request, to_tokenize_input
 from services.router.core import Completed, Router, TextDelta
 from services.router.tenancy import Caller, TenantStreams
 
@@ -57,7 +59,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens)
             request_id = generation.request_id
-            generation = dataclasses.replace(generation, priority=caller.priority(generation.priority))
+            generation = dataclasses.replace(generation, priority=caller.priority(generation.priority), tenant=caller.tenant)
             span = trace.get_current_span()
             span.set_attribute("gen_ai.request.id", request_id)
             span.set_attribute("meshserve.priority", pb.Priority.Name(generation.priority))
@@ -107,3 +109,40 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if counted_stream:
                 self.tenant_streams.release(caller.tenant)
             m.count_request(code)
+
+    def _limits(self):
+        if self.router.limits is None:
+            raise UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0)
+        return self.router.limits
+
+    @grpc_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        limits = self._limits()
+        return pb.GetModelInfoResponse(
+            model=limits.model_name, revision=limits.revision, precision=limits.precision,
+            max_context_tokens=limits.max_context_tokens, vocab_size=limits.vocab_size, max_new_tokens=limits.max_new_tokens,
+        )
+
+    @grpc_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        self._limits()
+        info = self.router.server_info()
+        return pb.GetServerInfoResponse(
+            replicas_serving=info.replicas_serving, replicas_total=info.replicas_total, running=info.running,
+            waiting=info.waiting, kv_cache_usage=info.kv_cache_usage, max_running=info.max_running,
+        )
+
+    @grpc_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        limits = self._limits()
+        ids = await self.router.tokenize(to_tokenize_input(request, limits), context.time_remaining())
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_context_tokens=limits.max_context_tokens)
+
+    @grpc_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        self._limits()
+        if not request.request_id:
+            raise InvalidArgumentError("request_id", "name the request to abort")
+        request_id = request_id_or_new(request.request_id)
+        caller = Caller.from_metadata(context.invocation_metadata())
+        return pb.AbortResponse(aborted=await self.router.abort(request_id, caller.tenant))

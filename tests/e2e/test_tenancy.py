@@ -136,3 +136,20 @@ def test_no_stream_outlives_the_servers_duration_limit_and_its_slot_is_freed(pol
     while metric_value(policed.metrics("inference"), "meshserve_num_requests_running") > 0:
         assert time.monotonic() < deadline, "the slot of the ended stream was not freed"
         time.sleep(0.2)
+
+
+def test_only_the_tenant_that_started_a_request_can_abort_it(jwt_endpoint):
+    target, credentials = jwt_endpoint
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        call = stub.Generate(long_request("owned-by-a"), metadata=bearer(credentials, "tenant-a"))
+        assert next(call).HasField("chunk")
+        stranger = stub.Abort(pb.AbortRequest(request_id="owned-by-a"), metadata=bearer(credentials, "tenant-b"))
+        assert not stranger.aborted
+        assert next(call).HasField("chunk")  # still running
+        owner = stub.Abort(pb.AbortRequest(request_id="owned-by-a"), metadata=bearer(credentials, "tenant-a"))
+        assert owner.aborted
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in call:
+                pass
+        assert caught.value.code() == grpc.StatusCode.CANCELLED

@@ -33,7 +33,7 @@ async def service(model_dir, metrics):
     async_engine = AsyncEngine(metrics)
     async_engine.attach(Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config))
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(async_engine, config, "test-model", "onnxruntime", model_dir.config.vocab_size), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(async_engine, config, model_dir, "onnxruntime"), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
