@@ -45,6 +45,51 @@ class ServingMetrics:
         self._requests.labels(self._model_name, code).inc()
 
 
+# OpenTelemetry GenAI semantic conventions: bucket boundaries as the conventions specify them
+_GEN_AI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_GEN_AI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+GEN_AI_PROVIDER = "meshserve"
+
+
+class GenAiMetrics:
+    """The OpenTelemetry GenAI metrics, named as the OpenTelemetry-to-Prometheus mapping names them
+    (dots to underscores, the unit appended: `gen_ai.server.time_to_first_token` in seconds becomes
+    `gen_ai_server_time_to_first_token_seconds`; `{token}` adds nothing), with the conventions' labels."""
+
+    _LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._ttft = Histogram("gen_ai_server_time_to_first_token", "Time to generate the first token (GenAI conventions).",
+                               self._LABELS, unit="seconds", buckets=_GEN_AI_TTFT_BUCKETS)
+        self._tpot = Histogram("gen_ai_server_time_per_output_token", "Time per output token after the first (GenAI conventions).",
+                               self._LABELS, unit="seconds", buckets=_GEN_AI_TPOT_BUCKETS)
+        self._duration = Histogram("gen_ai_server_request_duration", "Generation request duration (GenAI conventions).",
+                                   self._LABELS + ["error_type"], unit="seconds", buckets=_GEN_AI_DURATION_BUCKETS)
+        self._tokens = Histogram("gen_ai_client_token_usage", "Tokens per request, input and output (GenAI conventions).",
+                                 self._LABELS + ["gen_ai_token_type"], buckets=_GEN_AI_TOKEN_BUCKETS)
+
+    def _labels(self, operation: str) -> list[str]:
+        return [operation, GEN_AI_PROVIDER, self.model_name]
+
+    def first_token(self, operation: str, seconds: float, exemplar: dict[str, str] | None) -> None:
+        self._ttft.labels(*self._labels(operation)).observe(seconds, exemplar)
+
+    def finished(self, operation: str, seconds: float, error_type: str, exemplar: dict[str, str] | None,
+                 input_tokens: int = 0, output_tokens: int = 0, first_token_s: float | None = None) -> None:
+        """One request's end: its duration (error_type empty when it succeeded), its token usage and,
+        once more than one token came, its time per output token after the first."""
+        self._duration.labels(*self._labels(operation), error_type).observe(seconds, exemplar)
+        if error_type:
+            return
+        self._tokens.labels(*self._labels(operation), "input").observe(input_tokens)
+        self._tokens.labels(*self._labels(operation), "output").observe(output_tokens)
+        if first_token_s is not None and output_tokens > 1:
+            self._tpot.labels(*self._labels(operation)).observe((seconds - first_token_s) / (output_tokens - 1))
+
+
 class _CounterReader:
     """Exports counters that another object keeps (e.g. on the engine thread) without locking it."""
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from typing import AsyncIterator
 
 import grpc
 from meshserve.v1 import generation_service_pb2 as pb
-from opentelemetry import trace
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgumentError, ServingError, UnavailableError
 from services.common.grpc_status import abort, abort_internal, to_grpc_status
-from services.common.metrics import ServingMetrics, serving_replicas_gauge
+from services.common.metrics import GenAiMetrics, ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
 from services.common.contract import request_id_or_new
 from services.common.grpc_status import grpc_errors
 from services.router.convert import to_generation_request, to_tokenize_input
 from services.router.core import Completed, Router, TextDelta
+from services.router.request_telemetry import RequestTelemetry
 from services.router.tenancy import Caller, TenantStreams
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -33,61 +32,50 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.router = router
         self.config = config
         self.metrics: ServingMetrics | None = None  # created once the model name is known
+        self.gen_ai: GenAiMetrics | None = None
         self.in_flight = 0
         self.tenant_streams = TenantStreams(config.max_streams_per_tenant)
 
     def on_connected(self) -> None:
         assert self.router.limits is not None
         self.metrics = ServingMetrics(self.router.limits.model_name)
+        self.gen_ai = GenAiMetrics(self.router.limits.model_name)
         self.metrics.num_requests_running.set_function(lambda: self.in_flight)
         serving_replicas_gauge(self.router.limits.model_name, lambda: len(self.router.replicas.healthy))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        m = self.metrics
-        if m is None or self.router.limits is None:
+        if self.metrics is None or self.gen_ai is None or self.router.limits is None:
             await abort(context, UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0))
-        started = time.monotonic()
+        telemetry = RequestTelemetry(self.metrics, self.gen_ai)
         remaining = context.time_remaining()
         # the server's own limit on a stream's life holds whatever deadline the client set, or none
         limit = self.config.max_stream_duration_s
-        deadline = started + (limit if remaining is None else min(remaining, limit))
+        deadline = telemetry.started + (limit if remaining is None else min(remaining, limit))
         caller = Caller.from_metadata(context.invocation_metadata())
         code = "OK"
         self.in_flight += 1
-        last_token_at: float | None = None
         counted_stream = False
         try:
             generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens)
-            request_id = generation.request_id
             generation = dataclasses.replace(generation, priority=caller.priority(generation.priority), tenant=caller.tenant)
-            span = trace.get_current_span()
-            span.set_attribute("gen_ai.request.id", request_id)
-            span.set_attribute("meshserve.priority", pb.Priority.Name(generation.priority))
+            telemetry.accepted(generation)
             self.tenant_streams.acquire(caller.tenant)
             counted_stream = True
             async for event in self.router.generate(generation, deadline):
                 if isinstance(event, TextDelta):
-                    now = time.monotonic()
-                    if last_token_at is None:
-                        m.time_to_first_token.observe(now - started)
-                    elif event.token_ids:
-                        per_token = (now - last_token_at) / len(event.token_ids)
-                        for _ in event.token_ids:
-                            m.inter_token_latency.observe(per_token)
-                    last_token_at = now
+                    telemetry.tokens(len(event.token_ids))
                     yield pb.GenerateResponse(
                         chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
                     )
                 elif isinstance(event, Completed):
-                    m.prompt_tokens.inc(event.prompt_tokens)
-                    m.generation_tokens.inc(event.completion_tokens)
-                    m.e2e_request_latency.observe(time.monotonic() - started)
+                    telemetry.completed(generation.request_id, event.finish_reason, event.prompt_tokens,
+                                        event.completion_tokens, event.cached_prompt_tokens)
                     yield pb.GenerateResponse(
                         complete=pb.GenerateComplete(
                             finish_reason=_FINISH[event.finish_reason],
                             prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens,
-                            request_id=request_id,
+                            request_id=generation.request_id,
                             prompt_logprobs=_logprobs(event.prompt_logprobs),
                             cached_prompt_tokens=event.cached_prompt_tokens,
                         )
@@ -108,7 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.in_flight -= 1
             if counted_stream:
                 self.tenant_streams.release(caller.tenant)
-            m.count_request(code)
+            telemetry.finished(code)
 
     def _limits(self):
         if self.router.limits is None:
