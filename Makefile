@@ -11,6 +11,7 @@ up: install
 
 test: install
 	bash deploy/tools/install.sh $(VENV)
+	bash deploy/tools/install-redis.sh
 	$(VENV)/bin/pytest -q -rs
 
 install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp

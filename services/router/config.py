@@ -20,6 +20,12 @@ class RouterConfig:
     Unauthenticated requests are all one tenant, "anonymous"."""
     max_stream_duration_s: float = 600.0
     """A stream ends with DEADLINE_EXCEEDED after this long, whatever deadline the client set (or none)."""
+    result_cache_mb: float = 64.0
+    """Memory tier of the result cache, in MiB (0 turns the cache off)."""
+    result_cache_redis: str | None = None
+    """redis://host:port/db of the shared tier; None: memory only."""
+    result_cache_ttl_s: int = 3600
+    """How long the shared tier keeps an answer."""
 
     def __post_init__(self) -> None:
         if not self.inference_targets:
@@ -28,3 +34,7 @@ class RouterConfig:
             raise ValueError("--max-streams-per-tenant must be >= 0 (0: no limit)")
         if not self.max_stream_duration_s > 0:
             raise ValueError("--max-stream-duration-s must be > 0")
+        if self.result_cache_mb < 0 or self.result_cache_ttl_s < 1:
+            raise ValueError("--result-cache-mb must be >= 0 and --result-cache-ttl-s >= 1")
+        if self.result_cache_redis and not self.result_cache_mb:
+            raise ValueError("--result-cache-redis needs the memory tier (--result-cache-mb > 0)")

@@ -49,6 +49,8 @@ class GenerationRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     tenant: str = ""
     """Who asked (from the verified token); inference replicas let only this tenant abort it."""
+    no_cache: bool = False
+    """Neither answered from nor stored in the result cache."""
 
 
 def to_tokenize_input(request: pb.TokenizeRequest, limits: ModelLimits) -> GenerationRequest:
@@ -96,4 +98,5 @@ def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, defa
     priority = request.priority or pb.PRIORITY_NORMAL
     return GenerationRequest(
         request_id, prompt, chat, token_ids, sampling, priority, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+        no_cache=request.no_cache,
     )

@@ -27,6 +27,7 @@ from services.router.config import RouterConfig
 from services.router.admission import admit
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.replicas import ReplicaSet, choose_replica, prefix_key, record_call_error
+from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
 from services.router.stops import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,17 @@ class Completed:
     completion_tokens: int
     prompt_logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob
     cached_prompt_tokens: int = 0
+    cached: bool = False
+    """The whole answer came from the result cache."""
+    model: str = ""
+    """The model variant that generated it."""
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """Before any text: whether a cacheable request's answer came from the result cache."""
+
+    hit: bool
 
 
 _FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
@@ -90,6 +102,7 @@ class Router:
         self.replicas = ReplicaSet(config.inference_targets)
         self.limits: ModelLimits | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
+        self.result_cache: ResultCache | None = None  # created with the model name, in connect()
 
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
         """Waits until the tokenizer and an inference replica are SERVING, learns the model's
@@ -115,6 +128,9 @@ class Router:
         self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision,
                                   info.precision)
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
+        if self.config.result_cache_mb:
+            self.result_cache = ResultCache(info.model, int(self.config.result_cache_mb * (1 << 20)),
+                                            self.config.result_cache_redis, self.config.result_cache_ttl_s)
         self.replicas.start()
         return self.limits
 
@@ -145,7 +161,9 @@ class Router:
             span.set_attribute("gen_ai.usage.prompt_tokens", len(response.ids))
         return list(response.ids)
 
-    async def generate(self, request: GenerationRequest, deadline: float | None) -> AsyncIterator[TextDelta | Completed]:
+    async def generate(
+        self, request: GenerationRequest, deadline: float | None
+    ) -> AsyncIterator[CacheLookup | TextDelta | Completed]:
         """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value.
 
         If the inference replica fails mid-stream, generation continues on another replica, which
@@ -159,6 +177,20 @@ class Router:
         self.admit(request.priority)
         prompt_ids = await self.tokenize(request, remaining())
         self._check_context(request, len(prompt_ids))
+        cache_as = cache_key(request, prompt_ids, self.limits) if self.result_cache else None
+        if cache_as is not None:
+            found = await self.result_cache.get(cache_as)
+            yield CacheLookup(hit=found is not None)
+            if found is not None:
+                answer, tier = found
+                trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": tier})
+                for delta in answer.deltas:
+                    yield TextDelta(delta.text, delta.token_ids, delta.logprobs)
+                # nothing was computed: the whole prompt counts as cached
+                yield Completed(answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, answer.prompt_logprobs,
+                                answer.prompt_tokens, cached=True, model=answer.model)
+                return
+        streamed: list[CachedDelta] = []  # what the client got, to store a complete answer
         key = prefix_key(prompt_ids)
         detokenizer = self.tokenizer.DecodeStream(timeout=remaining())
         # read through the call's iterator (not read()): trace interceptors end their span with it
@@ -188,16 +220,18 @@ class Router:
                         if ids:
                             generated += ids
                             text = stops.push(await _detokenize(detokenizer, decoded_texts, ids))
-                            yield TextDelta(text, ids, list(response.logprobs))
+                            streamed.append(CachedDelta(text, ids, list(response.logprobs)))
+                            yield TextDelta(text, ids, streamed[-1].logprobs)
                             if stops.stopped:
                                 completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs,
-                                                      cached_prompt_tokens)
+                                                      cached_prompt_tokens, model=self.limits.model_name)
                                 break
                         if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
                             if held := stops.flush():
+                                streamed.append(CachedDelta(held, [], []))
                                 yield TextDelta(held, [])
                             completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated),
-                                                  prompt_logprobs, cached_prompt_tokens)
+                                                  prompt_logprobs, cached_prompt_tokens, model=self.limits.model_name)
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried):
                         raise from_rpc_error(error) from None
@@ -217,6 +251,10 @@ class Router:
             raise from_rpc_error(error) from None
         finally:
             detokenizer.cancel()
+        if cache_as is not None:  # only a complete, successful answer gets here
+            await self.result_cache.put(cache_as, CachedAnswer(
+                streamed, completed.finish_reason, completed.prompt_tokens, completed.completion_tokens,
+                completed.prompt_logprobs, completed.model))
         yield completed
 
     def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
@@ -277,5 +315,7 @@ class Router:
         return sum(await asyncio.gather(*(abort_on(r) for r in self.replicas.healthy))) > 0
 
     async def close(self) -> None:
+        if self.result_cache is not None:
+            await self.result_cache.close()
         await self.tokenizer_channel.close()
         await self.replicas.close()

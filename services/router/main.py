@@ -25,6 +25,12 @@ def add_parser(subparsers) -> None:
                         help="concurrent streams per tenant on this router (0: no limit); unauthenticated traffic is one tenant")
     parser.add_argument("--max-stream-duration-s", type=float, default=RouterConfig.max_stream_duration_s,
                         help="server-side limit on a stream's duration (DEADLINE_EXCEEDED past it)")
+    parser.add_argument("--result-cache-mb", type=float, default=RouterConfig.result_cache_mb,
+                        help="memory tier of the result cache for deterministic requests, in MiB (0: off)")
+    parser.add_argument("--result-cache-redis", metavar="URL",
+                        help="shared tier of the result cache, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--result-cache-ttl-s", type=int, default=RouterConfig.result_cache_ttl_s,
+                        help="seconds the shared tier keeps an answer")
     parser.add_argument("--drain-notice-s", type=float, default=2.0,
                         help="after SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING")
     parser.set_defaults(func=run)
@@ -37,6 +43,9 @@ async def serve(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_stream_duration_s=args.max_stream_duration_s,
+        result_cache_mb=args.result_cache_mb,
+        result_cache_redis=args.result_cache_redis,
+        result_cache_ttl_s=args.result_cache_ttl_s,
     )
     process = ServiceProcess("meshserve-router", ServerConfig.from_args(args))
     router = Router(config)

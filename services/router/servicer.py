@@ -17,7 +17,7 @@ from services.router.config import RouterConfig
 from services.common.contract import request_id_or_new
 from services.common.grpc_status import grpc_errors
 from services.router.convert import to_generation_request, to_tokenize_input
-from services.router.core import Completed, Router, TextDelta
+from services.router.core import CacheLookup, Completed, Router, TextDelta
 from services.router.request_telemetry import RequestTelemetry
 from services.router.tenancy import Caller, TenantStreams
 
@@ -62,7 +62,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.tenant_streams.acquire(caller.tenant)
             counted_stream = True
             async for event in self.router.generate(generation, deadline):
-                if isinstance(event, TextDelta):
+                if isinstance(event, CacheLookup):  # REST clients see it as a response header
+                    await context.send_initial_metadata([("x-meshserve-cache", "hit" if event.hit else "miss")])
+                elif isinstance(event, TextDelta):
                     telemetry.tokens(len(event.token_ids))
                     yield pb.GenerateResponse(
                         chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
@@ -78,6 +80,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                             request_id=generation.request_id,
                             prompt_logprobs=_logprobs(event.prompt_logprobs),
                             cached_prompt_tokens=event.cached_prompt_tokens,
+                            cached=event.cached,
+                            model=event.model,
                         )
                     )
         except ServingError as error:

@@ -1,0 +1,167 @@
+"""A cache of whole answers, for deterministic requests only (greedy, or sampled with a seed).
+
+Two tiers: an in-process LRU bounded in bytes (every router has its own), and optionally Redis,
+shared by every router, with a TTL. A lookup tries memory, then Redis (and keeps what Redis had in
+memory). The key covers everything the answer depends on: the tenant (one tenant never reads another's
+answers), the model's revision and precision, the prompt's token ids and every sampling field. Only
+complete, successful generations are stored. Redis down or slow never fails a request: each call has a
+short timeout, and after a failure Redis is left alone for a while (logged once), so the router serves
+from memory and the replicas.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import json_format
+from meshserve.inference.v1 import inference_service_pb2 as inference_pb
+from prometheus_client import Counter, Gauge
+
+from services.router.convert import GenerationRequest, ModelLimits
+
+log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 0.1
+"""A Redis call slower than this counts as a failure: the answer is generated instead."""
+REDIS_RETRY_AFTER_S = 5.0
+"""After a Redis failure, this long without trying it again."""
+KEY_PREFIX = "meshserve:result:v1:"
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list  # inference_pb.TokenLogprob
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedAnswer:
+    """What a generation streamed, to stream it again: the deltas, then how it completed."""
+
+    deltas: list[CachedDelta]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_logprobs: list  # inference_pb.TokenLogprob
+    model: str
+
+    def encode(self) -> bytes:
+        def logprobs(items: list) -> list[dict]:
+            return [json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items]
+
+        return json.dumps({
+            "deltas": [{"text": d.text, "token_ids": d.token_ids, "logprobs": logprobs(d.logprobs)} for d in self.deltas],
+            "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "prompt_logprobs": logprobs(self.prompt_logprobs),
+            "model": self.model,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> CachedAnswer:
+        value = json.loads(data)
+
+        def logprobs(items: list[dict]) -> list:
+            return [json_format.ParseDict(item, inference_pb.TokenLogprob()) for item in items]
+
+        return cls(
+            [CachedDelta(d["text"], d["token_ids"], logprobs(d["logprobs"])) for d in value["deltas"]],
+            value["finish_reason"], value["prompt_tokens"], value["completion_tokens"],
+            logprobs(value["prompt_logprobs"]), value["model"],
+        )
+
+
+def cache_key(request: GenerationRequest, prompt_ids: list[int], limits: ModelLimits) -> str | None:
+    """The key of a deterministic request's answer, or None when it may not be cached (sampled
+    without a seed: every call is meant to differ; or the client said no_cache)."""
+    s = request.sampling
+    if request.no_cache or (not s.greedy and s.seed is None):
+        return None
+    described = {
+        "tenant": request.tenant, "model": limits.model_name, "revision": limits.revision,
+        "precision": limits.precision, "prompt": prompt_ids, "sampling": dataclasses.asdict(s),
+        "stop": request.stop, "stop_token_ids": request.stop_token_ids,
+    }
+    return KEY_PREFIX + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+class ResultCache:
+    """The memory tier (LRU in bytes) and the optional Redis tier."""
+
+    def __init__(self, model_name: str, max_bytes: int, redis_url: str | None = None, ttl_s: int = 3600) -> None:
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._entries: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.bytes = 0
+        self._redis: Any = None
+        self._redis_down_until = 0.0
+        if redis_url:
+            import redis.asyncio
+
+            self._redis = redis.asyncio.Redis.from_url(
+                redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                retry_on_timeout=False,
+            )
+        labels = ["model_name"]
+        self.hits = Counter("meshserve_result_cache_hits", "Answers served from the result cache.", labels + ["tier"])
+        self.misses = Counter("meshserve_result_cache_misses", "Cacheable requests not in the result cache.", labels).labels(model_name)
+        self.evictions = Counter("meshserve_result_cache_evictions", "Answers evicted from the memory tier.", labels).labels(model_name)
+        Gauge("meshserve_result_cache_bytes", "Bytes of answers in the memory tier.", labels).labels(model_name).set_function(
+            lambda: self.bytes)
+        self._model_name = model_name
+
+    async def get(self, key: str) -> tuple[CachedAnswer, str] | None:
+        """The answer stored under `key` and the tier that had it ("memory" or "redis"), or None."""
+        data = self._entries.get(key)
+        tier = "memory"
+        if data is not None:
+            self._entries.move_to_end(key)
+        else:
+            data = await self._redis_call("GET", lambda redis: redis.get(key))
+            tier = "redis"
+            if data is not None:
+                self._remember(key, data)
+        if data is None:
+            self.misses.inc()
+            return None
+        self.hits.labels(self._model_name, tier).inc()
+        return CachedAnswer.decode(data), tier
+
+    async def put(self, key: str, answer: CachedAnswer) -> None:
+        data = answer.encode()
+        self._remember(key, data)
+        await self._redis_call("SET", lambda redis: redis.set(key, data, ex=self.ttl_s))
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        if key in self._entries:
+            self.bytes -= len(self._entries.pop(key))
+        self._entries[key] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= len(evicted)
+            self.evictions.inc()
+
+    async def _redis_call(self, command: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        if self._redis is None or time.monotonic() < self._redis_down_until:
+            return None
+        try:
+            return await call(self._redis)
+        except Exception as error:  # noqa: BLE001 - any Redis failure degrades to the memory tier
+            self._redis_down_until = time.monotonic() + REDIS_RETRY_AFTER_S
+            log.warning("result cache: Redis %s failed (%s); using the memory tier alone for %.0f s",
+                        command, type(error).__name__, REDIS_RETRY_AFTER_S)
+            return None
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
