@@ -42,9 +42,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tokenizer-port", type=int, default=50052)
     parser.add_argument("--inference-port", type=int, default=50053)
     parser.add_argument("--metrics-port-base", type=int, default=9100,
-                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i")
+                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, fallback i at +5+10i")
     parser.add_argument("--inference-replicas", type=int, default=1, help="inference processes (ports +100 apart)")
     parser.add_argument("--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)")
+    parser.add_argument("--fallback-replicas", type=int, default=0,
+                        help="inference processes of the lighter fallback tier (ports inference-port+50, +100 apart)")
+    parser.add_argument("--fallback-precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="weights of the fallback tier")
+    parser.add_argument("--fallback-arg", action="append", default=[],
+                        help="extra argument for the fallback tier's serve-inference, e.g. --fallback-arg=--num-slots=8")
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
     parser.add_argument("--inference-arg", action="append", default=[],
                         help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
@@ -108,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     prepare_model(args.models_root, args.precision)
+    if args.fallback_replicas:
+        prepare_model(args.models_root, args.fallback_precision)
     run_dir = args.run_dir / f"mesh-{args.port}"
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint_options = public_endpoint_options(args, run_dir)
@@ -115,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
     mp = args.metrics_port_base
     inference_ports = [args.inference_port + 100 * i for i in range(args.inference_replicas)]
+    fallback_ports = [args.inference_port + 50 + 100 * i for i in range(args.fallback_replicas)]
+    threads = inference_threads_args(args.inference_replicas + args.fallback_replicas)
     router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
     commands = {
         "tokenizer": base + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
@@ -122,8 +132,13 @@ def run(args: argparse.Namespace) -> int:
     for i, port in enumerate(inference_ports):
         commands[f"inference-{i}"] = base + [
             "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common,
-            "--precision", args.precision, *inference_threads_args(args.inference_replicas), *args.inference_arg]
+            "--precision", args.precision, *threads, *args.inference_arg]
+    for i, port in enumerate(fallback_ports):
+        commands[f"fallback-{i}"] = base + [
+            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 5 + 10 * i), *common,
+            "--precision", args.fallback_precision, *threads, *args.fallback_arg]
     targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
+    targets += [arg for port in fallback_ports for arg in ("--fallback-target", f"127.0.0.1:{port}")]
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [
             "serve-router", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mp + 1 + 10 * i),
@@ -145,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         for name, command in commands.items():
             procs[name] = subprocess.Popen(command)
         write_pids()
-        for port in [args.tokenizer_port, *inference_ports, *router_ports]:
+        for port in [args.tokenizer_port, *inference_ports, *fallback_ports, *router_ports]:
             _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
         config.write_text(render_envoy_config(
@@ -183,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         # Envoy first so no new streams arrive, then the router, then what it depends on
-        order = sorted(procs, key=lambda name: ["envoy", "router", "tokenizer", "inference"].index(name.split("-")[0]))
+        order = sorted(procs, key=lambda name: ["envoy", "router", "tokenizer", "inference", "fallback"].index(name.split("-")[0]))
         for name in order:
             if procs[name].poll() is None:
                 procs[name].send_signal(signal.SIGTERM)

@@ -122,6 +122,16 @@ def serving_replicas_gauge(model_name: str, read: Callable[[], float]) -> None:
     gauge.labels(model_name).set_function(read)
 
 
+def degradation_metrics(model_name: str, shedding: Callable[[], float]) -> Counter:
+    """`meshserve_router_shedding_low` (1 while LOW requests are shed) and the counter of requests the
+    fallback tier served, `meshserve_fallback_requests_total{reason}`, which this returns."""
+    gauge = Gauge("meshserve_router_shedding_low", "1 while low-priority requests are shed under sustained load.",
+                  ["model_name"])
+    gauge.labels(model_name).set_function(shedding)
+    return Counter("meshserve_fallback_requests", "Requests served by the fallback tier, by why.",
+                   ["model_name", "reason"])
+
+
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
     """Serves /metrics over HTTP; port 0 disables it."""
     if port:

@@ -20,6 +20,12 @@ class RouterConfig:
     Unauthenticated requests are all one tenant, "anonymous"."""
     max_stream_duration_s: float = 600.0
     """A stream ends with DEADLINE_EXCEEDED after this long, whatever deadline the client set (or none)."""
+    fallback_targets: tuple[str, ...] = ()
+    """host:port of the fallback tier's replicas (a lighter variant of the model); empty: no fallback."""
+    shed_utilisation: float = 0.9
+    """Main-tier utilisation (requests over running slots) above which LOW requests may be shed..."""
+    shed_low_after_s: float = 60.0
+    """...once it has stayed there this long (0: never shed)."""
     result_cache_mb: float = 64.0
     """Memory tier of the result cache, in MiB (0 turns the cache off)."""
     result_cache_redis: str | None = None
@@ -34,6 +40,8 @@ class RouterConfig:
             raise ValueError("--max-streams-per-tenant must be >= 0 (0: no limit)")
         if not self.max_stream_duration_s > 0:
             raise ValueError("--max-stream-duration-s must be > 0")
+        if not 0 < self.shed_utilisation <= 1 or self.shed_low_after_s < 0:
+            raise ValueError("--shed-utilisation must be in (0, 1] and --shed-low-after-s >= 0")
         if self.result_cache_mb < 0 or self.result_cache_ttl_s < 1:
             raise ValueError("--result-cache-mb must be >= 0 and --result-cache-ttl-s >= 1")
         if self.result_cache_redis and not self.result_cache_mb:

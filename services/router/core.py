@@ -7,6 +7,7 @@ protobuf types; the servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,14 @@ from opentelemetry import trace
 from services.common.contract import sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.grpc_status import from_rpc_error
+from services.common.metrics import degradation_metrics
 from services.common.telemetry import client_interceptors
 from services.router.config import RouterConfig
-from services.router.admission import admit
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.replicas import ReplicaSet, choose_replica, prefix_key, record_call_error
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
 from services.router.stops import StopStringMatcher
+from services.router.tiers import PressureMonitor, ServiceTime, TierChoice, TierLoad, choose_tier
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshserve.router")
@@ -100,6 +102,11 @@ class Router:
         self.tokenizer_channel = grpc.aio.insecure_channel(config.tokenizer_target, interceptors=client_interceptors())
         self.tokenizer = tokenizer_grpc.TokenizerServiceStub(self.tokenizer_channel)
         self.replicas = ReplicaSet(config.inference_targets)
+        self.fallback = ReplicaSet(config.fallback_targets) if config.fallback_targets else None
+        self.pressure = PressureMonitor(config.shed_utilisation, config.shed_low_after_s)
+        self.service_time = ServiceTime()
+        self._pressure_task: asyncio.Task | None = None
+        self.fallback_requests = None  # the counter, created with the model name
         self.limits: ModelLimits | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
         self.result_cache: ResultCache | None = None  # created with the model name, in connect()
@@ -132,11 +139,37 @@ class Router:
             self.result_cache = ResultCache(info.model, int(self.config.result_cache_mb * (1 << 20)),
                                             self.config.result_cache_redis, self.config.result_cache_ttl_s)
         self.replicas.start()
+        if self.fallback is not None:
+            self.fallback.start()
+        self.fallback_requests = degradation_metrics(info.model, lambda: float(self.pressure.shedding))
+        if self.config.shed_low_after_s:
+            self._pressure_task = asyncio.get_running_loop().create_task(self._watch_pressure())
         return self.limits
 
-    def admit(self, priority: int) -> None:
-        """Refuses a request before any work when the cluster is past its priority's share."""
-        admit(priority, self.replicas.load, self.replicas.capacity)
+    async def _watch_pressure(self) -> None:
+        while True:
+            main = self._tier_load(self.replicas)
+            self.pressure.observe(main.load / main.max_running if main.max_running else 1.0, time.monotonic())
+            await asyncio.sleep(0.25)
+
+    @staticmethod
+    def _tier_load(replicas: ReplicaSet) -> TierLoad:
+        return TierLoad(replicas.load, replicas.capacity, sum(r.max_running for r in replicas.healthy))
+
+    def choose_tier(self, priority: int, remaining_s: float | None) -> TierChoice:
+        """Before any work: shed LOW under sustained pressure, then the main tier, or the fallback tier
+        for what the main one cannot meet, or RESOURCE_EXHAUSTED."""
+        self.pressure.check(priority)
+        fallback = self._tier_load(self.fallback) if self.fallback is not None else None
+        return choose_tier(priority, self._tier_load(self.replicas), fallback, remaining_s, self.service_time.mean_s)
+
+    def _variant(self, replicas: ReplicaSet) -> ModelLimits:
+        """The limits as the tier serves them: the fallback tier names its precision in the model."""
+        if replicas is self.replicas:
+            return self.limits
+        info = next((r.info for r in replicas.healthy if r.info), None)
+        precision = info.precision if info else "fallback"
+        return dataclasses.replace(self.limits, model_name=f"{self.limits.model_name}:{precision}", precision=precision)
 
     async def tokenize(self, request: GenerationRequest, timeout: float | None) -> list[int]:
         if request.token_ids is not None:
@@ -174,10 +207,15 @@ class Router:
         def remaining() -> float | None:
             return None if deadline is None else max(0.001, deadline - time.monotonic())
 
-        self.admit(request.priority)
+        choice = self.choose_tier(request.priority, remaining())
+        tier = self.fallback if choice.fallback else self.replicas
+        variant = self._variant(tier)
+        if choice.fallback:
+            self.fallback_requests.labels(self.limits.model_name, choice.reason).inc()
+            trace.get_current_span().set_attribute("meshserve.fallback.reason", choice.reason)
         prompt_ids = await self.tokenize(request, remaining())
         self._check_context(request, len(prompt_ids))
-        cache_as = cache_key(request, prompt_ids, self.limits) if self.result_cache else None
+        cache_as = cache_key(request, prompt_ids, variant) if self.result_cache else None
         if cache_as is not None:
             found = await self.result_cache.get(cache_as)
             yield CacheLookup(hit=found is not None)
@@ -203,13 +241,14 @@ class Router:
         stops = StopStringMatcher(request.stop)
         try:
             while completed is None:
-                replica = choose_replica(self.replicas.replicas, key, exclude=tried)
+                replica = choose_replica(tier.replicas, key, exclude=tried)
                 if replica is None:
                     raise UnavailableError("no inference replica is serving", retry_after_s=1.0)
                 tried.add(replica.target)
                 call = replica.stub.Generate(
                     self._inference_request(request, prompt_ids, generated), timeout=remaining()
                 )
+                attempt_started = time.monotonic()
                 replica.in_flight += 1
                 try:
                     async for response in call:
@@ -224,16 +263,16 @@ class Router:
                             yield TextDelta(text, ids, streamed[-1].logprobs)
                             if stops.stopped:
                                 completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs,
-                                                      cached_prompt_tokens, model=self.limits.model_name)
+                                                      cached_prompt_tokens, model=variant.model_name)
                                 break
                         if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
                             if held := stops.flush():
                                 streamed.append(CachedDelta(held, [], []))
                                 yield TextDelta(held, [])
                             completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated),
-                                                  prompt_logprobs, cached_prompt_tokens, model=self.limits.model_name)
+                                                  prompt_logprobs, cached_prompt_tokens, model=variant.model_name)
                 except grpc.aio.AioRpcError as error:
-                    if not self._can_fail_over(error, tried):
+                    if not self._can_fail_over(error, tried, tier):
                         raise from_rpc_error(error) from None
                     record_call_error(replica, error.code())
                     log.warning("inference replica %s refused or failed (%s); continuing on another", replica.target, error.code().name)
@@ -241,6 +280,8 @@ class Router:
                 finally:
                     replica.in_flight -= 1
                     call.cancel()  # on client cancellation this frees the slot at once
+                if completed is not None and tier is self.replicas:  # how long a main-tier slot is held
+                    self.service_time.observe(time.monotonic() - attempt_started)
                 if completed is None:
                     log.warning("inference replica %s ended a stream without finishing it", replica.target)
                     raise UnavailableError("an inference replica ended the stream early", retry_after_s=1.0)
@@ -270,13 +311,13 @@ class Router:
                 f"context (max_context_tokens = {context})",
             )
 
-    def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str]) -> bool:
+    def _can_fail_over(self, error: grpc.aio.AioRpcError, tried: set[str], tier: ReplicaSet) -> bool:
         # Only what the replica's state caused: UNAVAILABLE (it died, is draining or still loading) and
         # RESOURCE_EXHAUSTED (its queue is full; refused before any work). An error the request caused
         # (INVALID_ARGUMENT, INTERNAL from a request that failed alone, ...) would fail on every replica
         # and is passed on. The tokens so far go with the request as resumed tokens.
         retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        others = any(r.target not in tried for r in self.replicas.healthy)
+        others = any(r.target not in tried for r in tier.healthy)
         return retryable and others and len(tried) <= MAX_FAILOVERS
 
     def _inference_request(self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]) -> inference_pb.GenerateRequest:
@@ -312,9 +353,14 @@ class Router:
                 log.warning("abort on inference replica %s failed: %s", replica.target, error.code().name)
                 return 0
 
-        return sum(await asyncio.gather(*(abort_on(r) for r in self.replicas.healthy))) > 0
+        replicas = self.replicas.healthy + (self.fallback.healthy if self.fallback is not None else [])
+        return sum(await asyncio.gather(*(abort_on(r) for r in replicas))) > 0
 
     async def close(self) -> None:
+        if self._pressure_task is not None:
+            self._pressure_task.cancel()
+        if self.fallback is not None:
+            await self.fallback.close()
         if self.result_cache is not None:
             await self.result_cache.close()
         await self.tokenizer_channel.close()

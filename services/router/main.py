@@ -25,6 +25,12 @@ def add_parser(subparsers) -> None:
                         help="concurrent streams per tenant on this router (0: no limit); unauthenticated traffic is one tenant")
     parser.add_argument("--max-stream-duration-s", type=float, default=RouterConfig.max_stream_duration_s,
                         help="server-side limit on a stream's duration (DEADLINE_EXCEEDED past it)")
+    parser.add_argument("--fallback-target", action="append", dest="fallback_targets", default=[],
+                        help="inference replica of the lighter fallback tier, host:port (repeat for several)")
+    parser.add_argument("--shed-utilisation", type=float, default=RouterConfig.shed_utilisation,
+                        help="main-tier utilisation above which LOW requests are shed (after --shed-low-after-s)")
+    parser.add_argument("--shed-low-after-s", type=float, default=RouterConfig.shed_low_after_s,
+                        help="seconds of sustained utilisation above --shed-utilisation before LOW is shed (0: never)")
     parser.add_argument("--result-cache-mb", type=float, default=RouterConfig.result_cache_mb,
                         help="memory tier of the result cache for deterministic requests, in MiB (0: off)")
     parser.add_argument("--result-cache-redis", metavar="URL",
@@ -43,6 +49,9 @@ async def serve(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_stream_duration_s=args.max_stream_duration_s,
+        fallback_targets=tuple(args.fallback_targets),
+        shed_utilisation=args.shed_utilisation,
+        shed_low_after_s=args.shed_low_after_s,
         result_cache_mb=args.result_cache_mb,
         result_cache_redis=args.result_cache_redis,
         result_cache_ttl_s=args.result_cache_ttl_s,

@@ -105,7 +105,7 @@ def otlp_receiver():
 
 @contextlib.contextmanager
 def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router_replicas: int = 1, inference_args=(),
-                router_args=()):
+                router_args=(), up_args=()):
     """Runs `meshserve up` on free ports until the block exits."""
     port = free_port()
     ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin")}
@@ -121,7 +121,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
          "--inference-port", str(ports["inference"]), "--metrics-port-base", str(metrics_base),
          "--inference-replicas", str(inference_replicas), "--router-replicas", str(router_replicas),
          "--models-root", str(MODELS_ROOT), "--run-dir", str(run_dir),
-         *[f"--inference-arg={a}" for a in inference_args], *[f"--router-arg={a}" for a in router_args]],
+         *[f"--inference-arg={a}" for a in inference_args], *[f"--router-arg={a}" for a in router_args], *up_args],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
     deadline = time.monotonic() + 240
@@ -135,6 +135,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
         metrics_ports[f"router-{i}"] = metrics_base + 1 + 10 * i
     for i in range(inference_replicas):
         metrics_ports[f"inference-{i}"] = metrics_base + 3 + 10 * i
+        metrics_ports[f"fallback-{i}"] = metrics_base + 5 + 10 * i  # when --fallback-replicas asks for them
     metrics_ports["router"], metrics_ports["inference"] = metrics_ports["router-0"], metrics_ports["inference-0"]
     try:
         yield Mesh(port=port, router_port=ports["router"], metrics_ports=metrics_ports, receiver=receiver,
