@@ -3,7 +3,7 @@
 The text is split at paragraph boundaries into windows of at most `--max-chars` characters (each
 must fit the model's context); every window is one Generate request with `prompt_logprobs`, and
 the perplexity is exp of the mean negative log-probability of every window's tokens after its
-first. The same windows, scored by a backend directly (services/modelstore/evaluate.py), give
+first. The same windows, scored by a backend directly (services/inference/evaluate.py), give
 the number to compare with: see tests/e2e/test_quality.py.
 """
 

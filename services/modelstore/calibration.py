@@ -38,7 +38,7 @@ def activation_maxima(decoder_path: Path, config, token_ids: list[int]) -> dict[
     import onnxruntime as ort
     from onnx import helper
 
-    from services.inference.backends.base import StepBatch
+    from services.modelstore.decoder_contract import StepBatch
 
     model = onnx.load(str(decoder_path), load_external_data=False)
     inputs: dict[tuple[str, int], str] = {}

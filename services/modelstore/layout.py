@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from services.modelstore.onnx_export import LlamaConfig
+from services.modelstore.decoder_contract import LlamaConfig
 
 MANIFEST_NAME = "manifest.json"
 

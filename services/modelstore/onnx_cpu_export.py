@@ -39,7 +39,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from services.modelstore.onnx_export import GraphBuilder, LlamaConfig, rope_inv_freq
+from services.modelstore.decoder_contract import LlamaConfig
+from services.modelstore.onnx_export import GraphBuilder, rope_inv_freq
 from services.modelstore.quantize import NBitsWeight, Q80Blocks, q8_0_to_nbits
 
 OPSET = 17

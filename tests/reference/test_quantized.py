@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-from services.modelstore.evaluate import greedy, perplexity
+from services.inference.evaluate import greedy, perplexity
 from services.modelstore.prepare import PRECISIONS, prepare_model
 from services.tokenizer.core import ChatMessage, TokenizerCore
 

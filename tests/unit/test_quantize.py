@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from services.modelstore.onnx_cpu_export import CpuDecoderWeights
-from services.modelstore.onnx_export import LlamaConfig
+from services.modelstore.decoder_contract import LlamaConfig
 from services.modelstore.quantize import (
     BLOCK,
     NBitsWeight,

@@ -1,7 +1,7 @@
 import numpy as np
 
 from services.inference.backends.base import StepBatch
-from services.modelstore.onnx_export import MASK_VALUE
+from services.modelstore.decoder_contract import MASK_VALUE
 
 
 def test_attention_bias_masks_other_rows_padding_and_the_future():

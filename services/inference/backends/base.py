@@ -8,63 +8,13 @@ a batch of rows, each row a slot that continues from its cached length.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 import numpy as np
 
+from services.modelstore.decoder_contract import StepBatch
 from services.modelstore.layout import ModelDirectory
-from services.modelstore.onnx_export import MASK_VALUE
 
-
-@dataclass(frozen=True)
-class StepBatch:
-    """Inputs of one forward pass. Rows are right-padded to the longest new-token count."""
-
-    slots: np.ndarray  # int64 [rows]            KV-cache slot of each row
-    input_ids: np.ndarray  # int64 [rows, seq]    new tokens, padded with 0
-    cached_lengths: np.ndarray  # int64 [rows]    tokens already in the row's slot
-    new_lengths: np.ndarray  # int64 [rows]       real (unpadded) new tokens per row
-    logits_indices: np.ndarray  # int64 [rows, n] positions (in 0..seq) whose logits are needed
-
-    @classmethod
-    def one_row(cls, token_ids, slot: int = 0, cached: int = 0, all_logits: bool = False) -> StepBatch:
-        """One row of new tokens after `cached` ones in `slot`; logits of its last token, or of all."""
-        n = len(token_ids)
-        positions = np.arange(n)[None] if all_logits else np.array([[n - 1]])
-        return cls(np.array([slot]), np.asarray(token_ids, np.int64).reshape(1, n), np.array([cached]), np.array([n]), positions)
-
-    def row(self, i: int) -> StepBatch:
-        """Row `i` alone, with the same padding: its logits are those it has in the whole batch."""
-        pick = slice(i, i + 1)
-        return StepBatch(self.slots[pick], self.input_ids[pick], self.cached_lengths[pick], self.new_lengths[pick],
-                         self.logits_indices[pick])
-
-    @property
-    def rows(self) -> int:
-        return int(self.slots.shape[0])
-
-    @property
-    def seq(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    @property
-    def past(self) -> int:
-        return int(self.cached_lengths.max()) if self.rows else 0
-
-    def position_ids(self) -> np.ndarray:
-        return self.cached_lengths[:, None] + np.arange(self.seq, dtype=np.int64)[None, :]
-
-    def attention_bias(self) -> np.ndarray:
-        """[rows, seq, past + seq]: each query sees its row's cached tokens and the new ones up to itself."""
-        past, seq = self.past, self.seq
-        key_pos = np.arange(past + seq)
-        query = np.arange(seq)
-        cached_ok = key_pos[None, None, :past] < self.cached_lengths[:, None, None]
-        cached_ok = np.broadcast_to(cached_ok, (self.rows, seq, past))
-        new_ok = (query[None, :] <= query[:, None])[None]  # causal among the new tokens
-        new_ok = np.broadcast_to(new_ok, (self.rows, seq, seq))
-        allowed = np.concatenate([cached_ok, new_ok], axis=2)
-        return np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)
+__all__ = ["DecoderBackend", "StepBatch"]
 
 
 class DecoderBackend(abc.ABC):

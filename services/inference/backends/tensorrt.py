@@ -32,7 +32,7 @@ import numpy as np
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.inference.backends.probes import BackendUnavailableError, probe_cuda, probe_tensorrt, unavailable_message
 from services.modelstore.layout import ModelDirectory
-from services.modelstore.onnx_export import LlamaConfig, input_names, output_names
+from services.modelstore.decoder_contract import LlamaConfig, input_names, output_names
 
 if TYPE_CHECKING:  # imported lazily at run time: neither is needed to plan or to test the planning
     import onnx
@@ -46,7 +46,7 @@ BUILD_RECIPE_VERSION = 1
 CACHE_DIR_NAME = "trt-cache"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEFAULT_MAX_PREFILL = 512
-# The symbolic dimensions of the decoder contract (see onnx_export.py).
+# The symbolic dimensions of the decoder contract (see decoder_contract.py).
 SYMBOLIC_DIMS = ("batch", "seq", "past", "total", "n_logits")
 
 
@@ -132,7 +132,7 @@ def _name_diff(what: str, expected: Sequence[str], actual: Sequence[str]) -> lis
 
 def map_io_names(config: LlamaConfig, io: GraphIO, source: str = "the ONNX decoder") -> IONames:
     """Checks the graph's inputs and outputs (names, dtypes, static dims) against the contract of
-    `onnx_export.py` for this config and returns the names the backend binds.
+    `decoder_contract.py` for this config and returns the names the backend binds.
 
     Raises ContractMismatchError listing every difference.
     """
