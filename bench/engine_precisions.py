@@ -1,5 +1,5 @@
 """Engine-level A/B of prepared model directories (e.g. fp32 vs int8): the real `Engine` over the
-ONNX Runtime backend, no gRPC, the same prompts and report as `python -m services.inference.bench_engine`,
+ONNX Runtime backend, no gRPC, the same prompts and report as `python -m services.bench.engine`,
 plus the time of one 100-token prefill. The machine is shared and noisy, so each (model, concurrency)
 run is its own process, the runs alternate A, B, A, B, each measurement waits for a quiet second,
 and medians over `--repeats` are reported.
@@ -19,17 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> dict:
     """One engine run in this process; returns the bench report plus the 100-token prefill time."""
-    from bench.backend_steps import best_prefill_ms, wait_for_idle
-    from services.cli.bench import load_prompts, summarize
-    from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-    from services.inference.bench_engine import encode_prompts, run_requests
-    from services.inference.engine import Engine, EngineConfig
+    from services.bench.engine import encode_prompts, run_requests
+    from services.bench.prompts import load_prompts
+    from services.bench.report import summarize
+    from services.bench.steps import best_prefill_ms, wait_for_idle
     from services.common.contract import SamplingParams
+    from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+    from services.inference.engine import Engine, EngineConfig
     from services.modelstore.layout import ModelDirectory
 
     directory = ModelDirectory(model)

@@ -1,6 +1,6 @@
 """The peer measurement: llama.cpp on the same GGUF, the same prompts and the same report as `meshserve bench`.
 
-Two modes, both greedy chat completions of the built-in prompts of `services.cli.bench`:
+Two modes, both greedy chat completions of the built-in prompts of `services.bench.prompts`:
 
 1. In process (default): llama-cpp-python's `Llama.create_chat_completion(stream=True)`, one stream
    (its Python API serves one request at a time), `n_threads=2`. A fair single-stream peer: the same
@@ -9,7 +9,7 @@ Two modes, both greedy chat completions of the built-in prompts of `services.cli
    `/v1/chat/completions` with `stream: true`, `--concurrency` streams from a small asyncio client
    (stdlib only), for the multi-stream comparison.
 
-Both print the report of `services.cli.bench.summarize` (`--json`: one JSON object), with TTFT, ITL
+Both print the report of `services.bench.report.summarize` (`--json`: one JSON object), with TTFT, ITL
 and tokens defined as in `meshserve bench`: TTFT until the first chunk with text, ITL the gap between
 text chunks divided by the tokens in the later chunk, tokens the completion tokens (the end-of-sequence
 token included, as in the mesh).
@@ -56,11 +56,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-try:
-    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, run_pool, summarize
-except ImportError:  # run as `python bench/llamacpp_peer.py` without the editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, run_pool, summarize
+from services.bench.pool import positive_int, run_pool
+from services.bench.prompts import load_prompts
+from services.bench.report import RequestResult, format_table, summarize
 
 DEFAULT_GGUF = Path("models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -259,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unreported requests first (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    prompts = load_prompts(args.prompts)
+    try:
+        prompts = load_prompts(args.prompts)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     args.requests = args.requests or len(prompts)
     if args.server:
         report = asyncio.run(run_http(args, prompts))

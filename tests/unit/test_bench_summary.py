@@ -1,4 +1,5 @@
-"""`services.cli.bench.summarize`: the statistics of a benchmark run, without gRPC."""
+"""`services.bench.report.summarize`: the statistics of a benchmark run, without gRPC; and the
+argument parsing of `meshserve bench` (services/cli/bench.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 import numpy as np
 import pytest
 
+from services.bench.prompts import load_prompts
+from services.bench.report import RequestResult, format_table, percentile, summarize
 from services.cli import bench
-from services.cli.bench import RequestResult, percentile, summarize
 
 
 def ok(tokens: int = 10, ttft_s: float = 0.1, itl_s: list[float] | None = None, latency_s: float = 1.0,
@@ -108,7 +110,7 @@ def test_report_is_json_serialisable_and_renders_as_a_table() -> None:
 
     report = summarize([ok(itl_s=[0.01, 0.02]), failed("UNAVAILABLE")], wall_s=1.0)
     assert json.loads(json.dumps(report)) == report
-    table = bench.format_table(report)
+    table = format_table(report)
     assert "TTFT" in table and "ITL" in table and "UNAVAILABLE=1" in table
 
 
@@ -128,5 +130,22 @@ def test_add_parser_registers_bench_with_its_defaults() -> None:
 def test_load_prompts_reads_one_prompt_per_non_blank_line(tmp_path) -> None:
     path = tmp_path / "prompts.txt"
     path.write_text("first prompt\n\n  second prompt  \n")
-    assert bench.load_prompts(path) == ["first prompt", "second prompt"]
-    assert len(bench.load_prompts(None)) >= 16
+    assert load_prompts(path) == ["first prompt", "second prompt"]
+    assert len(load_prompts(None)) >= 16
+
+
+def test_load_prompts_refuses_a_file_without_prompts(tmp_path) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_text("\n   \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(path)
+
+
+def test_bench_cli_exits_with_the_reason_when_the_prompt_file_is_empty(tmp_path) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_text("\n")
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--prompts", str(path), "--target", "127.0.0.1:1"])
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        args.func(args)

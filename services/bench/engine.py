@@ -2,10 +2,10 @@
 
 It loads the prepared model, tokenizes the same built-in prompts as `meshserve bench` (chat
 template by default), keeps `--concurrency` requests in the engine until `--requests` have
-finished, and prints the same report (`services.cli.bench.summarize`), so the mesh's overhead is
+finished, and prints the same report (`services.bench.report.summarize`), so the mesh's overhead is
 the difference between the two:
 
-    python -m services.inference.bench_engine --concurrency 4 --max-tokens 32 --json
+    python -m services.bench.engine --concurrency 4 --max-tokens 32 --json
 
 Times are taken in the engine's output callback (on the engine thread), from `submit` to the
 first tokens (TTFT) and between successive outputs (ITL, per token). One short warm-up wave runs
@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from services.cli.bench import RequestResult, format_table, load_prompts, positive_int, summarize
+from services.bench.pool import positive_int
+from services.bench.prompts import load_prompts
+from services.bench.report import RequestResult, format_table, summarize
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
 
@@ -111,7 +113,7 @@ def run_requests(engine, encoded: list[list[int]], params, stop_ids: frozenset[i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.inference.bench_engine", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m services.bench.engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to run")
@@ -129,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     total = args.requests or args.concurrency
     logging.basicConfig(level=logging.WARNING)
+    try:
+        prompts = load_prompts(args.prompts)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
+    from services.common.contract import SamplingParams
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.engine import Engine, EngineConfig
-    from services.common.contract import SamplingParams
 
     model = prepare_model(args.models_root, args.precision)
     defaults = EngineConfig()
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     load_s = time.perf_counter() - load_started
     try:
-        encoded = encode_prompts(model, load_prompts(args.prompts), args.chat)
+        encoded = encode_prompts(model, prompts, args.chat)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         stop_ids = frozenset(model.eos_token_ids)
         # one short wave at the same concurrency, so the measured requests do not pay for lazy
