@@ -8,15 +8,15 @@ in for the TensorRT engine, and must reproduce the ONNX Runtime backend.
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 
 from services.inference.backends.base import StepBatch
-from services.inference.backends.tensorrt import (
+from services.inference.backends.tensorrt.device import DeviceKVCache, DeviceStepRunner
+from services.inference.backends.tensorrt.planning import (
     BUILD_RECIPE_VERSION,
     ContractMismatchError,
-    DeviceKVCache,
-    DeviceStepRunner,
     EngineCacheKey,
     GraphIO,
     TensorSpec,
@@ -431,7 +431,7 @@ class _RecordingContext:
 
 def test_executor_binds_by_name_switches_profiles_once_and_covers_empty_tensors():
     torch = pytest.importorskip("torch")
-    from services.inference.backends.tensorrt import _TrtExecutor
+    from services.inference.backends.tensorrt.backend import _TrtExecutor
 
     ctx = _RecordingContext((2, 1, 7))
     executor = _TrtExecutor(ctx, stream_handle=1234, dummy_address=4096)
@@ -451,7 +451,7 @@ def test_executor_binds_by_name_switches_profiles_once_and_covers_empty_tensors(
 
 def test_executor_refuses_a_shape_disagreement_and_a_failed_launch():
     torch = pytest.importorskip("torch")
-    from services.inference.backends.tensorrt import _TrtExecutor
+    from services.inference.backends.tensorrt.backend import _TrtExecutor
 
     logits = torch.empty((2, 1, 7))
     with pytest.raises(RuntimeError, match="TensorRT infers logits"):
