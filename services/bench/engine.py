@@ -26,6 +26,7 @@ from pathlib import Path
 from services.bench.pool import positive_int
 from services.bench.prompts import load_prompts
 from services.bench.report import RequestResult, format_table, summarize
+from services.common.finish import FinishReason
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
 
@@ -40,7 +41,7 @@ class _Tracker:
         self.ttft: float | None = None
         self.itl: list[float] = []
         self.tokens = 0
-        self.finish: str | None = None
+        self.finish: FinishReason | None = None
         self.error: str | None = None
         self.finished_at = 0.0
 
@@ -55,16 +56,16 @@ class _Tracker:
             self.last = now
             self.tokens += n
         if output.finish_reason is not None:
-            self.finish = output.finish_reason.value
+            self.finish = output.finish_reason
             self.error = output.error
             self.finished_at = now
             self.done.put(self)
 
     def result(self, prompt_tokens: int) -> RequestResult:
-        ok = self.finish in ("stop", "length")
+        ok = self.finish is not None and self.finish.completes
         return RequestResult(
             ok=ok,
-            code="OK" if ok else (self.finish or "unknown").upper(),
+            code="OK" if ok else (self.finish.value if self.finish else "unknown").upper(),
             tokens=self.tokens if ok else 0,
             ttft_s=self.ttft,
             itl_s=self.itl,

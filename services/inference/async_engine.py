@@ -14,7 +14,8 @@ from opentelemetry import trace
 from services.common.contract import SamplingParams
 from services.common.errors import AbortedError, InternalError, UnavailableError
 from services.common.metrics import ServingMetrics
-from services.inference.engine import Engine, EngineOutput, FinishReason, RequestTimes
+from services.common.finish import FinishReason
+from services.inference.engine import Engine, EngineOutput, RequestTimes
 from services.inference.sampling import TokenLogprob
 
 tracer = trace.get_tracer("meshserve.inference")

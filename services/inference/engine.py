@@ -13,24 +13,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Callable, Sequence
 
 import numpy as np
 
 from services.common.contract import EngineLimits, SamplingParams, validate_generation
 from services.common.errors import ResourceExhaustedError, UnavailableError
+from services.common.finish import FinishReason
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.inference.sampling import TokenLogprob, apply_penalties, sample_token, token_logprob, token_logprobs
 
 log = logging.getLogger(__name__)
-
-
-class FinishReason(str, Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-    ERROR = "error"
 
 
 @dataclass(frozen=True)

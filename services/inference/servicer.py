@@ -9,16 +9,16 @@ from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.common.contract import DEFAULT_MAX_TOKENS, request_id_or_new, sampling_from_proto
+from services.common.finish import to_inference_proto
 from services.common.grpc_status import grpc_errors
 from services.inference.async_engine import AsyncEngine
-from services.inference.engine import EngineConfig, FinishReason
+from services.inference.engine import EngineConfig
 from services.inference.sampling import TokenLogprob
 from services.modelstore.layout import ModelDirectory
 
 DEFAULT_LOAD_REPORT_INTERVAL_MS = 5
 """Load reports coalesce the arrivals and finishes of this long: at most 200 reports a second."""
 
-_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
 def to_pb_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
@@ -46,7 +46,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         async for result in results:
             yield pb.GenerateResponse(
-                token_ids=result.token_ids, finish_reason=_FINISH[result.finish_reason], prompt_tokens=result.prompt_tokens,
+                token_ids=result.token_ids, finish_reason=to_inference_proto(result.finish_reason), prompt_tokens=result.prompt_tokens,
                 logprobs=to_pb_logprobs(result.logprobs), prompt_logprobs=to_pb_logprobs(result.prompt_logprobs),
                 cached_prompt_tokens=result.cached_prompt_tokens,
             )

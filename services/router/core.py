@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from services.common.contract import sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
+from services.common.finish import FinishReason, from_inference_proto
 from services.common.grpc_status import from_rpc_error
 from services.common.metrics import degradation_metrics
 from services.common.telemetry import client_interceptors
@@ -45,7 +46,7 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Completed:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason  # STOP or LENGTH
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob
@@ -61,9 +62,6 @@ class CacheLookup:
     """Before any text: whether a cacheable request's answer came from the result cache."""
 
     hit: bool
-
-
-_FINISH = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
 
 
 @dataclass(frozen=True)
@@ -262,14 +260,14 @@ class Router:
                             streamed.append(CachedDelta(text, ids, list(response.logprobs)))
                             yield TextDelta(text, ids, streamed[-1].logprobs)
                             if stops.stopped:
-                                completed = Completed("stop", len(prompt_ids), len(generated), prompt_logprobs,
+                                completed = Completed(FinishReason.STOP, len(prompt_ids), len(generated), prompt_logprobs,
                                                       cached_prompt_tokens, model=variant.model_name)
                                 break
-                        if response.finish_reason != inference_pb.FINISH_REASON_UNSPECIFIED:
+                        if (finish := from_inference_proto(response.finish_reason)) is not None:
                             if held := stops.flush():
                                 streamed.append(CachedDelta(held, [], []))
                                 yield TextDelta(held, [])
-                            completed = Completed(_FINISH[response.finish_reason], len(prompt_ids), len(generated),
+                            completed = Completed(finish, len(prompt_ids), len(generated),
                                                   prompt_logprobs, cached_prompt_tokens, model=variant.model_name)
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried, tier):

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from prometheus_client import Counter, Gauge
 
+from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class CachedAnswer:
     """What a generation streamed, to stream it again: the deltas, then how it completed."""
 
     deltas: list[CachedDelta]
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: list  # inference_pb.TokenLogprob
@@ -59,7 +60,7 @@ class CachedAnswer:
 
         return json.dumps({
             "deltas": [{"text": d.text, "token_ids": d.token_ids, "logprobs": logprobs(d.logprobs)} for d in self.deltas],
-            "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason.value, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "prompt_logprobs": logprobs(self.prompt_logprobs),
             "model": self.model,
         }, separators=(",", ":")).encode()
@@ -73,7 +74,7 @@ class CachedAnswer:
 
         return cls(
             [CachedDelta(d["text"], d["token_ids"], logprobs(d["logprobs"])) for d in value["deltas"]],
-            value["finish_reason"], value["prompt_tokens"], value["completion_tokens"],
+            FinishReason(value["finish_reason"]), value["prompt_tokens"], value["completion_tokens"],
             logprobs(value["prompt_logprobs"]), value["model"],
         )
 

@@ -11,6 +11,7 @@ from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgumentError, ServingError, UnavailableError
+from services.common.finish import to_public_proto
 from services.common.grpc_status import abort, abort_internal, to_grpc_status
 from services.common.metrics import GenAiMetrics, ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
@@ -21,7 +22,6 @@ from services.router.core import CacheLookup, Completed, Router, TextDelta
 from services.router.request_telemetry import RequestTelemetry
 from services.router.tenancy import Caller, TenantStreams
 
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 def _logprobs(items: list) -> list[pb.TokenLogprob]:
     # the inference and public TokenLogprob messages have the same fields and numbers
     return [pb.TokenLogprob.FromString(item.SerializeToString()) for item in items]
@@ -70,11 +70,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
                     )
                 elif isinstance(event, Completed):
-                    telemetry.completed(generation.request_id, event.finish_reason, event.prompt_tokens,
+                    telemetry.completed(generation.request_id, event.finish_reason.value, event.prompt_tokens,
                                         event.completion_tokens, event.cached_prompt_tokens)
                     yield pb.GenerateResponse(
                         complete=pb.GenerateComplete(
-                            finish_reason=_FINISH[event.finish_reason],
+                            finish_reason=to_public_proto(event.finish_reason),
                             prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens,
                             request_id=generation.request_id,

@@ -11,7 +11,8 @@ import pytest
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-from services.inference.engine import Engine, EngineConfig, FinishReason
+from services.common.finish import FinishReason
+from services.inference.engine import Engine, EngineConfig
 from services.common.contract import SamplingParams
 from services.tokenizer.core import TokenizerCore
 

@@ -11,6 +11,7 @@ from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from prometheus_client import REGISTRY
 
 from services.common.contract import SamplingParams
+from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
 from tests.conftest import free_port
@@ -30,7 +31,7 @@ def fresh_registry():
 def answer(text: str = "Paris.") -> CachedAnswer:
     logprob = inference_pb.TokenLogprob(token_id=5, logprob=-0.25,
                                         alternatives=[inference_pb.TokenAlternative(token_id=6, logprob=-1.5)])
-    return CachedAnswer([CachedDelta(text, [5], [logprob]), CachedDelta("", [], [])], "stop", 12, 1, [logprob], "m")
+    return CachedAnswer([CachedDelta(text, [5], [logprob]), CachedDelta("", [], [])], FinishReason.STOP, 12, 1, [logprob], "m")
 
 
 def test_only_deterministic_requests_have_a_key():
