@@ -11,7 +11,7 @@ import sys
 
 from services.cli.perplexity import perplexity_of, windows
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-from services.modelstore.evaluate import token_log_probs
+from services.inference.evaluate import token_log_probs
 from services.modelstore.prepare import prepare_model
 from services.tokenizer.core import TokenizerCore
 from tests.conftest import MODELS_ROOT, REPO

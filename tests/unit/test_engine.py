@@ -404,23 +404,22 @@ def _innocent_prompts(tokenizer) -> dict[str, list[int]]:
     return {f"innocent-{i}": tokenizer.encode_text(t) for i, t in enumerate(texts)}
 
 
-def test_a_failing_row_fails_alone_and_the_rest_of_its_step_goes_on(model_dir, tokenizer):
+def test_a_failing_row_fails_alone_and_the_rest_of_its_step_goes_on(model_dir, tokenizer, engine):
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = {name: _collect(engine, name, ids, greedy) for name, ids in _innocent_prompts(tokenizer).items()}
     config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, max_waiting=2)
     backend = PoisonedBackend(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context))
-    engine = Engine(backend, config)
-    engine.start()
+    poisoned = Engine(backend, config)
+    collector = Collector()
+    collector.expected = 4
+    for name, ids in _innocent_prompts(tokenizer).items():
+        poisoned.submit(name, ids, greedy, frozenset({2}), collector(name))
+    poisoned.submit("poison", [1, 2, PoisonedBackend.POISON, 4], greedy, frozenset({2}), collector("poison"))
+    poisoned.start()  # after every submission: all four are prefilled in one step, which fails at first
     try:
-        greedy = SamplingParams(max_tokens=24, temperature=0.0)
-        alone = {name: _collect(engine, name, ids, greedy) for name, ids in _innocent_prompts(tokenizer).items()}
-        collector = Collector()
-        collector.expected = 4
-        for name, ids in _innocent_prompts(tokenizer).items():
-            engine.submit(name, ids, greedy, frozenset({2}), collector(name))
-        # prefilled in the same step as the innocent prompts: the whole batch fails at first
-        engine.submit("poison", [1, 2, PoisonedBackend.POISON, 4], greedy, frozenset({2}), collector("poison"))
         assert collector.done.wait(120)
     finally:
-        engine.stop()
+        poisoned.stop()
     assert backend.failed_steps >= 2  # the batch, then the culprit's row alone
     assert collector.finish["poison"] is FinishReason.ERROR
     for name, tokens in alone.items():
