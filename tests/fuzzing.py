@@ -15,6 +15,7 @@ accepted or refused naming the fields listed, but no other outcome passes.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import re
@@ -142,8 +143,16 @@ def request_ids(draw, hostile: bool) -> str:
         hostile_strings))
 
 
+@st.composite
+def _hostile_fields(draw, fields: list[str]) -> set[str]:
+    """Which fields get extreme values: none in about one request of six (those are served, and
+    cost an accepted stream each), else one to three (names listed more than once are drawn more often)."""
+    k = draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3]))
+    return set(draw(st.lists(st.sampled_from(fields), min_size=k, max_size=k)))
+
+
 # --- public requests ---
-PUBLIC_FIELDS = ["model", "input", "request_id", "priority", "max_tokens", "temperature", "top_p", "seed", "top_k",
+PUBLIC_FIELDS = ["model", "input", "input", "input", "request_id", "priority", "max_tokens", "temperature", "top_p", "seed", "top_k",
                  "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids",
                  "min_tokens", "logprobs", "prompt_logprobs", "wire"]
 SAMPLING_FLOATS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
@@ -185,8 +194,9 @@ def _chat(draw, message_cls, hostile: bool):
         return [message_cls(role=r, content=draw(st.sampled_from(SHORT_PROMPTS))) for r in roles]
     n = draw(st.sampled_from([0, 1, 2, 3, 255, 256, 257, 1000, 20_000]))
     role = draw(st.one_of(st.sampled_from(ROLES), st.sampled_from(["", "User", "tool", "wizard", "system "]), odd_strings))
+    # contents huge alone, or 4 kB x 256 (1 MiB in all), or tiny x 20,000: never past a few MB in all
     content = draw(st.one_of(st.sampled_from(SHORT_PROMPTS), odd_strings, huge_strings()) if n <= 3
-                   else st.one_of(st.sampled_from(["", "hi", "x" * 4000]), odd_strings))
+                   else st.one_of(st.sampled_from(["", "hi", "x" * 4000] if n <= 257 else ["", "hi"]), odd_strings))
     messages = [message_cls(role=role, content=content) for _ in range(n)]
     if n and draw(st.booleans()):  # one message unlike the others
         messages[draw(st.integers(0, n - 1))] = message_cls(
@@ -220,7 +230,7 @@ def _wire_extra(draw, sampling_number: int, prompt_number: int | None) -> bytes:
 @st.composite
 def public_requests(draw) -> bytes:
     """A meshserve.v1.GenerateRequest as wire bytes: a few fields (often none) hostile, the rest benign."""
-    hostile = draw(st.sets(st.sampled_from(PUBLIC_FIELDS), max_size=3))
+    hostile = draw(_hostile_fields(PUBLIC_FIELDS))
     request = pb.GenerateRequest()
     request.model = draw(hostile_strings if "model" in hostile else st.sampled_from(["", "", MODEL, MODEL.upper()]))
     arm = draw(st.sampled_from(["none", "prompt", "chat", "token_ids"] if "input" in hostile else ["prompt", "chat", "token_ids"]))
@@ -233,6 +243,7 @@ def public_requests(draw) -> bytes:
         request.token_ids.ids.extend(ids)
     request.request_id = draw(request_ids("request_id" in hostile))
     request.priority = draw(hostile_int32 if "priority" in hostile else st.sampled_from([0, 1, 2, 3]))
+    request.no_cache = draw(st.booleans())
     s = request.sampling
     draw(_benign_sampling(s))
     for name in SAMPLING_INTS:
@@ -342,13 +353,56 @@ def _text_token_bounds(n_bytes: int) -> tuple[int, int]:
     return -(-n_bytes // LONGEST_TOKEN_BYTES), n_bytes
 
 
+def _envoy_size(wire: bytes) -> bool | None:
+    size = len(wire) + 5
+    return True if size > ENVOY_MAX_REQUEST_BYTES + 32 else None if size > ENVOY_MAX_REQUEST_BYTES - 32 else False
+
+
+def _model_rules(rules: _Rules, model: str) -> None:
+    if model and model.lower() != MODEL.lower():
+        rules.bad("model", "not the served model")
+
+
+def _text_input_rules(rules: _Rules, r, max_tokens: int | None, context_fields: dict[str, tuple[str, ...]]) -> None:
+    """The prompt or chat arm of a GenerateRequest or TokenizeRequest; `context_fields` names what a
+    refusal for the context may name, per arm (none: the context is not checked)."""
+    arm = r.WhichOneof("input")
+    if arm is None:
+        rules.bad("input", "no input")
+    elif arm == "prompt":
+        n_bytes = len(r.prompt.encode())
+        if not r.prompt.strip():
+            rules.bad("prompt", "empty or whitespace")
+        elif n_bytes > MAX_TEXT_BYTES:
+            rules.bad("prompt", f"{n_bytes} bytes > {MAX_TEXT_BYTES}")
+        elif "prompt" in context_fields:
+            _context_rules(rules, context_fields["prompt"], *_text_token_bounds(n_bytes), max_tokens)
+    elif arm == "chat":
+        messages = r.chat.messages
+        content = sum(len(m.content.encode()) for m in messages)
+        if not messages or len(messages) > MAX_MESSAGES:
+            rules.bad("chat.messages", f"{len(messages)} messages, 1..{MAX_MESSAGES}")
+        if content > MAX_TEXT_BYTES:
+            rules.bad("chat.messages", f"{content} bytes of content > {MAX_TEXT_BYTES}")
+        roles_ok = True
+        for i, m in enumerate(messages):
+            if m.role not in ROLES:  # a refusal may name any bad role; the first is reason enough
+                if roles_ok:
+                    rules.bad(f"chat.messages[{i}].role", f"role {m.role[:20]!r}")
+                rules.maybe(f"chat.messages[{i}].role")
+                roles_ok = False
+        if messages and len(messages) <= MAX_MESSAGES and content <= MAX_TEXT_BYTES and roles_ok \
+                and "chat" in context_fields:
+            # the template adds at most ~24 bytes a message, a system prompt and the generation prompt
+            low = -(-sum(len(m.content.encode()) + len(m.role) for m in messages) // LONGEST_TOKEN_BYTES)
+            high = sum(len(m.content.encode()) + len(m.role) + 32 for m in messages) + 160
+            _context_rules(rules, context_fields["chat"], low, high, max_tokens)
+
+
 def public_expectation(wire: bytes) -> Expectation:
     r = pb.GenerateRequest.FromString(wire)
     rules = _Rules()
-    size = len(wire) + 5
-    too_large = True if size > ENVOY_MAX_REQUEST_BYTES + 32 else None if size > ENVOY_MAX_REQUEST_BYTES - 32 else False
-    if r.model and r.model.lower() != MODEL.lower():
-        rules.bad("model", "not the served model")
+    _model_rules(rules, r.model)
     max_tokens = _sampling_rules(rules, r.sampling, MAX_NEW_TOKENS)
     s = r.sampling
     if len(s.stop) > MAX_STOP or any(not 1 <= len(x.encode()) <= MAX_STOP_BYTES for x in s.stop):
@@ -359,35 +413,7 @@ def public_expectation(wire: bytes) -> Expectation:
         rules.bad("request_id", f"{len(r.request_id)} characters, not [A-Za-z0-9._:-]{{0,128}}")
     if not 0 <= r.priority <= 3:
         rules.bad("priority", f"unknown priority {r.priority}")
-    arm = r.WhichOneof("input")
-    if arm is None:
-        rules.bad("input", "no input")
-    elif arm == "prompt":
-        n_bytes = len(r.prompt.encode())
-        if not r.prompt.strip():
-            rules.bad("prompt", "empty or whitespace")
-        elif n_bytes > MAX_TEXT_BYTES:
-            rules.bad("prompt", f"{n_bytes} bytes > {MAX_TEXT_BYTES}")
-        else:
-            _context_rules(rules, ("prompt", "sampling.max_tokens"), *_text_token_bounds(n_bytes), max_tokens)
-    elif arm == "chat":
-        messages = r.chat.messages
-        content = sum(len(m.content.encode()) for m in messages)
-        if not messages or len(messages) > MAX_MESSAGES:
-            rules.bad("chat.messages", f"{len(messages)} messages, 1..{MAX_MESSAGES}")
-        if content > MAX_TEXT_BYTES:
-            rules.bad("chat.messages", f"{content} bytes of content > {MAX_TEXT_BYTES}")
-        roles_ok = True
-        for i, m in enumerate(messages):
-            if m.role not in ROLES:
-                rules.bad(f"chat.messages[{i}].role", f"role {m.role[:20]!r}")
-                roles_ok = False
-        if messages and len(messages) <= MAX_MESSAGES and content <= MAX_TEXT_BYTES and roles_ok:
-            # the template adds at most ~24 bytes a message, a system prompt and the generation prompt
-            low = -(-sum(len(m.content.encode()) + len(m.role) for m in messages) // LONGEST_TOKEN_BYTES)
-            high = sum(len(m.content.encode()) + len(m.role) + 32 for m in messages) + 160
-            _context_rules(rules, ("chat", "chat.messages", "sampling.max_tokens"), low, high, max_tokens)
-    else:
+    if r.WhichOneof("input") == "token_ids":
         ids = r.token_ids.ids
         if not ids or any(t >= VOCAB for t in ids):
             rules.bad("token_ids.ids", f"{len(ids)} ids, each < {VOCAB}")
@@ -395,11 +421,57 @@ def public_expectation(wire: bytes) -> Expectation:
             rules.bad("token_ids", f"{len(ids)} ids >= {CONTEXT}")
         elif ids and all(t < VOCAB for t in ids):
             _context_rules(rules, ("token_ids", "sampling.max_tokens"), len(ids), len(ids), max_tokens)
-    return rules.expectation(too_large)
+    else:
+        _text_input_rules(rules, r, max_tokens, {"prompt": ("prompt", "sampling.max_tokens"),
+                                                 "chat": ("chat", "chat.messages", "sampling.max_tokens")})
+    return rules.expectation(_envoy_size(wire))
+
+
+# --- the public Tokenize and Abort ---
+@st.composite
+def tokenize_requests(draw) -> bytes:
+    hostile = draw(_hostile_fields(["model", "input", "input", "wire"]))
+    request = pb.TokenizeRequest()
+    request.model = draw(hostile_strings if "model" in hostile else st.sampled_from(["", MODEL]))
+    arm = draw(st.sampled_from(["none", "prompt", "chat"] if "input" in hostile else ["prompt", "chat"]))
+    if arm == "prompt":
+        request.prompt = draw(hostile_strings if "input" in hostile else st.sampled_from(SHORT_PROMPTS))
+    elif arm == "chat":
+        request.chat.messages.extend(draw(_chat(pb.ChatMessage, "input" in hostile)))
+    wire = request.SerializeToString()
+    if "wire" in hostile:
+        wire += draw(_wire_extra(sampling_number=5, prompt_number=2))
+    return wire
+
+
+def tokenize_expectation(wire: bytes) -> Expectation:
+    """Tokenize checks its input as Generate does; past the context it may answer the count or refuse."""
+    r = pb.TokenizeRequest.FromString(wire)
+    rules = _Rules()
+    _model_rules(rules, r.model)
+    _text_input_rules(rules, r, None, {"prompt": ("prompt",), "chat": ("chat", "chat.messages")})
+    return rules.expectation(_envoy_size(wire))
+
+
+@st.composite
+def abort_requests(draw) -> bytes:
+    wire = pb.AbortRequest(request_id=draw(request_ids(draw(st.booleans())))).SerializeToString()
+    if draw(st.booleans()):
+        wire += draw(_wire_extra(sampling_number=5, prompt_number=None))
+    return wire
+
+
+def abort_expectation(wire: bytes) -> Expectation:
+    """An id to abort must be a request id; one that names no running request of the caller is not an error."""
+    r = pb.AbortRequest.FromString(wire)
+    rules = _Rules()
+    if not r.request_id or not REQUEST_ID.fullmatch(r.request_id):
+        rules.bad("request_id", f"{len(r.request_id)} characters, not [A-Za-z0-9._:-]{{1,128}}")
+    return rules.expectation(_envoy_size(wire))
 
 
 # --- internal inference requests ---
-INFERENCE_FIELDS = ["request_id", "prompt_token_ids", "resumed_token_ids", "stop_token_ids", "priority", "max_tokens",
+INFERENCE_FIELDS = ["request_id", "prompt_token_ids", "prompt_token_ids", "resumed_token_ids", "stop_token_ids", "priority", "max_tokens",
                     "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "min_tokens", "logprobs", "prompt_logprobs", "wire"]
 
@@ -408,7 +480,7 @@ INFERENCE_FIELDS = ["request_id", "prompt_token_ids", "resumed_token_ids", "stop
 def inference_requests(draw) -> bytes:
     """A meshserve.inference.v1.GenerateRequest as wire bytes, as a router (or anyone reaching the
     replica's port) could send it."""
-    hostile = draw(st.sets(st.sampled_from(INFERENCE_FIELDS), max_size=3))
+    hostile = draw(_hostile_fields(INFERENCE_FIELDS))
     r = inference_pb.GenerateRequest()
     r.request_id = draw(request_ids("request_id" in hostile))
     r.prompt_token_ids.extend(draw(hostile_token_lists(lengths=(0, 1, 2, 5, 255, 256, 511, 512, 513, 5000))
@@ -424,8 +496,8 @@ def inference_requests(draw) -> bytes:
     r.priority = draw(hostile_int32 if "priority" in hostile else st.sampled_from([0, 1, 2, 3]))
     s = r.sampling
     draw(_benign_sampling(s))
-    if not s.HasField("max_tokens") and "max_tokens" not in hostile:
-        s.max_tokens = draw(st.integers(len(r.resumed_token_ids) + 1, 12))  # cheap when accepted
+    if not s.HasField("max_tokens") and "max_tokens" not in hostile and draw(st.integers(0, 3)):
+        s.max_tokens = draw(st.integers(len(r.resumed_token_ids) + 1, 12))  # cheap when accepted; else the default
     for name in SAMPLING_INTS:
         if name in hostile:
             setattr(s, name, draw(hostile_uint32))
@@ -467,7 +539,7 @@ def inference_expectation(wire: bytes, max_context: int, max_new_tokens: int) ->
 # --- tokenizer requests ---
 @st.composite
 def encode_requests(draw) -> bytes:
-    hostile = draw(st.sets(st.sampled_from(["input", "max_tokens", "wire"]), max_size=3))
+    hostile = draw(_hostile_fields(["input", "input", "max_tokens", "wire"]))
     r = tokenizer_pb.EncodeRequest()
     arm = draw(st.sampled_from(["none", "text", "chat"] if "input" in hostile else ["text", "chat"]))
     if arm == "text":
@@ -521,14 +593,31 @@ def encode_expectation(wire: bytes) -> Expectation:
             rules.maybe("chat.messages", "chat")
         roles_ok = True
         for i, m in enumerate(messages):
-            if m.role not in ROLES:
-                rules.bad(f"chat.messages[{i}].role", f"role {m.role[:20]!r}")
+            if m.role not in ROLES:  # a refusal may name any bad role; the first is reason enough
+                if roles_ok:
+                    rules.bad(f"chat.messages[{i}].role", f"role {m.role[:20]!r}")
+                rules.maybe(f"chat.messages[{i}].role")
                 roles_ok = False
         if messages and len(messages) <= MAX_MESSAGES and roles_ok:
             low = -(-sum(len(m.content.encode()) + len(m.role) for m in messages) // LONGEST_TOKEN_BYTES)
             high = sum(len(m.content.encode()) + len(m.role) + 32 for m in messages) + 160
             bounded(("chat", "chat.messages"), low, high)
     return rules.expectation(len(wire) > GRPC_MAX_MESSAGE_BYTES)
+
+
+decode_ids = hostile_token_lists(lengths=(0, 1, 2, 100, 100_000))
+# DecodeStream holds back ids until they complete a character, and decodes what it holds at each step:
+# n ids that never complete one cost O(n^2) or worse (8,000 of id 231 take 40 s), so the fuzz stays at
+# what one generation can produce
+decode_stream_ids = hostile_token_lists(lengths=(0, 1, 2, 100, 1024))
+
+
+def decode_expectation(ids: list[int]) -> Expectation:
+    """Decode and DecodeStream: every id inside the vocabulary."""
+    rules = _Rules()
+    if any(t >= VOCAB for t in ids):
+        rules.bad("ids", f"an id >= {VOCAB}")
+    return rules.expectation()
 
 
 # --- outcomes ---
@@ -605,12 +694,15 @@ def problems(expect: Expectation, outcome: Outcome, retry_info_on_overload: bool
 def describe(wire: bytes, message_cls) -> str:
     """A short, printable account of a request (huge values abbreviated)."""
     text = str(message_cls.FromString(wire))
-    text = re.sub(r'"((?:[^"\\]|\\.){60})(?:[^"\\]|\\.){40,}"', lambda m: f'"{m.group(1)}..."', text)
-    text = re.sub(r"((?:\w+: \d+\n){3})(?:\w+: \d+\n){10,}", r"\1  ...\n", text)
+    text = re.sub(r'"((?:[^"\\\n]|\\.){60})(?:[^"\\\n]|\\.){40,}"', lambda m: f'"{m.group(1)}..."', text)
+    text = re.sub(r"((?:[ \t]*\w+: \d+\n){3})(?:[ \t]*\w+: \d+\n){10,}", r"\1  ...\n", text)
     lines = text.splitlines()
     if len(lines) > 30:
         lines = lines[:12] + [f"  ... {len(lines) - 24} lines ..."] + lines[-12:]
-    return f"({len(wire)} bytes) " + " | ".join(line.strip() for line in lines)
+    account = f"({len(wire)} bytes) " + " | ".join(line.strip() for line in lines)
+    if len(wire) <= 512:  # enough to replay it: message_cls.FromString(base64.b64decode(...))
+        account += f"\n    wire (base64): {base64.b64encode(wire).decode()}"
+    return account
 
 
 def percentile_ms(values: list[float], q: float) -> float:
