@@ -175,6 +175,16 @@ def validate_chat(messages: Sequence[tuple[str, str]], field: str = "chat.messag
         raise InvalidArgumentError(field, f"the messages' contents may hold at most {MAX_PROMPT_BYTES} bytes of UTF-8")
 
 
+def check_fits_context(num_bytes: int, max_token_bytes: int, max_tokens: int, field: str) -> None:
+    """Refuses, without tokenizing, input of `num_bytes` that must have more than `max_tokens` tokens:
+    no token covers more than `max_token_bytes` bytes."""
+    at_least = -(-num_bytes // max_token_bytes)
+    if at_least > max_tokens:
+        raise InvalidArgumentError(
+            field, f"the prompt has at least {at_least} tokens; the limit (max_context_tokens) is {max_tokens}"
+        )
+
+
 def validate_priority(priority: int) -> None:
     if priority not in PRIORITIES:
         raise InvalidArgumentError("priority", f"unknown priority {priority}")

@@ -130,3 +130,55 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError:
             return ResourceExhaustedError(scrub_addresses(error.details() or "overloaded"), retry if retry is not None else 1.0)
         return UnavailableError(scrub_addresses(error.details() or "unavailable"), retry)
     return DownstreamError(code.name, scrub_addresses(error.details() or ""))
+
+
+class _Undecodable:
+    """What a request that does not parse becomes, so the handler can refuse it with a status."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+class RejectUndecodableRequests(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse (e.g. a string field that is not UTF-8, which any client can
+    send) gets INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN with the parser's class name.
+    Covers unary requests (every call of ours but the streamed DecodeStream, whose ids cannot fail)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception:  # noqa: BLE001 - whatever the parser raises, the bytes are the client's fault
+                return _UNDECODABLE
+
+        async def refuse(context: grpc.aio.ServicerContext) -> None:
+            await abort(context, InvalidArgumentError(
+                "request", "the message does not parse (string fields must be valid UTF-8)"))
+
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if request is _UNDECODABLE:
+                    await refuse(context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine writing with context.write
+                    await result
+
+            return handler._replace(request_deserializer=tolerant, unary_stream=unary_stream)
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if request is _UNDECODABLE:
+                await refuse(context)
+            return await behavior(request, context)
+
+        return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.logs import setup_logging
+from services.common.grpc_status import RejectUndecodableRequests
 from services.common.metrics import start_metrics_server
 from services.common.telemetry import server_interceptors, setup_tracing
 
@@ -58,7 +59,7 @@ class ServiceProcess:
         setup_logging(telemetry_name)
         self.tracer_provider = setup_tracing(telemetry_name)
         self.server = grpc.aio.server(
-            interceptors=server_interceptors(),
+            interceptors=[RejectUndecodableRequests(), *server_interceptors()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

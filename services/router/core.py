@@ -20,7 +20,7 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
 
-from services.common.contract import sampling_to_proto
+from services.common.contract import check_fits_context, sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.finish import FinishReason, from_inference_proto
 from services.common.grpc_status import from_rpc_error
@@ -107,6 +107,7 @@ class Router:
         self.fallback_requests = None  # the counter, created with the model name
         self.limits: ModelLimits | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
+        self.max_token_bytes = 0
         self.result_cache: ResultCache | None = None  # created with the model name, in connect()
 
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
@@ -133,6 +134,7 @@ class Router:
         self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision,
                                   info.precision)
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
+        self.max_token_bytes = tok_info.max_token_bytes  # 0 from an older tokenizer: it checks alone
         if self.config.result_cache_mb:
             self.result_cache = ResultCache(info.model, int(self.config.result_cache_mb * (1 << 20)),
                                             self.config.result_cache_redis, self.config.result_cache_ttl_s)
@@ -172,8 +174,14 @@ class Router:
     async def tokenize(self, request: GenerationRequest, timeout: float | None) -> list[int]:
         if request.token_ids is not None:
             return request.token_ids
-        # a prompt that cannot fit the context is refused by the tokenizer from its length alone
+        # a prompt that cannot fit the context is refused from its length alone: here, before a
+        # megabyte travels to the tokenizer (which checks the same again)
         max_tokens = self.limits.max_context_tokens - 1
+        if self.max_token_bytes:
+            if request.chat is not None:
+                check_fits_context(sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat")
+            else:
+                check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
                 chat=tokenizer_pb.ChatMessages(messages=[tokenizer_pb.ChatMessage(role=r, content=c) for r, c in request.chat]),

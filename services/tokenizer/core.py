@@ -8,7 +8,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from services.common.contract import validate_chat, validate_prompt_text
+from services.common.contract import check_fits_context, validate_chat, validate_prompt_text
 from services.common.errors import InvalidArgumentError
 from services.modelstore.layout import ModelDirectory
 
@@ -63,13 +63,8 @@ class TokenizerCore:
         return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _check_fits(self, text: str, max_tokens: int | None, field: str) -> None:
-        if max_tokens is None:
-            return
-        at_least = -(-len(text.encode()) // self.max_token_bytes)
-        if at_least > max_tokens:
-            raise InvalidArgumentError(
-                field, f"the prompt has at least {at_least} tokens; the limit (max_context_tokens) is {max_tokens}"
-            )
+        if max_tokens is not None:
+            check_fits_context(len(text.encode()), self.max_token_bytes, max_tokens, field)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         self._check_ids(ids)

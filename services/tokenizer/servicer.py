@@ -47,5 +47,6 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     @grpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         return pb.GetInfoResponse(
-            vocab_size=self.core.vocab_size, eos_token_ids=self.core.eos_token_ids, bos_token_id=self.core.bos_token_id
+            vocab_size=self.core.vocab_size, eos_token_ids=self.core.eos_token_ids, bos_token_id=self.core.bos_token_id,
+            max_token_bytes=self.core.max_token_bytes,
         )
