@@ -295,8 +295,11 @@ def create_app(config: OpenAIConfig) -> FastAPI:
         finally:
             await app.state.service.close()
 
+    # FastAPI's own OpenTelemetry spans, metrics and logs are off: one span per request is ours (_Request),
+    # with the status the client got, and no library records request bodies (prompts) anywhere.
     app = FastAPI(title="meshserve OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

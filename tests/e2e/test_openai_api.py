@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -130,6 +131,29 @@ def test_completion_logprobs_in_the_legacy_format(client):
     assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == 6
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
     assert all(len(top) >= 1 and max(top.values()) <= 0 for top in logprobs.top_logprobs)
+
+
+def test_a_request_is_one_trace_from_envoy_through_the_openai_service_to_inference(client, mesh):
+    trace_id, parent = os.urandom(16), os.urandom(8)
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4,
+                                   extra_headers={"traceparent": f"00-{trace_id.hex()}-{parent.hex()}-01"})
+    deadline = time.monotonic() + 20
+    while True:
+        spans = mesh.receiver.spans_of_trace(trace_id)
+        by_id = {span.span_id: (service, span) for service, span in spans}
+        openai_spans = [span for service, span in spans if service == "meshserve-openai" and span.name.startswith("POST")]
+        if openai_spans and {"meshserve-envoy", "meshserve-router", "meshserve-inference"} <= {s for s, _ in spans}:
+            break
+        assert time.monotonic() < deadline, f"trace incomplete: {sorted({s for s, _ in spans})}"
+        time.sleep(0.2)
+    (server_span,) = openai_spans
+    assert server_span.name == "POST /v1/chat/completions"
+    assert by_id[server_span.parent_span_id][0] == "meshserve-envoy"  # Envoy's span, which continues the client's
+    # the router's Generate span hangs off the openai service's gRPC call, a child of its request span
+    (router_span,) = [span for service, span in spans
+                      if service == "meshserve-router" and span.name.endswith("GenerationService/Generate")]
+    service, call = by_id[router_span.parent_span_id]
+    assert service == "meshserve-openai" and call.parent_span_id == server_span.span_id
 
 
 @pytest.mark.parametrize(("fields", "param"), [
