@@ -122,6 +122,9 @@ class OpenAIService:
     def create(cls, config: OpenAIConfig) -> "OpenAIService":
         return cls(config, RouterClient(config), TokenTexts(config.tokenizer_target), int(time.time()), _requests_counter())
 
+    async def model_name(self) -> str:
+        return (await self.router.model_info()).model
+
     async def close(self) -> None:
         await self.router.close()
         await self.texts.close()
@@ -171,8 +174,8 @@ class _Request:
         if status >= 500:
             self.span.set_status(Status(StatusCode.ERROR, error.code if error else None))
         self.span.end()
-        self.service.requests.labels(self.service.config.model_name, self.endpoint, str(status)).inc()
         plan = self.plan
+        self.service.requests.labels(plan.model if plan else "", self.endpoint, str(status)).inc()
         usage = self.usage or {}
         # ids and counts only: never prompt or generated text
         log.info("%s %d choices=%d stream=%s prompt_tokens=%s completion_tokens=%s error=%s %.3fs", self.endpoint,
@@ -186,11 +189,13 @@ async def _generate(service: OpenAIService, request: Request, endpoint: core.End
     generation: Generation | None = None
     try:
         body = await request.body()
-        config = service.config
+        max_choices = service.config.max_choices
         if endpoint == "chat":
-            plan = core.plan_chat(core.parse_chat(body), config.model_name, config.max_choices)
+            chat = core.parse_chat(body)
+            plan = core.plan_chat(chat, await service.model_name(), max_choices)
         else:
-            plan = core.plan_completion(core.parse_completion(body), config.model_name, config.max_choices)
+            completion = core.parse_completion(body)
+            plan = core.plan_completion(completion, await service.model_name(), max_choices)
         life.plan = plan
         timeout_s = request_timeout(request.headers, plan.stream)
         with life.in_span():  # the calls' tasks carry the span, so the router's spans are its children
@@ -315,16 +320,28 @@ def create_app(config: OpenAIConfig) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await _generate(request.app.state.service, request, "completion")
 
+    async def model_info(request: Request) -> Any:
+        try:
+            return await request.app.state.service.router.model_info()
+        except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
+            return core.to_openai_error(error, None)
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse(core.models_list(config.model_name, request.app.state.service.started))
+        info = await model_info(request)
+        if isinstance(info, core.OpenAIError):
+            return _error_response(info)
+        return JSONResponse(core.models_list(info, request.app.state.service.started))
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> JSONResponse:
-        if model.lower() != config.model_name.lower():
+        info = await model_info(request)
+        if isinstance(info, core.OpenAIError):
+            return _error_response(info)
+        if model.lower() != info.model.lower():
             return _error_response(core.OpenAIError(404, f"The model '{model}' does not exist.", "invalid_request_error",
                                                     "model", "model_not_found"))
-        return JSONResponse(core.model_card(config.model_name, request.app.state.service.started))
+        return JSONResponse(core.model_card(info, request.app.state.service.started))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

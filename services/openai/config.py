@@ -5,10 +5,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-"""What the mesh serves (the router's model name); `/v1/models` lists it and responses carry it."""
-
-
 def _is_ip_target(target: str) -> bool:
     host, _, port = target.rpartition(":")
     try:
@@ -28,8 +24,6 @@ class OpenAIConfig:
     tokenizer_target: str | None = None
     """The tokenizer service, asked only for the text of tokens in logprobs; without it tokens are named
     `token_id:N` (vLLM's --return-tokens-as-token-ids format)."""
-    model_name: str = DEFAULT_MODEL_NAME
-    """The served model's name, as the router knows it (compared case-insensitively)."""
     max_choices: int = 16
     """At most this many generations per request (n times the number of prompts)."""
     shutdown_grace_s: float = 30.0

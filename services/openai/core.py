@@ -158,11 +158,6 @@ def _check_int32(request: _Sampling, names: tuple[str, ...]) -> None:
             raise invalid(f"Invalid '{name}': {value} is out of range.", name)
 
 
-def _model_field(request: _Sampling, model_name: str) -> str:
-    # The served name (any case) selects the served model; anything else goes to the router, which refuses it.
-    return "" if not request.model or request.model.lower() == model_name.lower() else request.model
-
-
 def _choices(request: _Sampling, prompts: int, max_choices: int) -> int:
     n = 1 if request.n is None else request.n
     if not 1 <= n <= MAX_N:
@@ -202,7 +197,8 @@ def _message_content(content: Any, index: int) -> str:
 
 
 def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int = MAX_N) -> Plan:
-    """One GenerateRequest (chat input) per choice."""
+    """One GenerateRequest (chat input) per choice. `model` goes to the router as the client sent it (the
+    router knows what it serves); `model_name`, the served model's, is what responses carry."""
     _check_int32(request, ("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "top_logprobs"))
     if not request.messages:
         raise invalid("'messages' must hold at least one message.", "messages")
@@ -219,7 +215,7 @@ def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int 
     n = _choices(request, 1, max_choices)
     plan_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = _fan_out([{"chat": pb.ChatMessages(messages=messages)}], n, request,
-                        _sampling(request, max_tokens, logprobs), _model_field(request, model_name), plan_id)
+                        _sampling(request, max_tokens, logprobs), request.model, plan_id)
     return Plan("chat", plan_id, model_name, requests, n, bool(request.stream),
                 bool(request.stream and request.stream_options and request.stream_options.include_usage),
                 logprobs, max_tokens_param)
@@ -242,8 +238,7 @@ def plan_completion(request: CompletionRequest, model_name: str, max_choices: in
     n = _choices(request, len(inputs), max_choices)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     plan_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = _fan_out(inputs, n, request, _sampling(request, max_tokens, request.logprobs),
-                        _model_field(request, model_name), plan_id)
+    requests = _fan_out(inputs, n, request, _sampling(request, max_tokens, request.logprobs), request.model, plan_id)
     return Plan("completion", plan_id, model_name, requests, n, bool(request.stream),
                 bool(request.stream and request.stream_options and request.stream_options.include_usage),
                 request.logprobs, "max_tokens")
@@ -493,9 +488,11 @@ def sse(event: Mapping[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def models_list(model_name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model_name, created)]}
+def models_list(info: pb.GetModelInfoResponse, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(info, created)]}
 
 
-def model_card(model_name: str, created: int) -> dict[str, Any]:
-    return {"id": model_name, "object": "model", "created": created, "owned_by": "meshserve"}
+def model_card(info: pb.GetModelInfoResponse, created: int) -> dict[str, Any]:
+    """OpenAI's model object, with vLLM's max_model_len and the revision (the GGUF's sha256)."""
+    return {"id": info.model, "object": "model", "created": created, "owned_by": "meshserve",
+            "max_model_len": info.max_context_tokens, "revision": info.revision}

@@ -8,7 +8,7 @@ import logging
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.telemetry import setup_tracing
-from services.openai.config import DEFAULT_MODEL_NAME, OpenAIConfig
+from services.openai.config import OpenAIConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tokenizer-target",
                         help="tokenizer host:port, asked for the text of tokens in logprobs (without it they "
                              "read token_id:N)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="the served model's name, as the router has it")
     parser.add_argument("--max-choices", type=int, default=16, help="generations per request (n x prompts) at most")
     parser.set_defaults(func=run)
 
@@ -36,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from services.openai.app import create_app
 
     try:
-        config = OpenAIConfig(tuple(args.router_targets or ["127.0.0.1:50051"]), args.tokenizer_target, args.model_name,
-                              args.max_choices, args.shutdown_grace_s)
+        config = OpenAIConfig(tuple(args.router_targets or ["127.0.0.1:50051"]), args.tokenizer_target, args.max_choices,
+                              args.shutdown_grace_s)
     except ValueError as error:
         raise SystemExit(f"serve-openai: {error}") from None
     setup_logging("meshserve-openai")

@@ -55,6 +55,16 @@ class RouterClient:
         self.channel = grpc.aio.insecure_channel(config.router_channel_target, options=_CHANNEL_OPTIONS,
                                                  interceptors=client_interceptors())
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self._model_info: pb.GetModelInfoResponse | None = None
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        """The served model (its name is what responses carry), asked of a router once and kept."""
+        if self._model_info is None:
+            try:
+                self._model_info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error) from None
+        return self._model_info
 
     async def generate(self, request: pb.GenerateRequest, metadata: list[tuple[str, str]], timeout_s: float | None
                        ) -> AsyncGenerator[pb.GenerateResponse, None]:

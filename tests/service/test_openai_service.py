@@ -44,6 +44,9 @@ class StandInRouter(pb_grpc.GenerationServiceServicer):
     in_flight: int = 0
     all_in_flight: asyncio.Event = field(default_factory=asyncio.Event)
 
+    async def GetModelInfo(self, request, context):
+        return pb.GetModelInfoResponse(model=MODEL, max_context_tokens=8192, revision="sha")
+
     async def Generate(self, request, context):
         self.calls.append(Call(dict(context.invocation_metadata()), context.time_remaining(), request))
         self.in_flight += 1
@@ -93,7 +96,7 @@ async def service() -> AsyncIterator[Service]:
     router_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port = free_port()
-    config = OpenAIConfig((f"127.0.0.1:{router_port}",), model_name=MODEL)
+    config = OpenAIConfig((f"127.0.0.1:{router_port}",))
     http = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     serving = asyncio.create_task(http.serve())
     while not http.started:

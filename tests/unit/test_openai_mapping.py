@@ -48,7 +48,7 @@ def test_chat_fields_map_to_sampling_parameters():
     assert s.repetition_penalty == pytest.approx(1.1)
     assert list(s.stop) == ["\n"]
     assert [(m.role, m.content) for m in request.chat.messages] == [("user", "Hi")]
-    assert request.model == "" and request.request_id == plan.id and plan.id.startswith("chatcmpl-")
+    assert request.model == MODEL and request.request_id == plan.id and plan.id.startswith("chatcmpl-")
     assert plan.logprobs == 4 and not plan.stream
 
 
@@ -100,9 +100,10 @@ def test_developer_role_and_text_parts():
     assert error.param == "messages[0].content[0].type"
 
 
-def test_the_served_model_name_in_any_case_selects_the_served_model_and_others_go_to_the_router():
-    assert chat(model=MODEL.upper()).requests[0].model == ""
-    assert chat(model="gpt-4o").requests[0].model == "gpt-4o"
+def test_the_model_goes_to_the_router_as_sent_and_responses_name_the_served_model():
+    plan = chat(model="gpt-4o")
+    assert plan.requests[0].model == "gpt-4o" and plan.model == MODEL
+    assert completion(model="").requests[0].model == ""
 
 
 def test_vllm_top_k_minus_one_means_disabled():
