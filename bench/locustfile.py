@@ -1,5 +1,5 @@
-"""Locust load test of the OpenAI-compatible endpoint: streamed chat completions (most traffic, as chat
-clients send it) and non-streamed completions, over the prompts `meshserve bench` uses.
+"""Locust load test of the OpenAI-compatible endpoint: streamed chat completions (three quarters of the
+traffic, as chat clients send it) and non-streamed completions, over the prompts `meshserve bench` uses.
 
     .venv/bin/locust -f bench/locustfile.py --host http://localhost:8080 --headless -u 8 -r 2 -t 60s
 
@@ -26,7 +26,8 @@ TOKEN = os.environ.get("MESHSERVE_TOKEN")
 
 
 class OpenAIUser(HttpUser):
-    """One client of the OpenAI API; a short think time between requests."""
+    """One client of the OpenAI API; a short think time between requests. Its requests cycle through one
+    completion and three streamed chats, so even a run of a few seconds exercises both."""
 
     wait_time = between(0.05, 0.25)
 
@@ -34,8 +35,16 @@ class OpenAIUser(HttpUser):
         self.client.headers["content-type"] = "application/json"
         if TOKEN:
             self.client.headers["authorization"] = f"Bearer {TOKEN}"
+        self.sent = 0
 
-    @task(3)
+    @task
+    def next_request(self) -> None:
+        self.sent += 1
+        if self.sent % 4 == 1:
+            self.completion()
+        else:
+            self.chat_stream()
+
     def chat_stream(self) -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": random.choice(DEFAULT_PROMPTS)}],
                 "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
@@ -70,7 +79,6 @@ class OpenAIUser(HttpUser):
             request_type="TTFT", name="/v1/chat/completions (stream)", response_time=(first_token_at - started) * 1000,
             response_length=0, exception=None, context={})
 
-    @task(1)
     def completion(self) -> None:
         body = {"model": MODEL, "prompt": random.choice(DEFAULT_PROMPTS), "max_tokens": MAX_TOKENS}
         with self.client.post("/v1/completions", data=json.dumps(body), catch_response=True) as response:
