@@ -12,6 +12,7 @@ up: install
 test: install
 	bash deploy/tools/install.sh $(VENV)
 	bash deploy/tools/install-redis.sh
+	bash clients/cpp/install.sh
 	$(VENV)/bin/pytest -q -rs
 
 install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp
@@ -44,4 +45,4 @@ bench: install
 	$(VENV)/bin/meshserve bench --target localhost:$(PORT)
 
 clean:
-	rm -rf gen .run
+	rm -rf gen .run clients/cpp/build

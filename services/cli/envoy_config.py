@@ -101,12 +101,15 @@ def render_envoy_config(
     rest_descriptor: Path | None = None,
     grpc_web: bool = False,
     max_request_bytes: int | None = None,
+    openai_endpoints: list[Endpoint] | None = None,
 ) -> str:
     """Envoy's YAML. Without the keyword options: a plaintext gRPC listener without auth or limits.
 
     `rest_descriptor` (a descriptor set from `build_descriptor_set`) turns on the REST/JSON transcoder,
     `max_request_bytes` refuses larger generation requests (RESOURCE_EXHAUSTED naming the limit) before
     they reach the router, and `rate_limit` needs `jwt` (the tenant comes from the verified token).
+    `openai_endpoints` routes /v1/chat/completions, /v1/completions and /v1/models to the OpenAI-compatible
+    service, behind the same filters, with Envoy's own refusals there in OpenAI's error shape.
     """
     if rate_limit is not None and jwt is None:
         raise ValueError("a per-tenant rate limit needs JWT auth (--auth jwt): the tenant is a verified token claim")
@@ -118,6 +121,7 @@ def render_envoy_config(
         port=port, admin_port=admin_port, router_endpoints=router_endpoints, otlp=otlp, listen_address=listen_address,
         tls=tls, jwt=jwt, rate_limit=rate_limit, rest_descriptor=rest_descriptor, grpc_web=grpc_web,
         max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER, max_priority_header=MAX_PRIORITY_HEADER,
+        openai=openai_endpoints or None,
     )
 
 

@@ -1,5 +1,5 @@
-"""`meshserve up`: prepares the model and runs tokenizer, inference, router and Envoy as separate
-processes in the foreground; Ctrl-C (or SIGTERM) stops them all cleanly."""
+"""`meshserve up`: prepares the model and runs tokenizer, inference, router, the OpenAI-compatible service
+and Envoy as separate processes in the foreground; Ctrl-C (or SIGTERM) stops them all cleanly."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -41,8 +43,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--router-port", type=int, default=50051)
     parser.add_argument("--tokenizer-port", type=int, default=50052)
     parser.add_argument("--inference-port", type=int, default=50053)
+    parser.add_argument("--openai-port", type=int, default=50054, help="OpenAI-compatible HTTP service")
+    parser.add_argument("--openai", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve the OpenAI-compatible API (/v1/chat/completions, ...) on the public port")
     parser.add_argument("--metrics-port-base", type=int, default=9100,
-                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, fallback i at +5+10i")
+                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, openai +4, "
+                             "fallback i at +5+10i")
     parser.add_argument("--inference-replicas", type=int, default=1, help="inference processes (ports +100 apart)")
     parser.add_argument("--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)")
     parser.add_argument("--fallback-replicas", type=int, default=0,
@@ -109,6 +115,23 @@ def check_exposure(host: str, auth: str, allow_unauthenticated: bool) -> str | N
     return f"meshserve: WARNING: {risk} (--allow-unauthenticated)"
 
 
+def _wait_http(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    """Waits until GET `url` answers 200 (the OpenAI-compatible service's /health)."""
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(proc.args[3:5])} exited with {proc.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer in time")
+        time.sleep(0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     warning = check_exposure(args.host, args.auth, args.allow_unauthenticated)
     if warning:
@@ -143,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
         commands[f"router-{i}"] = base + [
             "serve-router", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mp + 1 + 10 * i),
             "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}", *targets, *args.router_arg]
+    if args.openai:
+        commands["openai"] = base + [
+            "serve-openai", "--host", "127.0.0.1", "--port", str(args.openai_port), "--metrics-port", str(mp + 4),
+            *[arg for port in router_ports for arg in ("--router-target", f"127.0.0.1:{port}")],
+            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}"]
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}
 
@@ -162,11 +190,14 @@ def run(args: argparse.Namespace) -> int:
         write_pids()
         for port in [args.tokenizer_port, *inference_ports, *fallback_ports, *router_ports]:
             _wait_serving(f"127.0.0.1:{port}", "", deadline, list(procs.values()))
+        if args.openai:
+            _wait_http(f"http://127.0.0.1:{args.openai_port}/health", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
         config.write_text(render_envoy_config(
             port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
             otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")), listen_address=args.host,
             **endpoint_options,
+            openai_endpoints=[Endpoint("127.0.0.1", args.openai_port)] if args.openai else None,
         ))
         procs["envoy"] = subprocess.Popen(
             [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
@@ -197,8 +228,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshserve: {error}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        # Envoy first so no new streams arrive, then the router, then what it depends on
-        order = sorted(procs, key=lambda name: ["envoy", "router", "tokenizer", "inference", "fallback"].index(name.split("-")[0]))
+        # Envoy first so no new streams arrive, then the router's clients, the router, then what it depends on
+        order = sorted(procs, key=lambda name: ["envoy", "openai", "router", "tokenizer", "inference", "fallback"].index(
+            name.split("-")[0]))
         for name in order:
             if procs[name].poll() is None:
                 procs[name].send_signal(signal.SIGTERM)

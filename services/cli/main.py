@@ -30,6 +30,7 @@ def _prepare_parser(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from services.cli import bench, client, credentials, launcher, perplexity
     from services.inference import main as inference_main
+    from services.openai import main as openai_main
     from services.router import main as router_main
     from services.tokenizer import main as tokenizer_main
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_main.add_parser(subparsers)
     inference_main.add_parser(subparsers)
     router_main.add_parser(subparsers)
+    openai_main.add_parser(subparsers)
     return parser
 
 

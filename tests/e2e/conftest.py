@@ -55,6 +55,8 @@ class Mesh:
     process: subprocess.Popen
     log_path: str
     run_dir: object
+    openai_port: int = 0
+    """The OpenAI-compatible service itself (behind Envoy, its API is on `port`)."""
     target: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,7 +110,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
                 router_args=(), up_args=()):
     """Runs `meshserve up` on free ports until the block exits."""
     port = free_port()
-    ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin")}
+    ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin", "openai")}
     metrics_base = 20000 + (port % 20000)
     env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="200")
     run_dir = REPO / ".run"
@@ -118,7 +120,8 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--admin-port", str(ports["admin"]),
          "--router-port", str(ports["router"]), "--tokenizer-port", str(ports["tokenizer"]),
-         "--inference-port", str(ports["inference"]), "--metrics-port-base", str(metrics_base),
+         "--inference-port", str(ports["inference"]), "--openai-port", str(ports["openai"]),
+         "--metrics-port-base", str(metrics_base),
          "--inference-replicas", str(inference_replicas), "--router-replicas", str(router_replicas),
          "--models-root", str(MODELS_ROOT), "--run-dir", str(run_dir),
          *[f"--inference-arg={a}" for a in inference_args], *[f"--router-arg={a}" for a in router_args], *up_args],
@@ -130,7 +133,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
             process.kill()
             pytest.fail(f"mesh did not start:\n{open(log_path).read()[-4000:]}")
         time.sleep(0.3)
-    metrics_ports = {"tokenizer": metrics_base + 2}
+    metrics_ports = {"tokenizer": metrics_base + 2, "openai": metrics_base + 4}
     for i in range(router_replicas):
         metrics_ports[f"router-{i}"] = metrics_base + 1 + 10 * i
     for i in range(inference_replicas):
@@ -139,7 +142,7 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
     metrics_ports["router"], metrics_ports["inference"] = metrics_ports["router-0"], metrics_ports["inference-0"]
     try:
         yield Mesh(port=port, router_port=ports["router"], metrics_ports=metrics_ports, receiver=receiver,
-                   process=process, log_path=log_path, run_dir=run_dir / f"mesh-{port}")
+                   process=process, log_path=log_path, run_dir=run_dir / f"mesh-{port}", openai_port=ports["openai"])
     finally:
         stop_process(process, signal.SIGINT, timeout=60)
         log.close()

@@ -1,0 +1,47 @@
+"""Configuration of the OpenAI-compatible service (`meshserve serve-openai`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+def _is_ip_target(target: str) -> bool:
+    host, _, port = target.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return port.isdigit()
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """Where the service listens and what it talks to."""
+
+    router_targets: tuple[str, ...] = ("127.0.0.1:50051",)
+    """The routers' public gRPC endpoints. One target may be any gRPC name (`dns:///router:50051` spreads
+    calls over every address it resolves to); several must be IP:port, spread round robin."""
+    tokenizer_target: str | None = None
+    """The tokenizer service, asked only for the text of tokens in logprobs; without it tokens are named
+    `token_id:N` (vLLM's --return-tokens-as-token-ids format)."""
+    max_choices: int = 16
+    """At most this many generations per request (n times the number of prompts)."""
+    shutdown_grace_s: float = 30.0
+    """How long in-flight requests may run after SIGTERM."""
+
+    def __post_init__(self) -> None:
+        if not self.router_targets:
+            raise ValueError("at least one --router-target is needed")
+        if len(self.router_targets) > 1 and not all(_is_ip_target(t) for t in self.router_targets):
+            raise ValueError("several --router-target values must all be IP:port; for host names pass one "
+                             "dns:///NAME:PORT target that resolves to every router")
+        if self.max_choices < 1:
+            raise ValueError(f"max_choices must be >= 1, got {self.max_choices}")
+
+    @property
+    def router_channel_target(self) -> str:
+        """One gRPC target for all routers: the name itself, or an `ipv4:`/`ipv6:` address list."""
+        if len(self.router_targets) == 1:
+            return self.router_targets[0]
+        scheme = "ipv6" if any(t.startswith("[") for t in self.router_targets) else "ipv4"
+        return f"{scheme}:{','.join(self.router_targets)}"

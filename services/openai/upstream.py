@@ -1,0 +1,119 @@
+"""The gRPC side of the OpenAI-compatible service: a client of the routers' public
+meshserve.v1.GenerationService, and the tokenizer service for the text of tokens named in logprobs.
+
+Calls carry what Envoy established about the caller (the verified tenant, the highest priority it may use)
+as metadata, the client's deadline, and the trace context (the OpenTelemetry client interceptor)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable, Mapping
+
+import grpc
+from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
+from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
+from meshserve.v1 import generation_service_pb2 as pb
+from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+from services.common.grpc_status import from_rpc_error
+from services.common.telemetry import client_interceptors
+from services.openai.config import OpenAIConfig
+
+FORWARDED_HEADERS = ("x-meshserve-tenant", "x-meshserve-max-priority")
+"""Request headers Envoy sets from the verified token (a client's own are removed at Envoy), passed on to
+the router as gRPC metadata of the same names."""
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Round robin over the routers a target resolves to, skipping those whose health is not SERVING (a draining
+# router), and retrying UNAVAILABLE before any response came (gRPC never retries a stream once a message
+# arrived, so nothing is generated twice).
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": _SERVICE},
+    "methodConfig": [{
+        "name": [{"service": _SERVICE}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+_CHANNEL_OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+
+
+def forwarded_metadata(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    return [(name, headers[name]) for name in FORWARDED_HEADERS if headers.get(name)]
+
+
+class RouterClient:
+    """Generate calls to the routers over one channel."""
+
+    def __init__(self, config: OpenAIConfig) -> None:
+        self.channel = grpc.aio.insecure_channel(config.router_channel_target, options=_CHANNEL_OPTIONS,
+                                                 interceptors=client_interceptors())
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self._model_info: pb.GetModelInfoResponse | None = None
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        """The served model (its name is what responses carry), asked of a router once and kept."""
+        if self._model_info is None:
+            try:
+                self._model_info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error) from None
+        return self._model_info
+
+    async def generate(self, request: pb.GenerateRequest, metadata: list[tuple[str, str]], timeout_s: float | None
+                       ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The Generate stream; a failed call raises the domain error its status carries (from_rpc_error).
+        Closing the iterator early (the HTTP client went away) cancels the call, which frees the slot."""
+        call = self.stub.Generate(request, metadata=metadata, timeout=timeout_s)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the call ended
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class TokenTexts:
+    """The text of single tokens (for logprobs), asked of the tokenizer's Decode once per token id and kept
+    (the vocabulary is small: 49,152 ids for SmolLM2). Without a tokenizer target nothing is known and the
+    response names tokens token_id:N."""
+
+    def __init__(self, target: str | None, capacity: int = 1 << 17) -> None:
+        self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors()) if target else None
+        self.stub = tokenizer_grpc.TokenizerServiceStub(self.channel) if self.channel else None
+        self.capacity = capacity
+        self.known: OrderedDict[int, str] = OrderedDict()
+
+    async def _decode(self, token_id: int, timeout_s: float | None) -> None:
+        assert self.stub is not None
+        try:
+            response = await self.stub.Decode(tokenizer_pb.DecodeRequest(ids=[token_id], skip_special_tokens=False),
+                                              timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        self.known[token_id] = response.text
+        if len(self.known) > self.capacity:
+            self.known.popitem(last=False)
+
+    async def lookup(self, token_ids: Iterable[int], timeout_s: float | None = 10.0) -> Mapping[int, str]:
+        """The text of every id, decoding those not known yet concurrently."""
+        if self.stub is None:
+            return {}
+        missing = {token_id for token_id in token_ids if token_id not in self.known}
+        if missing:
+            await asyncio.gather(*(self._decode(token_id, timeout_s) for token_id in missing))
+        return self.known
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
