@@ -18,7 +18,7 @@ import time
 
 from locust import HttpUser, between, task
 
-from services.cli.bench import DEFAULT_PROMPTS
+from services.bench.prompts import DEFAULT_PROMPTS
 
 MODEL = os.environ.get("MESHSERVE_MODEL", "SmolLM2-135M-Instruct")
 MAX_TOKENS = int(os.environ.get("MESHSERVE_MAX_TOKENS", "64"))
