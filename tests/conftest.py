@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,15 @@ def model_dir():
     from services.modelstore.prepare import prepare_model
 
     return prepare_model(MODELS_ROOT)
+
+
+def wait_until(predicate, timeout_s: float = 60.0, what: str = "the condition holds", interval_s: float = 0.05) -> None:
+    """Polls `predicate` until it is true; fails the test, naming `what`, after `timeout_s`. The one way
+    tests wait: never a fixed sleep that hopes something happened meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting until {what}"
+        time.sleep(interval_s)
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:

@@ -13,6 +13,7 @@ import grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
+
 # each answers with 200 tokens or more when greedy, so max_tokens, not the model, ends the stream
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",
@@ -77,12 +78,6 @@ def run_together(target: str, requests: list[pb.GenerateRequest]) -> list[Greedy
         s.join()
     return streams
 
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 class ContinuousInnocents:

@@ -15,7 +15,8 @@ import grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
-from tests.e2e.innocents import PROMPTS, GreedyStream, greedy_request, run_together, wait_until
+from tests.conftest import wait_until
+from tests.e2e.innocents import PROMPTS, GreedyStream, greedy_request, run_together
 from tests.fuzzing import HOST_PORT, outcome_of_error
 
 MAX_TOKENS = 180

@@ -14,6 +14,7 @@ import pytest
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
+from tests.conftest import wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
 PROMPTS = ["Describe the ocean in detail.", "Explain how a bicycle works.", "Write about the history of Rome.",
@@ -80,13 +81,6 @@ def busiest_inference(mesh) -> tuple[str, float]:
     return victim, running[victim]
 
 
-def wait_until(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clients(mesh2):
     reqs = [request(p, 160) for p in PROMPTS]
     undisturbed = run_streams(mesh2.target, reqs)
@@ -108,7 +102,7 @@ def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clien
         assert after.complete.completion_tokens == before.complete.completion_tokens
     # the launcher restarts the killed replica; wait so later tests see two again
     wait_until(lambda: "restarting" in open(mesh2.log_path).read())
-    wait_until(lambda: _serving(mesh2, victim), timeout=120)
+    wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
 
 def _serving(mesh, name: str) -> bool:
@@ -126,9 +120,9 @@ def all_replicas_serving(mesh2):
     """Each test starts from the whole mesh, as the routers see it (an earlier test may have
     killed a replica that the launcher restarted)."""
     for name in ("inference-0", "inference-1", "router-0", "router-1"):
-        wait_until(lambda: _serving(mesh2, name), timeout=120)
+        wait_until(lambda: _serving(mesh2, name), timeout_s=120)
     for name in ("router-0", "router-1"):
-        wait_until(lambda: metric_value(mesh2.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout=30)
+        wait_until(lambda: metric_value(mesh2.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout_s=30)
 
 
 def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
@@ -145,7 +139,7 @@ def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
     for s in first + later:
         assert s.error is None, s.error
         assert s.complete is not None
-    wait_until(lambda: _serving(mesh2, victim), timeout=120)
+    wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
 
 def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mesh2):
@@ -169,7 +163,7 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     for s in failed:
         assert s.error.code() == grpc.StatusCode.UNAVAILABLE or (
             s.error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in s.error.details()), s.error
-    wait_until(lambda: _serving(mesh2, victim), timeout=120)
+    wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
 
 def test_sigterm_of_a_router_finishes_its_streams_while_envoy_moves_new_ones(mesh2):
@@ -191,8 +185,8 @@ def test_sigterm_of_a_router_finishes_its_streams_while_envoy_moves_new_ones(mes
     for s in streams + during:
         assert s.error is None, s.error
         assert s.complete is not None
-    wait_until(lambda: mesh2.pids()[victim] != pid, timeout=60)  # it exited; the launcher started another
-    wait_until(lambda: _serving(mesh2, victim), timeout=120)
+    wait_until(lambda: mesh2.pids()[victim] != pid, timeout_s=60)  # it exited; the launcher started another
+    wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
 
 @pytest.fixture
@@ -202,7 +196,7 @@ def latency_mesh(model_dir, otlp_receiver):
     with launch_mesh(otlp_receiver, inference_replicas=2, router_replicas=2,
                      inference_args=["--num-slots=4", "--max-waiting=0"]) as mesh:
         for name in ("router-0", "router-1"):
-            wait_until(lambda: metric_value(mesh.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout=120)
+            wait_until(lambda: metric_value(mesh.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout_s=120)
         yield mesh
 
 
@@ -286,16 +280,26 @@ def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(laten
           f"ttft_overloaded {ttft(accepted)}")
 
 
-def test_high_priority_is_admitted_when_low_priority_is_shed(mesh2):
+def routers_see_running(mesh, count: int) -> bool:
+    """Both routers' view of the replicas (their pushed load reports) counts `count` running requests."""
+    for port in (mesh.router_port, mesh.router_port + 100):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = pb_grpc.GenerationServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+        if info.running < count:
+            return False
+    return True
+
+
+def test_normal_priority_is_admitted_when_low_priority_is_shed(mesh2):
+    """Unauthenticated clients are capped at NORMAL (HIGH needs a token's claim: test_degradation, test_tenancy)."""
     # six streams that surely outlast the two probes: half of the capacity of 12, low priority's share
     hogs = [Stream(mesh2.target, request(PROMPTS[i % 4], 400, min_tokens=400)) for i in range(6)]
     for s in hogs:
         s.start()
-        time.sleep(0.3)  # past a load poll: each router places its hogs knowing the other's
-    wait_until(lambda: sum(1 for s in hogs if s.tokens) >= 6)
-    time.sleep(0.75)  # both routers' load polls (every 0.25 s) now count all six, not only their own
+    wait_until(lambda: sum(1 for s in hogs if s.tokens) >= 6, what="all six hogs stream")
+    wait_until(lambda: routers_see_running(mesh2, 6), 10, "both routers count all six hogs")
     low = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_LOW)])[0]
-    high = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_HIGH)])[0]
+    high = run_streams(mesh2.target, [request("Hi", 2, pb.PRIORITY_NORMAL)])[0]
     for s in hogs:
         s.join(180)
     assert low.error is not None and low.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

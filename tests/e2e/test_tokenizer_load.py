@@ -31,7 +31,8 @@ from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
 from tests.conftest import REPO
-from tests.e2e.innocents import GreedyStream, greedy_request, wait_until
+from tests.conftest import wait_until
+from tests.e2e.innocents import GreedyStream, greedy_request
 from tests.fuzzing import ENVOY_MAX_REQUEST_BYTES, outcome_of_error
 
 STREAM_PROMPT = "Write a long story about a dragon who learns to bake bread."
