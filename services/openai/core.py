@@ -244,6 +244,12 @@ def plan_completion(request: CompletionRequest, model_name: str, max_choices: in
                 request.logprobs, "max_tokens")
 
 
+def plan(request: ChatCompletionRequest | CompletionRequest, model_name: str, max_choices: int = MAX_N) -> Plan:
+    if isinstance(request, ChatCompletionRequest):
+        return plan_chat(request, model_name, max_choices)
+    return plan_completion(request, model_name, max_choices)
+
+
 # 3. Errors
 
 
@@ -306,7 +312,38 @@ def to_openai_error(error: Exception, plan: Plan | None) -> OpenAIError:
                        "internal_error")
 
 
-# 4. Responses
+# 4. Deadlines
+
+TIMEOUT_HEADER = "x-meshserve-timeout-s"
+"""A deadline for the whole request, in seconds, passed to the router as the gRPC deadline."""
+SDK_READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
+"""What the openai SDKs send: how long they wait for a response. For a non-streaming request that is the
+whole generation, so it becomes the deadline; a stream's read timeout is per event and is not used."""
+
+
+def request_timeout(headers: Mapping[str, str], stream: bool) -> float | None:
+    """The gRPC deadline (seconds) a request asks for, or None."""
+    value = headers.get(TIMEOUT_HEADER)
+    if value is not None:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < 1e6:
+            raise invalid(f"Invalid header {TIMEOUT_HEADER}: {value!r} is not a number of seconds > 0.", None)
+        return seconds
+    sdk_timeout = headers.get(SDK_READ_TIMEOUT_HEADER)
+    if not stream and sdk_timeout is not None:
+        try:
+            seconds = float(sdk_timeout)
+        except ValueError:
+            return None
+        if 0 < seconds < 1e6:
+            return seconds
+    return None
+
+
+# 5. Responses
 
 
 def token_text(texts: Mapping[int, str], token_id: int) -> str:
@@ -354,6 +391,11 @@ class ResponseBuilder:
         self.choices = [ChoiceState(i) for i in range(len(plan.requests))]
 
     # non-streaming
+
+    def logprob_token_ids(self) -> set[int]:
+        """Every token id the collected logprobs name (whose text `body` needs)."""
+        return {token_id for choice in self.choices for item in choice.logprobs
+                for token_id in (item.token_id, *(a.token_id for a in item.alternatives))}
 
     def add(self, index: int, response: pb.GenerateResponse) -> None:
         choice = self.choices[index]

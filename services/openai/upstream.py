@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 
 import grpc
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
@@ -81,6 +81,61 @@ class RouterClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+class _Ended:
+    """Put on the queue when a choice's stream ends."""
+
+
+class Generation:
+    """The Generate calls answering one OpenAI request (one per choice), started at once and read
+    concurrently into one queue, so choices stream interleaved as their tokens come."""
+
+    def __init__(self, router: RouterClient, requests: Sequence[pb.GenerateRequest], metadata: list[tuple[str, str]],
+                 timeout_s: float | None) -> None:
+        self.router = router
+        self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | Exception | _Ended]] = asyncio.Queue()
+        self.running = len(requests)
+        self.tasks = [asyncio.create_task(self._read(i, request, metadata, timeout_s))
+                      for i, request in enumerate(requests)]
+
+    async def _read(self, index: int, request: pb.GenerateRequest, metadata: list[tuple[str, str]],
+                    timeout_s: float | None) -> None:
+        stream = self.router.generate(request, metadata, timeout_s)
+        try:
+            async for response in stream:
+                self.queue.put_nowait((index, response))
+            self.queue.put_nowait((index, _Ended()))
+        except Exception as error:  # noqa: BLE001 - handed to the reader, which answers it
+            self.queue.put_nowait((index, error))
+        finally:
+            await stream.aclose()  # cancels the call if it is still running
+
+    async def next(self) -> tuple[int, pb.GenerateResponse] | None:
+        """The next response of any choice; None once every choice ended. A failed call raises its error."""
+        while self.running:
+            index, item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, _Ended):
+                self.running -= 1
+                continue
+            return index, item
+        return None
+
+    async def first_answers(self) -> list[tuple[int, pb.GenerateResponse]]:
+        """Reads until every choice answered once (its first chunk, or a refusal, which raises)."""
+        seen: set[int] = set()
+        first = []
+        while len(seen) < len(self.tasks) and (event := await self.next()) is not None:
+            first.append(event)
+            seen.add(event[0])
+        return first
+
+    def cancel(self) -> None:
+        """Cancels every call still running (a no-op for those that ended)."""
+        for task in self.tasks:
+            task.cancel()
 
 
 class TokenTexts:

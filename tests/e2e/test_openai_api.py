@@ -135,7 +135,8 @@ def test_completion_logprobs_in_the_legacy_format(client):
 
 def test_a_request_is_one_trace_from_envoy_through_the_openai_service_to_inference(client, mesh):
     trace_id, parent = os.urandom(16), os.urandom(8)
-    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4,
+    # sampled without a seed, so the router's result cache cannot answer it without inference
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0.7, max_tokens=4,
                                    extra_headers={"traceparent": f"00-{trace_id.hex()}-{parent.hex()}-01"})
     deadline = time.monotonic() + 20
     while True:

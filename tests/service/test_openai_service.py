@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -97,7 +98,8 @@ async def service() -> AsyncIterator[Service]:
     await server.start()
     port = free_port()
     config = OpenAIConfig((f"127.0.0.1:{router_port}",))
-    http = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    http = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on",
+                                         timeout_graceful_shutdown=2))  # a hung request fails its test, not the run
     serving = asyncio.create_task(http.serve())
     while not http.started:
         assert not serving.done(), "uvicorn did not start"
@@ -215,3 +217,30 @@ async def test_a_stream_closed_by_the_client_cancels_the_call(service):
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.sleep(0.1), 1)
     assert service.router.in_flight == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_leaves_before_its_first_token_cancels_the_call(service, stream):
+    """A request still queued (no token yet) when its client gives up: nothing has been sent back, and the
+    call must not hold its place until it would have finished."""
+    cancelled = asyncio.Event()
+
+    async def queued_forever(router, request, context):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield pb.GenerateResponse()
+
+    service.router.answer = queued_forever
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "stream": stream}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    while not service.router.calls:
+        await asyncio.sleep(0.01)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(cancelled.wait(), timeout=5)

@@ -10,7 +10,6 @@ from meshserve.v1 import generation_service_pb2 as pb
 
 from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.openai import core
-from services.openai.app import request_timeout
 from services.openai.config import OpenAIConfig
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -280,12 +279,12 @@ def test_completion_stream_offsets_continue_across_chunks_and_sse_framing():
 
 
 def test_deadline_headers():
-    assert request_timeout({"x-meshserve-timeout-s": "2.5"}, stream=True) == 2.5
-    assert request_timeout({"x-stainless-read-timeout": "600"}, stream=False) == 600.0
-    assert request_timeout({"x-stainless-read-timeout": "600"}, stream=True) is None  # per event, not a deadline
-    assert request_timeout({"x-stainless-read-timeout": "soon"}, stream=False) is None
+    assert core.request_timeout({"x-meshserve-timeout-s": "2.5"}, stream=True) == 2.5
+    assert core.request_timeout({"x-stainless-read-timeout": "600"}, stream=False) == 600.0
+    assert core.request_timeout({"x-stainless-read-timeout": "600"}, stream=True) is None  # per event, not a deadline
+    assert core.request_timeout({"x-stainless-read-timeout": "soon"}, stream=False) is None
     with pytest.raises(core.OpenAIError) as raised:
-        request_timeout({"x-meshserve-timeout-s": "-1"}, stream=False)
+        core.request_timeout({"x-meshserve-timeout-s": "-1"}, stream=False)
     assert raised.value.status == 400
 
 
