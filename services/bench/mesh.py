@@ -51,8 +51,8 @@ def build_request(prompt: str, settings: MeshBenchSettings, request_id: str) -> 
         sampling.seed = settings.seed
     if settings.chat:
         chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)])
-        return pb.GenerateRequest(chat=chat, sampling=sampling, request_id=request_id)
-    return pb.GenerateRequest(prompt=prompt, sampling=sampling, request_id=request_id)
+        return pb.GenerateRequest(chat=chat, sampling=sampling, request_id=request_id, no_cache=True)
+    return pb.GenerateRequest(prompt=prompt, sampling=sampling, request_id=request_id, no_cache=True)
 
 
 async def one_request(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, timeout: float | None) -> RequestResult:

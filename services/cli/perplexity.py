@@ -40,7 +40,8 @@ def prompt_log_probs(channel, texts: list[str], timeout: float = 300.0, metadata
     stub = pb_grpc.GenerationServiceStub(channel)
     out = []
     for text in texts:
-        request = pb.GenerateRequest(prompt=text, sampling=pb.SamplingParameters(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        request = pb.GenerateRequest(prompt=text, no_cache=True,
+                                     sampling=pb.SamplingParameters(max_tokens=1, temperature=0.0, prompt_logprobs=0))
         complete = [r.complete for r in stub.Generate(request, timeout=timeout, metadata=metadata) if r.HasField("complete")][-1]
         out.append([entry.logprob for entry in complete.prompt_logprobs])
     return out

@@ -31,7 +31,7 @@ def mesh2(model_dir, otlp_receiver):
 def request(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL, min_tokens: int = 0) -> pb.GenerateRequest:
     return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
                               sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, min_tokens=min_tokens),
-                              priority=priority)
+                              priority=priority, no_cache=True)  # every request must reach a replica
 
 
 class Stream(threading.Thread):
