@@ -497,7 +497,7 @@ def inference_requests(draw) -> bytes:
     s = r.sampling
     draw(_benign_sampling(s))
     if not s.HasField("max_tokens") and "max_tokens" not in hostile and draw(st.integers(0, 3)):
-        s.max_tokens = draw(st.integers(len(r.resumed_token_ids) + 1, 12))  # cheap when accepted; else the default
+        s.max_tokens = draw(st.integers(min(len(r.resumed_token_ids) + 1, 12), 12))  # cheap when accepted; else the default
     for name in SAMPLING_INTS:
         if name in hostile:
             setattr(s, name, draw(hostile_uint32))
