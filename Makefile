@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 PORT ?= 8080
 
-.PHONY: up test install protos prepare-model bench clean
+.PHONY: up test install protos prepare-model bench clean envoy-configs
 
 up: install
 	$(VENV)/bin/meshserve up --port $(PORT)
@@ -40,6 +40,11 @@ protos: gen/python/.stamp
 
 prepare-model: install
 	$(VENV)/bin/meshserve prepare-model
+
+# The Envoy configs under deploy/ (compose, Kubernetes), rendered from envoy/envoy.yaml.j2 like `meshserve up`'s;
+# tests/deploy/test_envoy_configs.py fails until this is run after a template change.
+envoy-configs: install
+	$(VENV)/bin/meshserve render-envoy --deploy
 
 bench: install
 	$(VENV)/bin/meshserve bench --target localhost:$(PORT)
