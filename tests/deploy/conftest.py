@@ -106,7 +106,7 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def model_precision(dockerfile: Path) -> str:
     """The precision a Dockerfile prepares its model in: the default of its one MODEL_PRECISION build arg."""
-    [precision] = re.findall(r"^ARG MODEL_PRECISION=(\S+)$", dockerfile.read_text(), re.M)
+    [precision] = re.findall(r"^ARG MODEL_PRECISION=(\S+)$", dockerfile.read_text(), re.MULTILINE)
     return precision
 
 

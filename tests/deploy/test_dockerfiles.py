@@ -144,7 +144,7 @@ def test_cpu_runtime_stages_install_nothing_and_copy_only_the_venv_and_the_model
     """No compiler, pip cache, test extra or torch in the image that runs: the runtime stages start from the
     bare base and only COPY what the build and model stages made (the container test also tries importing
     torch and pytest in the built image)."""
-    global_args, stages = parse(DEPLOY / "docker" / "Dockerfile")
+    _, stages = parse(DEPLOY / "docker" / "Dockerfile")
     by_name = {s.name: s for s in stages}
     assert by_name["slim"].base == "${PYTHON_IMAGE}" and by_name["runtime"].base == "slim"
     for stage in (by_name["slim"], by_name["runtime"]):

@@ -26,7 +26,10 @@ ENVOY_CONFIGS = sorted(
     p for p in DEPLOY.rglob("*.yaml") if any("static_resources" in doc for doc in load_yaml_documents(p.read_text()))
 )
 GRPC_HEALTH_SERVICE = "meshserve.v1.GenerationService"
-ids = lambda p: p.relative_to(DEPLOY).as_posix()  # noqa: E731
+
+
+def ids(path: Path) -> str:
+    return path.relative_to(DEPLOY).as_posix()
 
 
 @pytest.fixture(scope="module")

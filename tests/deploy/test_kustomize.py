@@ -247,7 +247,6 @@ def test_inference_serves_the_precision_its_image_prepares(overlay: str):
     """The image bakes in one precision's model; serve-inference must ask for that one, or the pod exits at
     start-up with 'no prepared model'."""
     from services.cli.main import build_parser
-
     from tests.deploy.conftest import model_precision
 
     main = container(workloads(overlay)["inference"])
