@@ -34,6 +34,7 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -140,6 +141,21 @@ class Stack:
         return reply["data"]["result"]
 
 
+def remove_old_images(keep: set[str], max_age_s: float = 86400) -> None:
+    """Content tags of earlier runs, and the build stages their builds left untagged (labelled
+    org.meshserve.stage), once a day old: otherwise every code change would leave ~200 MB behind. Images that
+    a container still uses stay (docker refuses), and so does the layer cache of anything built since."""
+    rows = docker("images", "--filter", "reference=meshserve*:ct-*", "--format",
+                  "{{.Repository}}:{{.Tag}}\t{{.CreatedAt}}").stdout.splitlines()
+    for row in rows:
+        tag, created = row.split("\t")
+        age = time.time() - datetime.strptime(created[:25], "%Y-%m-%d %H:%M:%S %z").timestamp()  # "... +0000 UTC"
+        if tag not in keep and age > max_age_s:
+            docker("rmi", tag, check=False)
+    docker("image", "prune", "-f", "--filter", "label=org.meshserve.stage", "--filter", f"until={int(max_age_s)}s",
+           check=False)
+
+
 def remove_abandoned_projects(compose: list[str]) -> None:
     """Projects of earlier runs whose test process is gone (killed with its machine session, say)."""
     listed = docker("ps", "-a", "--filter", "label=com.docker.compose.project",
@@ -187,6 +203,7 @@ def stack():
     prometheus = content_tag("meshserve-prometheus", DEPLOY / "docker" / "Dockerfile.prometheus", base_id)
     build(DEPLOY / "docker" / "Dockerfile", image, timings)
     build(DEPLOY / "docker" / "Dockerfile.prometheus", prometheus, timings)
+    remove_old_images(keep={image, prometheus})
 
     ports = {name: free_port() for name in ("MESHSERVE_PORT", "JAEGER_UI_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "MESHSERVE_IMAGE": image,
@@ -246,9 +263,9 @@ def test_greedy_chat_answers_paris_through_envoy(stack):
 def test_one_trace_holds_the_spans_of_all_four_services(stack):
     trace_id = os.urandom(16).hex()
     traceparent = f"00-{trace_id}-{os.urandom(8).hex()}-01"
-    with grpc.insecure_channel(stack.target) as channel:
+    with grpc.insecure_channel(stack.target) as channel:  # a prompt of its own: never a result-cache replay
         list(pb_grpc.GenerationServiceStub(channel).Generate(
-            chat_request("Hi!", 4), timeout=120, metadata=[("traceparent", traceparent)]))
+            chat_request(f"Hi! I am {trace_id[:8]}.", 4), timeout=120, metadata=[("traceparent", traceparent)]))
     deadline = time.monotonic() + 60  # the services' exporters send every 5 s
     while True:
         spans = [s for s in stack.http_json("JAEGER_UI_PORT", "/spans") if s["trace_id"] == trace_id]
