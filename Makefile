@@ -4,15 +4,21 @@ PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 PORT ?= 8080
 
-.PHONY: up test install protos prepare-model bench clean
+.PHONY: up test install protos prepare-model bench clean envoy-configs
 
 up: install
 	$(VENV)/bin/meshserve up --port $(PORT)
 
+# The container test (tests/deploy/test_containers.py) needs a Docker engine and the base image: docker.sh
+# installs Debian's docker.io and starts dockerd when missing (as root), and builds the base once per machine.
+# MESHSERVE_SKIP_CONTAINERS=1 skips both for quick local runs (not under CI=true).
 test: install
 	bash deploy/tools/install.sh $(VENV)
 	bash deploy/tools/install-redis.sh
 	bash clients/cpp/install.sh
+	@if [ "$$MESHSERVE_SKIP_CONTAINERS" = 1 ] && [ "$$CI" != true ]; then \
+		echo "MESHSERVE_SKIP_CONTAINERS=1: no Docker set-up; tests/deploy/test_containers.py will skip"; \
+	else bash deploy/tools/docker.sh base; fi
 	$(VENV)/bin/pytest -q -rs
 
 install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp
@@ -40,6 +46,11 @@ protos: gen/python/.stamp
 
 prepare-model: install
 	$(VENV)/bin/meshserve prepare-model
+
+# The Envoy configs under deploy/ (compose, Kubernetes), rendered from envoy/envoy.yaml.j2 like `meshserve up`'s;
+# tests/deploy/test_envoy_configs.py fails until this is run after a template change.
+envoy-configs: install
+	$(VENV)/bin/meshserve render-envoy --deploy
 
 bench: install
 	$(VENV)/bin/meshserve bench --target localhost:$(PORT)

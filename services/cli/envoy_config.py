@@ -102,6 +102,9 @@ def render_envoy_config(
     grpc_web: bool = False,
     max_request_bytes: int | None = None,
     openai_endpoints: list[Endpoint] | None = None,
+    admin_address: str = "127.0.0.1",
+    router_dns: bool = False,
+    max_downstream_connections: int | None = None,
 ) -> str:
     """Envoy's YAML. Without the keyword options: a plaintext gRPC listener without auth or limits.
 
@@ -110,6 +113,9 @@ def render_envoy_config(
     they reach the router, and `rate_limit` needs `jwt` (the tenant comes from the verified token).
     `openai_endpoints` routes /v1/chat/completions, /v1/completions and /v1/models to the OpenAI-compatible
     service, behind the same filters, with Envoy's own refusals there in OpenAI's error shape.
+    `router_dns` makes the router endpoints DNS names, each resolving to any number of routers (containers:
+    `meshserve render-envoy`), `admin_address` is where the admin port listens (never publish it), and
+    `max_downstream_connections` caps open client connections.
     """
     if rate_limit is not None and jwt is None:
         raise ValueError("a per-tenant rate limit needs JWT auth (--auth jwt): the tenant is a verified token claim")
@@ -122,6 +128,7 @@ def render_envoy_config(
         tls=tls, jwt=jwt, rate_limit=rate_limit, rest_descriptor=rest_descriptor, grpc_web=grpc_web,
         max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER, max_priority_header=MAX_PRIORITY_HEADER,
         openai=openai_endpoints or None,
+        admin_address=admin_address, router_dns=router_dns, max_downstream_connections=max_downstream_connections,
     )
 
 

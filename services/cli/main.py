@@ -28,7 +28,7 @@ def _prepare_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.cli import bench, client, credentials, launcher, perplexity
+    from services.cli import bench, client, credentials, launcher, perplexity, render_envoy
     from services.inference import main as inference_main
     from services.openai import main as openai_main
     from services.router import main as router_main
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     launcher.add_parser(subparsers)
+    render_envoy.add_parser(subparsers)
     client.add_parsers(subparsers)
     bench.add_parser(subparsers)
     perplexity.add_parser(subparsers)

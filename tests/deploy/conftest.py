@@ -104,6 +104,12 @@ def promql_metric_names(expr: str) -> set[str]:
     return names
 
 
+def model_precision(dockerfile: Path) -> str:
+    """The precision a Dockerfile prepares its model in: the default of its one MODEL_PRECISION build arg."""
+    [precision] = re.findall(r"^ARG MODEL_PRECISION=(\S+)$", dockerfile.read_text(), re.MULTILINE)
+    return precision
+
+
 def load_yaml_documents(text: str) -> list[dict]:
     """The mappings of a (multi-document) YAML text."""
     import yaml

@@ -18,7 +18,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
-from tests.deploy.conftest import DEPLOY, REPO, conventions_processes
+from tests.deploy.conftest import DEPLOY, REPO, conventions_processes, model_precision
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
@@ -96,14 +96,69 @@ def test_services_and_commands_follow_the_conventions():
         assert _flag(command, "--metrics-port") == [str(process.metrics_port)]
         assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
         [grace] = _flag(command, "--shutdown-grace-s")
-        assert int(service["stop_grace_period"].removesuffix("s")) > float(grace), "compose would kill mid-drain"
+        notice = float((_flag(command, "--drain-notice-s") or ["2"])[0])  # the router's default notice
+        # up to the grace for in-flight streams, then as long again before the gRPC server cancels the rest
+        drain_s = notice + 2 * float(grace)
+        assert _seconds(service["stop_grace_period"]) > drain_s, f"compose would kill {name} mid-drain"
     router = services["router"]["command"]
     assert _flag(router, "--tokenizer-target") == [f"tokenizer:{processes['tokenizer'].grpc_port}"]
     assert _flag(router, "--inference-target") == [f"inference:{processes['inference'].grpc_port}"]
     envoy = services["envoy"]
-    assert envoy["command"][:3] == ["envoy", "-c", "/etc/envoy/envoy.yaml"]
-    assert f"{processes['envoy'].grpc_port}:{processes['envoy'].grpc_port}" in envoy["ports"]
+    wrapper, envoy_command = envoy["command"][: envoy["command"].index("--")], envoy["command"][envoy["command"].index("--") + 1:]
+    assert wrapper[:2] == ["python", "/opt/meshserve/envoy-entrypoint.py"], "SIGTERM must drain Envoy, not cut streams"
+    assert _seconds(envoy["stop_grace_period"]) > float(_flag(wrapper, "--drain-timeout-s")[0])
+    assert envoy_command[:3] == ["envoy", "-c", "/etc/envoy/envoy.yaml"]
+    assert f"127.0.0.1:${{MESHSERVE_PORT:-{processes['envoy'].grpc_port}}}:{processes['envoy'].grpc_port}" in envoy["ports"]
     assert "4317" in services["jaeger"]["expose"]
+
+
+def _seconds(duration: str) -> float:
+    return float(duration.removesuffix("s"))
+
+
+def _published(service: dict) -> list[str]:
+    """Published ports as written, long syntax folded into host_ip:published:target."""
+    return [p if isinstance(p, str) else f"{p.get('host_ip', '')}:{p['published']}:{p['target']}"
+            for p in service.get("ports", [])]
+
+
+def test_every_published_port_is_on_loopback_and_admin_ports_are_not_published():
+    """The public listener has no authentication in compose's Envoy config, Envoy's admin port has
+    /quitquitquit: nothing is reachable from other hosts unless an operator says so (deploy/README.md)."""
+    services = _load(COMPOSE)["services"]
+    for name, service in services.items():
+        for port in _published(service):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+            assert not port.endswith(":9901"), f"{name} publishes Envoy's admin port"
+    envoy_config = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    hcm = envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "envoy.filters.http.jwt_authn" not in {f["name"] for f in hcm["http_filters"]}, (
+        "compose's listener authenticates now: this test's reason to insist on loopback is gone; revisit it")
+
+
+def test_prometheus_and_grafana_have_no_open_admin():
+    services = _load(COMPOSE)["services"]
+    command = services["prometheus"]["command"]
+    assert not [a for a in command if a.startswith(("--web.enable-lifecycle", "--web.enable-admin-api"))]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    password = grafana["GF_SECURITY_ADMIN_PASSWORD"]
+    # required from the environment (compose refuses to run without it), with no default in the repository
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), password
+    assert not any(k.startswith("GF_AUTH_ANONYMOUS_ORG_ROLE") for k in grafana)
+
+
+def test_inference_serves_the_precision_the_image_prepares():
+    """The image bakes in one precision's model; compose's serve-inference must ask for that one, or the
+    container exits at start-up with 'no prepared model'."""
+    from services.cli.main import build_parser
+
+    for document, dockerfile in [(_load(COMPOSE), "Dockerfile"),
+                                 (_merge(_load(COMPOSE), _load(GPU_OVERRIDE)), "Dockerfile.gpu")]:
+        inference = document["services"]["inference"]
+        assert inference["build"]["dockerfile"] == f"deploy/docker/{dockerfile}"
+        args = build_parser().parse_args(inference["command"][1:])
+        assert args.precision == model_precision(DEPLOY / "docker" / dockerfile), dockerfile
 
 
 @pytest.mark.parametrize("override", [False, True], ids=["compose.yaml", "with compose.gpu.yaml"])
@@ -145,13 +200,17 @@ def test_startup_order_waits_for_healthy_dependencies():
 
 def test_build_context_and_mounted_files_exist():
     services = _load(COMPOSE)["services"]
-    for name in ("envoy", *MESHSERVE_SERVICES):
+    for name in ("envoy", *MESHSERVE_SERVICES, "prometheus"):
         build = services[name]["build"]
         assert (COMPOSE_DIR / build["context"]).resolve() == REPO
         assert (REPO / build["dockerfile"]).is_file()
+    named = set(_load(COMPOSE).get("volumes", {}))
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
+            if source in named:
+                continue
+            assert source.startswith("."), f"{name} mounts {source}: a relative path or a declared volume"
             assert (COMPOSE_DIR / source).exists(), f"{name} mounts missing {source}"
 
 

@@ -19,6 +19,8 @@ import pytest
 from tests.deploy.conftest import DEPLOY, REPO, run, tool
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
+# the images that run meshserve (the third, Dockerfile.prometheus, is compose's Prometheus)
+MESHSERVE_DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.gpu"]
 DOCKERIGNORE = REPO / ".dockerignore"
 
 
@@ -76,8 +78,8 @@ def runs(stages: list[Stage]) -> str:
     return "\n".join(args for stage in stages for instruction, args in stage.instructions if instruction == "RUN")
 
 
-def test_the_two_images_are_there():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.gpu"]
+def test_the_three_images_are_there():
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.gpu", "Dockerfile.prometheus"]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -95,7 +97,8 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path):
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_stages(path: Path):
     global_args, stages = parse(path)
-    assert len(stages) >= 3, "multi-stage: build, model, runtime"
+    if path in MESHSERVE_DOCKERFILES:
+        assert len(stages) >= 3, "multi-stage: build, model, runtime"
     names = [s.name for s in stages]
     assert len(set(names)) == len(names)
     for i, stage in enumerate(stages):
@@ -122,11 +125,11 @@ def test_a_root_final_stage_is_caught(tmp_path: Path):
     assert effective_user(stages, 1) == "10001"
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MESHSERVE_DOCKERFILES, ids=lambda p: p.name)
 def test_images_install_the_repo_generate_stubs_and_prepare_the_model(path: Path):
     _, stages = parse(path)
     commands = runs(stages)
-    assert re.search(r"pip install \.( |$)", commands, re.M), "installs the repo with `pip install .`"
+    assert re.search(r"pip install( --[\w-]+( /\S+)?)* \.( |$)", commands, re.M), "installs the repo with `pip install .`"
     protoc = next(line for line in commands.splitlines() if "grpc_tools.protoc" in line)
     for option in ("-Iprotos", "--python_out=", "--pyi_out=", "--grpc_python_out="):
         assert option in protoc
@@ -135,6 +138,21 @@ def test_images_install_the_repo_generate_stubs_and_prepare_the_model(path: Path
     copied_models = [args for s in stages[-1:] for i, args in s.instructions if i == "COPY" and "/models" in args]
     assert copied_models, "the final stage carries the prepared model"
     assert parse(path)[1][-1].instructions[-1][0] == "CMD"
+
+
+def test_cpu_runtime_stages_install_nothing_and_copy_only_the_venv_and_the_model():
+    """No compiler, pip cache, test extra or torch in the image that runs: the runtime stages start from the
+    bare base and only COPY what the build and model stages made (the container test also tries importing
+    torch and pytest in the built image)."""
+    _, stages = parse(DEPLOY / "docker" / "Dockerfile")
+    by_name = {s.name: s for s in stages}
+    assert by_name["slim"].base == "${PYTHON_IMAGE}" and by_name["runtime"].base == "slim"
+    for stage in (by_name["slim"], by_name["runtime"]):
+        for instruction, args in stage.instructions:
+            if instruction == "RUN":
+                assert not re.search(r"pip install|apt-get install", args), args
+    deps = runs([by_name["deps"]])
+    assert "['project']['dependencies']" in deps and "optional-dependencies" not in deps, "no test extras"
 
 
 def test_gpu_image_is_on_tensorrt_with_a_recent_enough_python():

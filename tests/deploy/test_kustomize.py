@@ -121,11 +121,15 @@ def test_termination_grace_covers_prestop_and_drain(overlay: str):
         else:  # envoy: drain_listeners, then time.sleep(N)
             pre_stop_s = float(re.search(r"time\.sleep\((\d+)\)", pre_stop[-1]).group(1))
         args = main.get("args", [])
-        drain_s = sum(float(v) for f in ("--shutdown-grace-s", "--drain-notice-s") for v in flag(args, f))
         if name == "envoy":
             assert float(flag(args, "--drain-time-s")[0]) <= pre_stop_s
+            drain_s = 0.0  # drained in preStop; SIGTERM then stops it at once
         else:
-            assert flag(args, "--shutdown-grace-s"), f"{name} must state its grace period"
+            [grace] = flag(args, "--shutdown-grace-s") or pytest.fail(f"{name} must state its grace period")
+            notice = float((flag(args, "--drain-notice-s") or ["0"])[0])
+            # in-flight streams get up to the grace to finish, and the gRPC server as long again before it
+            # cancels what is left (services/common/server.py): the pod must outlive both
+            drain_s = notice + 2 * float(grace)
         assert spec["terminationGracePeriodSeconds"] > pre_stop_s + drain_s, name
 
 
@@ -236,3 +240,94 @@ def test_base_is_not_an_overlay():
     images = {c["image"] for d in load_yaml_documents(result.stdout) if d["kind"] in {"Deployment", "StatefulSet"}
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert "meshserve" in images
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_serves_the_precision_its_image_prepares(overlay: str):
+    """The image bakes in one precision's model; serve-inference must ask for that one, or the pod exits at
+    start-up with 'no prepared model'."""
+    from services.cli.main import build_parser
+    from tests.deploy.conftest import model_precision
+
+    main = container(workloads(overlay)["inference"])
+    dockerfile = "Dockerfile.gpu" if main["image"].split(":")[0].endswith("meshserve-gpu") else "Dockerfile"
+    args = build_parser().parse_args(main["args"])
+    assert args.precision == model_precision(DEPLOY / "docker" / dockerfile), (overlay, dockerfile)
+
+
+# -- NetworkPolicy: who reaches whom ------------------------------------------------------------------
+
+PROMETHEUS = ({"app.kubernetes.io/name": "prometheus"}, "monitoring")  # labels, namespace
+STRANGER = ({"app.kubernetes.io/name": "debug-shell"}, "meshserve")  # any other pod, even in the namespace
+OUTSIDE = ({}, "default")
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    selector = selector or {}
+    assert not selector.get("matchExpressions"), "the evaluator below reads matchLabels only"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def _peer_matches(peer: dict, policy_namespace: str, labels: dict, namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # pods are matched by selectors here
+    if "namespaceSelector" in peer:
+        namespace_ok = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+    else:
+        namespace_ok = namespace == policy_namespace
+    return namespace_ok and _selects(peer.get("podSelector"), labels)
+
+
+def reachable(policies: list[dict], workload: dict, port_name: str, source: tuple[dict, str]) -> bool:
+    """NetworkPolicy semantics for ingress: a pod no policy selects takes everything; a selected pod takes a
+    connection when some selecting policy has a rule whose peers (none: anyone) and ports (none: all) match."""
+    pod = workload["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(workload)["ports"]}
+    labels, namespace = source
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], pod) and "Ingress" in p["spec"]["policyTypes"]]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers_ok = not rule.get("from") or any(
+                _peer_matches(peer, policy["metadata"]["namespace"], labels, namespace) for peer in rule["from"])
+            ports_ok = not rule.get("ports") or any(
+                p["port"] in (port_name, ports[port_name]) for p in rule["ports"])
+            if peers_ok and ports_ok:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inference(overlay: str):
+    policies = list(objects(overlay, "NetworkPolicy").values())
+    pods = workloads(overlay)
+
+    def pod(name: str) -> tuple[dict, str]:
+        return pods[name]["spec"]["template"]["metadata"]["labels"], "meshserve"
+
+    everyone = {"envoy": pod("envoy"), "router": pod("router"), "tokenizer": pod("tokenizer"),
+                "inference": pod("inference"), "jaeger": pod("jaeger"), "stranger": STRANGER, "outside": OUTSIDE,
+                "prometheus": PROMETHEUS}
+    allowed = {  # (target, port name): the sources that may connect
+        ("envoy", "grpc"): set(everyone),  # the public endpoint
+        ("envoy", "admin"): {"prometheus"},
+        ("router", "grpc"): {"envoy"},
+        ("tokenizer", "grpc"): {"router"},
+        ("inference", "grpc"): {"router"},
+        ("router", "metrics"): {"prometheus"},
+        ("tokenizer", "metrics"): {"prometheus"},
+        ("inference", "metrics"): {"prometheus"},
+        ("jaeger", "otlp-grpc"): {"envoy", "router", "tokenizer", "inference", "jaeger"},
+    }
+    for (target, port), sources in allowed.items():
+        for source, identity in everyone.items():
+            assert reachable(policies, pods[target], port, identity) == (source in sources), (
+                f"{source} -> {target}:{port} should be {'allowed' if source in sources else 'refused'}")
+
+
+def test_the_reachability_check_sees_an_open_namespace():
+    """Without the policies every pod reaches the routers: the matrix above is the policies' doing."""
+    pods = workloads("cpu")
+    assert reachable([], pods["router"], "grpc", STRANGER)
+    assert reachable([], pods["inference"], "grpc", (pods["envoy"]["spec"]["template"]["metadata"]["labels"], "meshserve"))
