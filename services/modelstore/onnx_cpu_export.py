@@ -94,15 +94,14 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
     hd = c.head_dim
 
     def linear(x: str, weight: Linear, hint: str, output: str | None = None) -> str:
-        outputs = [output] if output else None
         if isinstance(weight, NBitsWeight):
             inputs = [x, g.const(f"{hint}_q", weight.codes), g.const(f"{hint}_scales", weight.scales)]
             if weight.zero_points is not None:
                 inputs.append(g.const(f"{hint}_zp", weight.zero_points))
-            return g.op("MatMulNBits", inputs, hint, outputs=outputs, domain=MS_DOMAIN, K=weight.k, N=weight.n,
+            return g.op("MatMulNBits", inputs, hint, output=output, domain=MS_DOMAIN, K=weight.k, N=weight.n,
                         bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)
         w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
-        return g.op("MatMul", [x, w], hint, outputs=outputs)
+        return g.op("MatMul", [x, w], hint, output=output)
 
     # 1. embeddings
     if isinstance(weights.embed, Q80Blocks):
@@ -129,7 +128,7 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
     for i in range(c.num_layers):
         # 3. attention: one projection for q/k/v, GQA appends to the cache and attends
         qkv = linear(x, weights.qkv[i], f"l{i}_qkv")
-        attn = g.op(
+        attn = g.ops(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin,
              "", "", "", "", "", "", "", "query_lengths"],
@@ -137,7 +136,7 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
             domain=MS_DOMAIN, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
         )[0]
         o = linear(attn, weights.o[i], f"l{i}_o")
-        x, _, _, residual = g.op(
+        x, _, _, residual = g.ops(
             "SkipSimplifiedLayerNormalization",
             [o, residual, g.const(f"l{i}_mlp_norm", weights.post_norms[i].astype(np.float32))],
             outputs=[g.name(f"l{i}_mlp_norm"), "", "", g.name(f"l{i}_residual")],
@@ -149,7 +148,7 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
         act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
         down = linear(act, weights.down[i], f"l{i}_down")
         norm = weights.input_norms[i + 1] if i + 1 < c.num_layers else weights.final_norm
-        x, _, _, residual = g.op(
+        x, _, _, residual = g.ops(
             "SkipSimplifiedLayerNormalization",
             [down, residual, g.const(f"l{i + 1}_norm", norm.astype(np.float32))],
             outputs=[g.name(f"l{i + 1}_norm"), "", "", g.name(f"l{i + 1}_residual")],
@@ -161,7 +160,7 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
     selected = g.op("Gather", [flat, "logits_indices"], axis=0)
     linear(selected, lm_head, "lm_head", output="logits")
 
-    kv_shape = ["batch", c.num_kv_heads, "capacity", hd]
+    kv_shape: list[str | int] = ["batch", c.num_kv_heads, "capacity", hd]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),

@@ -7,6 +7,8 @@ contract written down in `decoder_contract.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -39,12 +41,17 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, *,
-           outputs: list[str] | None = None, domain: str = "", **attrs) -> str | list[str]:
-        """Adds a node; returns its output name, or names when it has several (`outputs` names them)."""
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, *,
+           output: str | None = None, domain: str = "", **attrs: Any) -> str:
+        """Adds a node with one output; returns that output's name (`output` names it)."""
+        return self.ops(op_type, inputs, hint, outputs=[output] if output else None, domain=domain, **attrs)[0]
+
+    def ops(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, *,
+            outputs: list[str] | None = None, domain: str = "", **attrs: Any) -> list[str]:
+        """Adds a node; returns the names of its outputs (`outputs` names them, else `n_out` are made)."""
         outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs))
-        return outs[0] if len(outs) == 1 else outs
+        return outs
 
 
 def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -88,7 +95,7 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
 
     def rope(x: str) -> str:
         # x: [batch, seq, heads, hd]
-        x1, x2 = g.op("Split", [x, split_sizes], axis=-1, n_out=2)
+        x1, x2 = g.ops("Split", [x, split_sizes], axis=-1, n_out=2)
         rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
