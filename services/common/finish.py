@@ -36,18 +36,18 @@ class FinishReason(StrEnum):
         return self in (FinishReason.STOP, FinishReason.LENGTH)
 
 
-_TO_INFERENCE: dict[FinishReason, int] = {
+_TO_INFERENCE: dict[FinishReason, inference_pb.FinishReason] = {
     FinishReason.STOP: inference_pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: inference_pb.FINISH_REASON_LENGTH,
 }
 _FROM_INFERENCE: dict[int, FinishReason] = {value: reason for reason, value in _TO_INFERENCE.items()}
-_TO_PUBLIC: dict[FinishReason, int] = {
+_TO_PUBLIC: dict[FinishReason, public_pb.FinishReason] = {
     FinishReason.STOP: public_pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: public_pb.FINISH_REASON_LENGTH,
 }
 
 
-def to_inference_proto(reason: FinishReason | None) -> int:
+def to_inference_proto(reason: FinishReason | None) -> inference_pb.FinishReason:
     """meshserve.inference.v1.FinishReason of a response: UNSPECIFIED while the request goes on (None).
 
     Raises ValueError for ABORT and ERROR, which end a stream with a status, never a response."""
@@ -69,7 +69,7 @@ def from_inference_proto(value: int) -> FinishReason | None:
     return _FROM_INFERENCE[value]
 
 
-def to_public_proto(reason: FinishReason) -> int:
+def to_public_proto(reason: FinishReason) -> public_pb.FinishReason:
     """meshserve.v1.FinishReason of a completed generation (STOP or LENGTH).
 
     Raises ValueError for ABORT and ERROR, which end a stream with a status, never a completion."""

@@ -7,7 +7,7 @@ import inspect
 import logging
 import re
 import uuid
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -52,24 +52,29 @@ def to_grpc_status(error: ServingError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=str(error), details=details))
 
 
-async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
+async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> NoReturn:
     await context.abort_with_status(to_grpc_status(error))
+    raise AssertionError("abort_with_status returned")  # it always raises AbortError
 
 
-async def abort_internal(context: grpc.aio.ServicerContext, where: str) -> None:
+async def abort_internal(context: grpc.aio.ServicerContext, where: str) -> NoReturn:
     """Ends a call that hit a bug: the client gets INTERNAL with an id to quote, never the exception
     (its class name, or internal addresses in its message); the log gets the traceback under that id.
     Call it from an `except` block."""
     error_id = uuid.uuid4().hex[:16]
     log.exception("unhandled error %s in %s", error_id, where)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
+    raise AssertionError("abort returned")  # it always raises AbortError
 
 
-def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def grpc_errors(method: _Method) -> _Method:
     """Decorates a servicer method (coroutine or async generator): domain errors become their
     statuses, unexpected exceptions INTERNAL (logged with a traceback), cancellation passes."""
 
-    async def _handle(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    async def _handle(exc: Exception, context: grpc.aio.ServicerContext) -> NoReturn:
         if isinstance(exc, ServingError):
             await abort(context, exc)
         await abort_internal(context, method.__qualname__)
@@ -77,7 +82,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -86,10 +91,10 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                     raise
                 await _handle(exc, context)
 
-        return stream_wrapper
+        return cast(_Method, stream_wrapper)
 
     @functools.wraps(method)
-    async def unary_wrapper(self, request, context):
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
@@ -97,7 +102,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             await _handle(exc, context)
 
-    return unary_wrapper
+    return cast(_Method, unary_wrapper)
 
 
 # host:port of internal services (gRPC's transport errors name them): not for clients' eyes
@@ -139,31 +144,31 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-class RejectUndecodableRequests(grpc.aio.ServerInterceptor):
+class RejectUndecodableRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type information
     """A request whose bytes do not parse (e.g. a string field that is not UTF-8, which any client can
     send) gets INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN with the parser's class name.
     Covers unary requests (every call of ours but the streamed DecodeStream, whose ids cannot fail)."""
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         deserialize = handler.request_deserializer
 
-        def tolerant(data: bytes):
+        def tolerant(data: bytes) -> Any:
             try:
                 return deserialize(data)
             except Exception:  # noqa: BLE001 - whatever the parser raises, the bytes are the client's fault
                 return _UNDECODABLE
 
-        async def refuse(context: grpc.aio.ServicerContext) -> None:
+        async def refuse(context: grpc.aio.ServicerContext) -> NoReturn:
             await abort(context, InvalidArgumentError(
                 "request", "the message does not parse (string fields must be valid UTF-8)"))
 
         if handler.response_streaming:
             behavior = handler.unary_stream
 
-            async def unary_stream(request, context):
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if request is _UNDECODABLE:
                     await refuse(context)
                 result = behavior(request, context)
@@ -176,7 +181,7 @@ class RejectUndecodableRequests(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=tolerant, unary_stream=unary_stream)
         behavior = handler.unary_unary
 
-        async def unary_unary(request, context):
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if request is _UNDECODABLE:
                 await refuse(context)
             return await behavior(request, context)

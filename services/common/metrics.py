@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -97,7 +97,7 @@ class _CounterReader:
         self.model_name = model_name
         self.counters = counters
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         for name, (doc, read) in self.counters.items():
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], read())

@@ -48,6 +48,6 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [aio_server_interceptor(filter_=filters.negate(_UNTRACED))]
 
 
-def client_interceptors() -> list:
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Injects the current trace context into outgoing calls (none for the untraced ones)."""
     return list(aio_client_interceptors(filter_=filters.negate(_UNTRACED)))

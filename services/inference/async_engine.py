@@ -110,9 +110,10 @@ class AsyncEngine:
         """Ends the generations of `request_id` that `tenant` started; returns how many."""
         engine = self.engine
         ids = [e for e, owner in self._active.get(request_id, {}).items() if owner == tenant]
-        for engine_id in ids if engine else ():
-            self._aborted.add(engine_id)
-            engine.abort(engine_id)
+        if engine is not None:
+            for engine_id in ids:
+                self._aborted.add(engine_id)
+                engine.abort(engine_id)
         return len(ids)
 
     async def generate(

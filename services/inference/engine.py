@@ -96,7 +96,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     stop_token_ids: frozenset[int]
-    on_output: Callable[[EngineOutput], None]
+    on_output: Callable[[EngineOutput], object]  # its return value is ignored
     times: RequestTimes
     priority: int = 0
     slot: int = -1
@@ -191,7 +191,7 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         stop_token_ids: Sequence[int],
-        on_output: Callable[[EngineOutput], None],
+        on_output: Callable[[EngineOutput], object],
         priority: int = 0,
         resumed_token_ids: Sequence[int] = (),
     ) -> RequestTimes:
@@ -442,11 +442,13 @@ class Engine:
     def _record_prompt_logprobs(self, request: EngineRequest, row_logits: np.ndarray, n: int) -> None:
         # logits at chunk position j predict prompt token num_computed_tokens + j + 1
         targets = request.prompt_token_ids[request.num_computed_tokens + 1 : request.num_computed_tokens + n + 1]
+        assert request.params.prompt_logprobs is not None  # only requests that asked for them get here
         request.prompt_logprobs += token_logprobs(row_logits[: len(targets)], targets, request.params.prompt_logprobs)
 
     def _sample(self, request: EngineRequest, raw: np.ndarray, now: float) -> None:
         params = request.params
         adjusted = apply_penalties(raw, params, request.prompt_token_ids, request.output_token_ids, request.stop_token_ids)
+        assert request.rng is not None  # submit() seeds one for every request
         token = sample_token(adjusted, params, request.rng)  # also when replaying: the seeded RNG advances alike
         done = len(request.output_token_ids)
         if done < len(request.resumed_token_ids):

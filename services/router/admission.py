@@ -12,7 +12,7 @@ from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRI
 from services.common.errors import ResourceExhaustedError, UnavailableError
 
 # share of capacity each class may fill (convert.py makes an unset priority NORMAL)
-ADMIT_SHARE = {PRIORITY_LOW: 0.5, PRIORITY_NORMAL: 0.9, PRIORITY_HIGH: 1.0}
+ADMIT_SHARE: dict[int, float] = {PRIORITY_LOW: 0.5, PRIORITY_NORMAL: 0.9, PRIORITY_HIGH: 1.0}
 
 
 def admit(priority: int, load: int, capacity: int) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +19,7 @@ from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
+from prometheus_client import Counter
 
 from services.common.contract import check_fits_context, sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
@@ -28,7 +29,7 @@ from services.common.metrics import degradation_metrics
 from services.common.telemetry import client_interceptors
 from services.router.config import RouterConfig
 from services.router.convert import GenerationRequest, ModelLimits
-from services.router.replicas import ReplicaSet, choose_replica, prefix_key, record_call_error
+from services.router.replicas import Replica, ReplicaSet, choose_replica, prefix_key, record_call_error
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
 from services.router.stops import StopStringMatcher
 from services.router.tiers import PressureMonitor, ServiceTime, TierChoice, TierLoad, choose_tier
@@ -41,7 +42,7 @@ tracer = trace.get_tracer("meshserve.router")
 class TextDelta:
     text: str
     token_ids: list[int]
-    logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob, one per token when asked for
+    logprobs: list[inference_pb.TokenLogprob] = field(default_factory=list)  # one per token when asked for
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Completed:
     finish_reason: FinishReason  # STOP or LENGTH
     prompt_tokens: int
     completion_tokens: int
-    prompt_logprobs: list = field(default_factory=list)  # inference_pb.TokenLogprob
+    prompt_logprobs: list[inference_pb.TokenLogprob] = field(default_factory=list)
     cached_prompt_tokens: int = 0
     cached: bool = False
     """The whole answer came from the result cache."""
@@ -82,7 +83,9 @@ class _NotServing(Exception):
 MAX_FAILOVERS = 2
 
 
-async def _detokenize(detokenizer, decoded_texts, ids: list[int]) -> str:
+async def _detokenize(
+    detokenizer: Any, decoded_texts: AsyncIterator[tokenizer_pb.DecodeStreamResponse], ids: list[int]
+) -> str:
     """The text of `ids` from the tokenizer's detokenization stream. Its failures are raised as the
     tokenizer's (passed on), never as AioRpcError, so they are not mistaken for a failed replica."""
     try:
@@ -103,8 +106,8 @@ class Router:
         self.fallback = ReplicaSet(config.fallback_targets) if config.fallback_targets else None
         self.pressure = PressureMonitor(config.shed_utilisation, config.shed_low_after_s)
         self.service_time = ServiceTime()
-        self._pressure_task: asyncio.Task | None = None
-        self.fallback_requests = None  # the counter, created with the model name
+        self._pressure_task: asyncio.Task[None] | None = None
+        self.fallback_requests: Counter | None = None  # created with the model name, in connect()
         self.limits: ModelLimits | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
         self.max_token_bytes = 0
@@ -122,6 +125,7 @@ class Router:
                 if health.status != health_pb2.HealthCheckResponse.SERVING or not serving:
                     raise _NotServing()
                 info = serving[0].info  # a replica serves once the poll has its GetModelInfo
+                assert info is not None
                 tok_info = await self.tokenizer.GetInfo(tokenizer_pb.GetInfoRequest(), timeout=5)
                 break
             except (grpc.aio.AioRpcError, _NotServing) as error:
@@ -165,6 +169,7 @@ class Router:
 
     def _variant(self, replicas: ReplicaSet) -> ModelLimits:
         """The limits as the tier serves them: the fallback tier names its precision in the model."""
+        assert self.limits is not None  # connect() learnt them
         if replicas is self.replicas:
             return self.limits
         info = next((r.info for r in replicas.healthy if r.info), None)
@@ -176,11 +181,13 @@ class Router:
             return request.token_ids
         # a prompt that cannot fit the context is refused from its length alone: here, before a
         # megabyte travels to the tokenizer (which checks the same again)
+        assert self.limits is not None  # connect() learnt them
         max_tokens = self.limits.max_context_tokens - 1
         if self.max_token_bytes:
             if request.chat is not None:
                 check_fits_context(sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat")
             else:
+                assert request.prompt is not None  # a request carries token ids, a chat or a prompt
                 check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
@@ -215,19 +222,22 @@ class Router:
 
         choice = self.choose_tier(request.priority, remaining())
         tier = self.fallback if choice.fallback else self.replicas
+        assert tier is not None  # choose_tier picks the fallback tier only where there is one
         variant = self._variant(tier)
         if choice.fallback:
+            assert self.fallback_requests is not None and self.limits is not None  # connect() made them
             self.fallback_requests.labels(self.limits.model_name, choice.reason).inc()
             trace.get_current_span().set_attribute("meshserve.fallback.reason", choice.reason)
         prompt_ids = await self.tokenize(request, remaining())
         self._check_context(request, len(prompt_ids))
-        cache_as = cache_key(request, prompt_ids, variant) if self.result_cache else None
-        if cache_as is not None:
-            found = await self.result_cache.get(cache_as)
+        cache = self.result_cache
+        cache_as = cache_key(request, prompt_ids, variant) if cache is not None else None
+        if cache is not None and cache_as is not None:
+            found = await cache.get(cache_as)
             yield CacheLookup(hit=found is not None)
             if found is not None:
-                answer, tier = found
-                trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": tier})
+                answer, cache_tier = found
+                trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": cache_tier})
                 for delta in answer.deltas:
                     yield TextDelta(delta.text, delta.token_ids, delta.logprobs)
                 # nothing was computed: the whole prompt counts as cached
@@ -242,7 +252,7 @@ class Router:
         generated: list[int] = []
         tried: set[str] = set()
         completed: Completed | None = None
-        prompt_logprobs: list = []
+        prompt_logprobs: list[inference_pb.TokenLogprob] = []
         cached_prompt_tokens = 0
         stops = StopStringMatcher(request.stop)
         try:
@@ -298,14 +308,15 @@ class Router:
             raise from_rpc_error(error) from None
         finally:
             detokenizer.cancel()
-        if cache_as is not None:  # only a complete, successful answer gets here
-            await self.result_cache.put(cache_as, CachedAnswer(
+        if cache is not None and cache_as is not None:  # only a complete, successful answer gets here
+            await cache.put(cache_as, CachedAnswer(
                 streamed, completed.finish_reason, completed.prompt_tokens, completed.completion_tokens,
                 completed.prompt_logprobs, completed.model))
         yield completed
 
     def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
         """Refuses, before any inference work, prompts that cannot fit the model's context."""
+        assert self.limits is not None  # connect() learnt them
         context = self.limits.max_context_tokens
         field = "prompt" if request.prompt is not None else "chat" if request.chat is not None else "token_ids"
         if prompt_tokens >= context:
@@ -351,9 +362,10 @@ class Router:
         """Ends `tenant`'s running generations of `request_id` on every replica (the stream may run
         through another router); True when one was found."""
 
-        async def abort_on(replica) -> int:
+        async def abort_on(replica: Replica) -> int:
             try:
-                response = await replica.stub.Abort(inference_pb.AbortRequest(request_id=request_id, tenant=tenant), timeout=2)
+                request = inference_pb.AbortRequest(request_id=request_id, tenant=tenant)
+                response: inference_pb.AbortResponse = await replica.stub.Abort(request, timeout=2)
                 return response.aborted
             except grpc.aio.AioRpcError as error:
                 log.warning("abort on inference replica %s failed: %s", replica.target, error.code().name)

@@ -14,7 +14,7 @@ from services.router.core import Router
 from services.router.servicer import GenerationServicer
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("serve-router", help="run the public router service")
     add_server_args(parser, port=50051, metrics_port=9101)
     parser.add_argument("--tokenizer-target", default="127.0.0.1:50052", help="tokenizer service host:port")

@@ -37,7 +37,7 @@ class Replica:
     kv_cache_usage: float = 0.0
     info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
     in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
-    load_watch: asyncio.Task | None = None  # follows the replica's WatchLoad stream
+    load_watch: asyncio.Task[None] | None = None  # follows the replica's WatchLoad stream
     polls_load: bool = False  # an older replica without WatchLoad: its load is polled with GetLoad
 
     @property
@@ -111,7 +111,7 @@ class ReplicaSet:
             channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
             self.replicas.append(Replica(target, channel, pb_grpc.InferenceServiceStub(channel)))
         self.poll_interval_s = poll_interval_s
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(r) for r in self.replicas))

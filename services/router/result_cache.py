@@ -40,7 +40,7 @@ KEY_PREFIX = "meshserve:result:v1:"
 class CachedDelta:
     text: str
     token_ids: list[int]
-    logprobs: list  # inference_pb.TokenLogprob
+    logprobs: list[inference_pb.TokenLogprob]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,11 @@ class CachedAnswer:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    prompt_logprobs: list  # inference_pb.TokenLogprob
+    prompt_logprobs: list[inference_pb.TokenLogprob]
     model: str
 
     def encode(self) -> bytes:
-        def logprobs(items: list) -> list[dict]:
+        def logprobs(items: list[inference_pb.TokenLogprob]) -> list[dict[str, Any]]:
             return [json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items]
 
         return json.dumps({
@@ -69,7 +69,7 @@ class CachedAnswer:
     def decode(cls, data: bytes) -> CachedAnswer:
         value = json.loads(data)
 
-        def logprobs(items: list[dict]) -> list:
+        def logprobs(items: list[dict[str, Any]]) -> list[inference_pb.TokenLogprob]:
             return [json_format.ParseDict(item, inference_pb.TokenLogprob()) for item in items]
 
         return cls(

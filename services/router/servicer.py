@@ -7,6 +7,7 @@ import dataclasses
 from typing import AsyncIterator
 
 import grpc
+from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
@@ -17,12 +18,12 @@ from services.common.metrics import GenAiMetrics, ServingMetrics, serving_replic
 from services.router.config import RouterConfig
 from services.common.contract import request_id_or_new
 from services.common.grpc_status import grpc_errors
-from services.router.convert import to_generation_request, to_tokenize_input
+from services.router.convert import ModelLimits, to_generation_request, to_tokenize_input
 from services.router.core import CacheLookup, Completed, Router, TextDelta
 from services.router.request_telemetry import RequestTelemetry
 from services.router.tenancy import Caller, TenantStreams
 
-def _logprobs(items: list) -> list[pb.TokenLogprob]:
+def _logprobs(items: list[inference_pb.TokenLogprob]) -> list[pb.TokenLogprob]:
     # the inference and public TokenLogprob messages have the same fields and numbers
     return [pb.TokenLogprob.FromString(item.SerializeToString()) for item in items]
 
@@ -102,7 +103,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.tenant_streams.release(caller.tenant)
             telemetry.finished(code)
 
-    def _limits(self):
+    def _limits(self) -> ModelLimits:
         if self.router.limits is None:
             raise UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0)
         return self.router.limits

@@ -14,7 +14,7 @@ from services.tokenizer.core import TokenizerCore
 from services.tokenizer.servicer import TokenizerServicer
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("serve-tokenizer", help="run the tokenizer service")
     add_server_args(parser, port=50052, metrics_port=9102)
     add_models_root_arg(parser)
