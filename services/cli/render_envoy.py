@@ -36,6 +36,7 @@ from services.cli.envoy_config import (
 # Where deploy/docker/Dockerfile puts the descriptor set of the public API (built by build_descriptor_set).
 IMAGE_REST_DESCRIPTOR = "/opt/meshserve/envoy/generation_service.pb"
 DEFAULT_ROUTER = "router:50051"
+DEFAULT_OPENAI = "openai:50054"
 DEFAULT_OTLP = "http://jaeger:4317"
 DEFAULT_MAX_DOWNSTREAM_CONNECTIONS = 10000
 
@@ -52,8 +53,9 @@ class DeployConfig:
 # Compose and Kubernetes both name the routers `router` and the trace collector `jaeger` (short names resolve
 # through the pod's DNS search path in whatever namespace the overlay deploys to), so their flags are alike.
 DEPLOY_CONFIGS = (
-    DeployConfig("deploy/compose/envoy.yaml", (), "deploy/compose/compose.yaml mounts it at /etc/envoy/envoy.yaml"),
-    DeployConfig("deploy/k8s/base/envoy.yaml", (),
+    DeployConfig("deploy/compose/envoy.yaml", ("--openai", DEFAULT_OPENAI),
+                 "deploy/compose/compose.yaml mounts it at /etc/envoy/envoy.yaml"),
+    DeployConfig("deploy/k8s/base/envoy.yaml", ("--openai", DEFAULT_OPENAI),
                  "deploy/k8s/base/kustomization.yaml turns it into the envoy-config ConfigMap"),
 )
 
@@ -89,6 +91,10 @@ def add_render_args(parser: argparse.ArgumentParser) -> None:
                             "never publish this port (it has /quitquitquit)")
     where.add_argument("--router", type=_endpoint, action="append", metavar="HOST:PORT",
                        help=f"router endpoint (repeatable; default {DEFAULT_ROUTER})")
+    where.add_argument("--openai", type=_endpoint, action="append", metavar="HOST:PORT",
+                       help="OpenAI-compatible service (`meshserve serve-openai`; repeatable): route /v1/chat/completions, "
+                            f"/v1/completions and /v1/models to it (the deploy configs: {DEFAULT_OPENAI}); "
+                            "resolved like --router")
     where.add_argument("--router-discovery", choices=["dns", "static"], default="dns",
                        help="dns: each --router is a name resolving to any number of routers (STRICT_DNS); "
                             "static: each is one IP address")
@@ -122,7 +128,7 @@ def render(args: argparse.Namespace) -> str:
     """The config for parsed `add_render_args` flags; SystemExit with a message on inconsistent ones."""
     routers = args.router or [_endpoint(DEFAULT_ROUTER)]
     if args.router_discovery == "static":
-        for router in routers:
+        for router in [*routers, *(args.openai or [])]:
             try:
                 ipaddress.ip_address(router.host)
             except ValueError:
@@ -156,7 +162,8 @@ def render(args: argparse.Namespace) -> str:
     return render_envoy_config(
         port=args.port, admin_port=args.admin_port, router_endpoints=list(routers), otlp=otlp,
         listen_address=args.listen_address, admin_address=args.admin_address,
-        router_dns=args.router_discovery == "dns", max_downstream_connections=args.max_downstream_connections or None,
+        router_dns=args.router_discovery == "dns", openai_endpoints=args.openai,
+        max_downstream_connections=args.max_downstream_connections or None,
         **options,
     )
 

@@ -85,7 +85,7 @@ def test_the_schema_rejects_mistakes():
 
 def test_services_and_commands_follow_the_conventions():
     services = _load(COMPOSE)["services"]
-    assert {"envoy", *MESHSERVE_SERVICES, "jaeger", "prometheus", "grafana"} <= set(services)
+    assert {"envoy", "openai", *MESHSERVE_SERVICES, "redis", "jaeger", "prometheus", "grafana"} <= set(services)
     processes = conventions_processes()
     for name in MESHSERVE_SERVICES:
         service, process = services[name], processes[name]
@@ -200,7 +200,7 @@ def test_startup_order_waits_for_healthy_dependencies():
 
 def test_build_context_and_mounted_files_exist():
     services = _load(COMPOSE)["services"]
-    for name in ("envoy", *MESHSERVE_SERVICES, "prometheus"):
+    for name in ("envoy", "openai", *MESHSERVE_SERVICES, "redis", "prometheus"):
         build = services[name]["build"]
         assert (COMPOSE_DIR / build["context"]).resolve() == REPO
         assert (REPO / build["dockerfile"]).is_file()
@@ -242,3 +242,32 @@ def test_grpc_healthcheck_command_follows_the_health_status(name: str):
     finally:
         server.server.stop(None)
     assert check(f"127.0.0.1:{free_port()}") != 0  # nothing listening
+
+
+def test_openai_service_sits_behind_envoy_and_routers_share_redis():
+    """The OpenAI-compatible service calls the routers, is health-checked on /health, published nowhere (it
+    trusts Envoy's tenant headers) and waited for by Envoy, whose config routes the OpenAI paths to it; the
+    routers' result cache has its Redis tier in `redis`, which is not published and keeps nothing on disk."""
+    from services.cli.main import build_parser
+
+    services = _load(COMPOSE)["services"]
+    openai = services["openai"]
+    args = build_parser().parse_args(openai["command"][1:])
+    assert args.command == "serve-openai" and args.host == "0.0.0.0"
+    assert args.router_targets == [f"router:{conventions_processes()['router'].grpc_port}"]
+    assert _seconds(openai["stop_grace_period"]) > 2 * args.shutdown_grace_s
+    assert str(args.port) in openai["expose"] and "ports" not in openai
+    assert f"localhost:{args.port}/health" in openai["healthcheck"]["test"][-1]
+    assert services["envoy"]["depends_on"]["openai"]["condition"] == "service_healthy"
+    envoy_config = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    [cluster] = [c for c in envoy_config["static_resources"]["clusters"] if c["name"] == "openai"]
+    socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (socket["address"], socket["port_value"], cluster["type"]) == ("openai", args.port, "STRICT_DNS")
+
+    router = build_parser().parse_args(services["router"]["command"][1:])
+    redis = services["redis"]
+    assert router.result_cache_redis == f"redis://redis:{redis['expose'][0]}/0" and router.result_cache_mb > 0
+    assert services["router"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in redis and "volumes" not in redis
+    command = redis["command"]
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"

@@ -1,5 +1,7 @@
-"""The production path run for real: the CPU image and the Prometheus image built from deploy/docker, and
-compose's envoy, router, tokenizer, inference and prometheus served, scraped, traced, stopped and removed.
+"""The production path run for real: the CPU, Prometheus and Redis images built from deploy/docker, and
+compose's envoy, openai, router, tokenizer, inference, redis and prometheus served, scraped, traced, stopped and
+removed. Chat through Envoy both as gRPC and with the `openai` SDK; a repeated greedy request is answered from
+the routers' result cache, whose shared tier is the Redis container.
 
 The commands are deploy/README.md's own (the container test section lists them):
 
@@ -7,6 +9,7 @@ The commands are deploy/README.md's own (the container test section lists them):
                                             # debootstrap-made base image, once per machine
     docker build -f deploy/docker/Dockerfile -t TAG .                 # layers cached between runs
     docker build -f deploy/docker/Dockerfile.prometheus -t TAG .
+    docker build -f deploy/docker/Dockerfile.redis -t TAG .
     docker-compose -p PROJECT -f deploy/compose/compose.yaml -f tests/deploy/compose.test.yaml \\
         up -d --no-build envoy prometheus
     ... docker-compose ... stop; docker-compose ... down -v
@@ -38,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import generation_service_pb2 as pb
@@ -52,6 +56,7 @@ SKIP_VARIABLE = "MESHSERVE_SKIP_CONTAINERS"
 COMPOSE_FILES = (DEPLOY / "compose" / "compose.yaml", REPO / "tests" / "deploy" / "compose.test.yaml")
 MESHSERVE_SERVICES = ("envoy", "router", "tokenizer", "inference")
 TRACED_SERVICES = {f"meshserve-{name}" for name in MESHSERVE_SERVICES}
+SCRAPED_JOBS = TRACED_SERVICES | {"meshserve-openai"}  # deploy/prometheus/prometheus.yml's jobs
 PROJECT_PREFIX = "meshserve-ct-"
 LOGS = REPO / ".run" / "containers"
 MAX_IMAGE_BYTES = 1_000_000_000  # the CPU image measures ~740 MB; torch or build tools would blow this
@@ -201,18 +206,21 @@ def stack():
     base_id = docker("image", "inspect", "-f", "{{.Id}}", "meshserve-base:bookworm").stdout.strip()
     image = content_tag("meshserve", DEPLOY / "docker" / "Dockerfile", base_id)
     prometheus = content_tag("meshserve-prometheus", DEPLOY / "docker" / "Dockerfile.prometheus", base_id)
+    redis = content_tag("meshserve-redis", DEPLOY / "docker" / "Dockerfile.redis", base_id)
     build(DEPLOY / "docker" / "Dockerfile", image, timings)
     build(DEPLOY / "docker" / "Dockerfile.prometheus", prometheus, timings)
-    remove_old_images(keep={image, prometheus})
+    build(DEPLOY / "docker" / "Dockerfile.redis", redis, timings)
+    remove_old_images(keep={image, prometheus, redis})
 
     ports = {name: free_port() for name in ("MESHSERVE_PORT", "JAEGER_UI_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "MESHSERVE_IMAGE": image,
-           "MESHSERVE_PROMETHEUS_IMAGE": prometheus, "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16)}
+           "MESHSERVE_PROMETHEUS_IMAGE": prometheus, "MESHSERVE_REDIS_IMAGE": redis, "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16)}
     project = f"{PROJECT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     stack = Stack(project, env, ports, image, compose, timings)
     try:
         started = time.monotonic()
-        # the dependencies (router, tokenizer, inference, jaeger) start first; compose waits for their health
+        # the dependencies (openai, router, tokenizer, inference, redis, jaeger) start first; compose waits for
+        # their health
         stack.run("up", "-d", "--no-build", "envoy", "prometheus", timeout=600)
         wait_serving(stack.target, 180)
         timings["compose up until Envoy serves"] = round(time.monotonic() - started, 1)
@@ -278,6 +286,44 @@ def test_one_trace_holds_the_spans_of_all_four_services(stack):
     assert {"tokenize", "prefill", "decode"} <= names, names
 
 
+def test_openai_sdk_chat_answers_paris_through_envoy(stack):
+    """The OpenAI-compatible API on Envoy's published port (compose's `openai` service behind it), with the
+    official SDK as the client: the model list names the served model, a greedy chat answers "Paris"."""
+    client = openai.OpenAI(base_url=f"http://{stack.target}/v1", api_key="unused", timeout=120, max_retries=2)
+    [model] = client.models.list().data
+    reply = client.chat.completions.create(
+        model=model.id, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=48)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def redis_keys(stack: Stack) -> int:
+    """Entries in compose's Redis, the routers' shared result-cache tier."""
+    reply = docker("exec", stack.container("redis"), "redis-cli", "dbsize").stdout
+    return int(reply.strip())
+
+
+def test_a_repeated_greedy_request_is_answered_from_the_result_cache(stack):
+    """The router stores a greedy answer (in memory and in the Redis container) and replays it to the same
+    request: the first reply says cached = false, the second cached = true with the same text."""
+    request = chat_request(f"Name one colour. (run {secrets.token_hex(4)})", 8)  # never answered before
+    keys_before = redis_keys(stack)
+    replies = []
+    with grpc.insecure_channel(stack.target) as channel:
+        for _ in range(2):
+            responses = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
+            replies.append(("".join(r.chunk.text for r in responses if r.HasField("chunk")), responses[-1].complete))
+            if len(replies) == 1:  # the write to Redis follows the answer: wait for it before asking again
+                deadline = time.monotonic() + 10
+                while redis_keys(stack) <= keys_before:
+                    assert time.monotonic() < deadline, "the router stored nothing in Redis (--result-cache-redis)"
+                    time.sleep(0.2)
+    (first_text, first), (second_text, second) = replies
+    assert first.cached is False and second.cached is True
+    assert second_text == first_text and second.completion_tokens == first.completion_tokens > 0
+
+
 def test_rest_generate_streams_newline_delimited_json(stack):
     body = json.dumps({"prompt": "The capital of France is", "sampling": {"max_tokens": 4, "temperature": 0}})
     request = urllib.request.Request(f"http://{stack.target}/v1/generate", data=body.encode(), method="POST",
@@ -297,7 +343,7 @@ def test_prometheus_scrapes_every_meshserve_target(stack):
         up = {r["metric"]["job"]: r["value"][1] for r in stack.prometheus('up{job=~"meshserve-.*"}')}
         tokens = stack.prometheus("sum(meshserve_generation_tokens_total)")
         generated = float(tokens[0]["value"][1]) if tokens else 0.0
-        if set(up) == TRACED_SERVICES and set(up.values()) == {"1"} and generated > 0:
+        if set(up) == SCRAPED_JOBS and set(up.values()) == {"1"} and generated > 0:
             break
         assert time.monotonic() < deadline, f"up={up}, generated tokens={generated}"
         time.sleep(2)
@@ -341,7 +387,7 @@ def test_compose_stop_drains_a_running_stream(stack):
     stack.timings["stream during stop"] = f"{outcome} after {chunks} chunks"
     LOGS.mkdir(parents=True, exist_ok=True)
     (LOGS / f"{stack.project}-stop.log").write_text(stack.logs())  # the services' own drain lines
-    for service in (*MESHSERVE_SERVICES, "prometheus"):
+    for service in (*MESHSERVE_SERVICES, "openai", "redis", "prometheus"):
         state = json.loads(docker("inspect", "-f", "{{json .State}}", stack.container(service)).stdout)
         assert state["Status"] == "exited" and state["ExitCode"] == 0, (
             f"{service}: {state['Status']} with {state['ExitCode']} (137: killed at the end of the grace period)")

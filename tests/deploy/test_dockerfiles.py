@@ -19,7 +19,7 @@ import pytest
 from tests.deploy.conftest import DEPLOY, REPO, run, tool
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
-# the images that run meshserve (the third, Dockerfile.prometheus, is compose's Prometheus)
+# the images that run meshserve (Dockerfile.prometheus and Dockerfile.redis are compose's Prometheus and Redis)
 MESHSERVE_DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.gpu"]
 DOCKERIGNORE = REPO / ".dockerignore"
 
@@ -78,8 +78,8 @@ def runs(stages: list[Stage]) -> str:
     return "\n".join(args for stage in stages for instruction, args in stage.instructions if instruction == "RUN")
 
 
-def test_the_three_images_are_there():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.gpu", "Dockerfile.prometheus"]
+def test_the_four_images_are_there():
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.gpu", "Dockerfile.prometheus", "Dockerfile.redis"]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

@@ -117,7 +117,11 @@ def test_envoy_config_shape(path: Path):
     assert listener["address"]["socket_address"]["port_value"] == ports["envoy"].grpc_port
     hcm = _hcm(config)
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert routes and all(r["route"]["cluster"] == "router" for r in routes)
+    openai_paths = {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    # the OpenAI-compatible paths go to the openai service (services/openai), everything else to the routers
+    assert {r["match"].get("path") or r["match"].get("path_separated_prefix")
+            for r in routes if r["route"]["cluster"] == "openai"} == openai_paths
+    assert routes and all(r["route"]["cluster"] == "router" for r in routes if r["route"]["cluster"] != "openai")
     filters = [f["name"] for f in hcm["http_filters"]]
     assert "envoy.filters.http.grpc_json_transcoder" in filters, "REST (POST /v1/generate)"
     assert filters[-1] == "envoy.filters.http.router"
@@ -132,6 +136,9 @@ def test_envoy_config_shape(path: Path):
     assert health["grpc_health_check"]["service_name"] == GRPC_HEALTH_SERVICE
     assert router["circuit_breakers"]["thresholds"][0]["max_requests"] > 0
     assert router["outlier_detection"]["consecutive_5xx"] > 0
+    openai = clusters["openai"]
+    assert openai["type"] == "STRICT_DNS" and _address(openai) == ("openai", 50054)  # serve-openai's default port
+    assert openai["health_checks"][0]["http_health_check"]["path"] == "/health"
     monitors = config["overload_manager"]["resource_monitors"]
     assert monitors[0]["typed_config"]["max_active_downstream_connections"] > 0
 

@@ -111,7 +111,7 @@ def test_container_args_parse_with_the_real_cli(overlay: str):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_drain(overlay: str):
     for name, workload in workloads(overlay).items():
-        if name == "jaeger":
+        if name in ("jaeger", "redis"):  # not meshserve processes: nothing to drain
             continue
         spec = workload["spec"]["template"]["spec"]
         main = container(workload)
@@ -161,7 +161,7 @@ def test_cpu_overlay_runs_onnxruntime_without_gpus():
         assert "nvidia.com/gpu" not in container(workload)["resources"]["limits"], name
     inference = container(workloads("cpu")["inference"])
     assert flag(inference["args"], "--backend") == ["onnxruntime"]
-    assert {container(w)["image"] for n, w in workloads("cpu").items() if n != "jaeger"} == {"meshserve:0.1.0"}
+    assert {container(w)["image"] for n, w in workloads("cpu").items() if n not in ("jaeger", "redis")} == {"meshserve:0.1.0"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -198,8 +198,8 @@ def test_envoy_gets_the_validated_config_and_finds_routers_through_a_headless_se
         socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         service = services[socket["address"]]
         assert socket["port_value"] in {p["port"] for p in service["spec"]["ports"]}, cluster["name"]
-        if cluster["name"] == "router":
-            assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None"
+        if cluster["name"] in ("router", "openai"):
+            assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None", cluster["name"]
     ports = {p["port"] for p in services["envoy"]["spec"]["ports"]}
     assert ports == {conventions_processes()["envoy"].grpc_port}
 
@@ -209,7 +209,7 @@ def test_services_export_traces_to_jaeger(overlay: str):
     [env] = [c for n, c in objects(overlay, "ConfigMap").items() if n.startswith("meshserve-env")]
     assert env["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
     assert 4317 in {p["port"] for p in objects(overlay, "Service")["jaeger"]["spec"]["ports"]}
-    for name in MESHSERVE_WORKLOADS:
+    for name in (*MESHSERVE_WORKLOADS, "openai"):
         main = container(workloads(overlay)[name])
         assert [e["configMapRef"]["name"] for e in main["envFrom"]] == [env["metadata"]["name"]]
         assert {"name": "OTEL_SERVICE_NAME", "value": f"meshserve-{name}"} in main["env"]
@@ -306,19 +306,22 @@ def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inferen
     def pod(name: str) -> tuple[dict, str]:
         return pods[name]["spec"]["template"]["metadata"]["labels"], "meshserve"
 
-    everyone = {"envoy": pod("envoy"), "router": pod("router"), "tokenizer": pod("tokenizer"),
-                "inference": pod("inference"), "jaeger": pod("jaeger"), "stranger": STRANGER, "outside": OUTSIDE,
-                "prometheus": PROMETHEUS}
+    everyone = {"envoy": pod("envoy"), "openai": pod("openai"), "router": pod("router"), "tokenizer": pod("tokenizer"),
+                "inference": pod("inference"), "redis": pod("redis"), "jaeger": pod("jaeger"), "stranger": STRANGER,
+                "outside": OUTSIDE, "prometheus": PROMETHEUS}
     allowed = {  # (target, port name): the sources that may connect
         ("envoy", "grpc"): set(everyone),  # the public endpoint
         ("envoy", "admin"): {"prometheus"},
-        ("router", "grpc"): {"envoy"},
+        ("openai", "http"): {"envoy"},  # it trusts Envoy's tenant headers
+        ("openai", "metrics"): {"prometheus"},
+        ("router", "grpc"): {"envoy", "openai"},
+        ("redis", "redis"): {"router"},
         ("tokenizer", "grpc"): {"router"},
         ("inference", "grpc"): {"router"},
         ("router", "metrics"): {"prometheus"},
         ("tokenizer", "metrics"): {"prometheus"},
         ("inference", "metrics"): {"prometheus"},
-        ("jaeger", "otlp-grpc"): {"envoy", "router", "tokenizer", "inference", "jaeger"},
+        ("jaeger", "otlp-grpc"): {"envoy", "openai", "router", "tokenizer", "inference", "redis", "jaeger"},
     }
     for (target, port), sources in allowed.items():
         for source, identity in everyone.items():
@@ -331,3 +334,49 @@ def test_the_reachability_check_sees_an_open_namespace():
     pods = workloads("cpu")
     assert reachable([], pods["router"], "grpc", STRANGER)
     assert reachable([], pods["inference"], "grpc", (pods["envoy"]["spec"]["template"]["metadata"]["labels"], "meshserve"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_openai_service_reaches_only_routers_jaeger_and_dns(overlay: str):
+    """Egress of the OpenAI-compatible service: the routers' gRPC port, Jaeger's OTLP ports and DNS, nothing else
+    (not the tokenizer, inference or Redis directly)."""
+    pods = workloads(overlay)
+    selecting = [p for p in objects(overlay, "NetworkPolicy").values()
+                 if "Egress" in p["spec"]["policyTypes"]
+                 and _selects(p["spec"]["podSelector"], pods["openai"]["spec"]["template"]["metadata"]["labels"])]
+    assert selecting, "no egress policy selects the openai pods: they could reach anything"
+    allowed: set[tuple[str, int]] = set()
+    for policy in selecting:
+        for rule in policy["spec"]["egress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if not rule.get("to"):
+                assert ports == {53}, f"egress to anywhere on {ports}: only DNS may go anywhere"
+                continue
+            for peer in rule["to"]:
+                for name, workload in pods.items():
+                    if _peer_matches(peer, "meshserve", workload["spec"]["template"]["metadata"]["labels"], "meshserve"):
+                        allowed |= {(name, port) for port in ports}
+    router_port = {p["name"]: p["containerPort"] for p in container(pods["router"])["ports"]}["grpc"]
+    assert allowed == {("router", router_port), ("jaeger", 4317), ("jaeger", 4318)}, allowed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_openai_service_probes_health_and_routers_share_the_redis_cache(overlay: str):
+    from services.cli.main import build_parser
+
+    pods = workloads(overlay)
+    openai = container(pods["openai"])
+    args = build_parser().parse_args(openai["args"])
+    assert args.command == "serve-openai" and args.host == "0.0.0.0" and args.shutdown_grace_s == 30
+    assert args.router_targets == [f"router:{conventions_processes()['router'].grpc_port}"]
+    http = {p["name"]: p["containerPort"] for p in openai["ports"]}["http"]
+    assert http == args.port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert openai[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    router = build_parser().parse_args(container(pods["router"])["args"])
+    redis_port = objects(overlay, "Service")["redis"]["spec"]["ports"][0]["port"]
+    assert router.result_cache_redis == f"redis://redis:{redis_port}/0"
+    assert router.result_cache_mb > 0  # the Redis tier needs the memory tier
+    redis = container(pods["redis"])
+    assert redis["image"].split("/")[-1].startswith("meshserve-redis:")
+    assert "--save" in redis["args"] and redis["args"][redis["args"].index("--save") + 1] == ""
