@@ -29,14 +29,14 @@ points (a block's zero point and scale chosen by a search minimizing its squared
 quantized, using the calibration inputs' X^T X, which minimizes the error of the projection's
 outputs rather than of its weights. The embedding / lm_head stay the Q8_0 blocks. What was measured
 (tests/data/perplexity_text.txt in one context, fp32 19.12; step rates of the backend alone on the
-2-core machine, quiet, int8 = 79-84 tokens/s at 1 row and 356-384 at 32):
+2-core machine, quiet; int8 in the same sittings: 70-89 tokens/s at 1 row, 356-384 at 32):
 
   4-bit layout                            perplexity       1 row     32 rows
   blocks of 32, error-minimizing search   21.9 (+15%)      93-98     366-401 (no cheaper than int8)
   blocks of 16                            20.5 (+7%)       89-98     354-361 (slower)
   blocks of 64                            24.9 (+30%)      115-119   337-444
   blocks of 128                           29.4 (+54%)      119-124   402-473
-  blocks of 128, GPTQ (this)              ~23.2 (+21%)     (same layout)
+  blocks of 128, GPTQ (this)              23.16 (+21%)     (the same layout as above)
   symmetric blocks of 32                  23.5 (+23%, no longer answers "Paris")
   4-bit embedding / lm_head too           +24% (vs +15%; no longer answers "Paris")
 
