@@ -7,11 +7,12 @@ of kernels and the KV cache is updated in place:
 * `com.microsoft.GroupQueryAttention` with rotary embedding inside, reading and appending to the
   caller's KV-cache buffers (past and present bound to the same memory), causal, right-padded
   rows of different lengths (`query_seqlens`);
-* `com.microsoft.MatMulNBits` with 8-bit blocks (precision int8, see quantize.py) or plain
-  `MatMul` (fp32), with q/k/v stacked into one projection (GroupQueryAttention takes them packed);
+* `com.microsoft.MatMulNBits` with 8-bit blocks of 32 (precision int8) or 4-bit blocks of 128
+  (int4, see quantize.py), or plain `MatMul` (fp32), with q/k/v stacked into one projection
+  (GroupQueryAttention takes them packed);
 * `SkipSimplifiedLayerNormalization` for residual add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
 * the embedding and the tied lm_head from the GGUF's Q8_0 blocks (`GatherBlockQuantized`,
-  8-bit `MatMulNBits`) in the int8 precision.
+  8-bit `MatMulNBits`) in the int8 and int4 precisions.
 
 Contract (the ONNX Runtime backend is its only user):
 
@@ -33,7 +34,7 @@ Keys are stored after RoPE, as in decoder.onnx. A row needs `cached + seq <= cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -83,7 +84,7 @@ def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
     if isinstance(weight, NBitsWeight):
         zp = None if weight.zero_points is None else weight.zero_points[start:stop]
         codes = weight.codes[start:stop]
-        return NBitsWeight(codes.shape[0], weight.k, codes, weight.scales[start:stop], zp)
+        return replace(weight, n=codes.shape[0], codes=codes, scales=weight.scales[start:stop], zero_points=zp)
     return weight[start:stop]
 
 
@@ -95,9 +96,10 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
 
     def linear(x: str, weight: Linear, hint: str, output: str | None = None) -> str:
         if isinstance(weight, NBitsWeight):
-            inputs = [x, g.const(f"{hint}_q", weight.codes), g.const(f"{hint}_scales", weight.scales)]
-            if weight.zero_points is not None:
-                inputs.append(g.const(f"{hint}_zp", weight.zero_points))
+            inputs = [x, g.const(f"{hint}_q", weight.packed_codes()), g.const(f"{hint}_scales", weight.scales)]
+            zero_points = weight.packed_zero_points()
+            if zero_points is not None:
+                inputs.append(g.const(f"{hint}_zp", zero_points))
             return g.op("MatMulNBits", inputs, hint, output=output, domain=MS_DOMAIN, K=weight.k, N=weight.n,
                         bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)
         w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))

@@ -43,8 +43,10 @@ EXPORT_VERSION = 4
 #   fp32  the dequantized GGUF: the reference (tests/reference compares it with transformers)
 #   int8  smoothed 8-bit MatMulNBits blocks, the GGUF's Q8_0 embedding and lm_head exactly, int8
 #         dot products (see quantize.py); perplexity within ~0.3% of fp32's, 2-3x the speed
-# There is no int4: ONNX Runtime's fast 4-bit kernels cannot carry Q4_1's offsets (see quantize.py).
-PRECISIONS = ("fp32", "int8")
+#   int4  the lighter variant (the router's fallback tier): 4-bit blocks of 128 by GPTQ, the same
+#         Q8_0 embedding; cheaper than int8 at 1 and at 32 streams, perplexity ~+20% (quantize.py)
+# All share EXPORT_VERSION: int4 was added without changing what fp32 and int8 write.
+PRECISIONS = ("fp32", "int8", "int4")
 DEFAULT_PRECISION = "int8"
 
 
@@ -220,18 +222,34 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
 
     _progress(5, total, f"building the {precision} ONNX Runtime CPU decoder")
     from services.modelstore.onnx_cpu_export import CpuDecoderWeights, build_cpu_decoder
-    from services.modelstore.quantize import gguf_embedding_blocks, smooth_and_quantize
+    from services.modelstore.quantize import (
+        gguf_embedding_blocks,
+        smooth_and_gptq,
+        smooth_and_quantize,
+    )
 
     cpu_weights = CpuDecoderWeights.from_fp32(config, weights)
     del weights
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         from tokenizers import Tokenizer
 
-        from services.modelstore.calibration import CALIBRATION_TEXT, activation_maxima
+        from services.modelstore import calibration
 
-        calibration_ids = Tokenizer.from_str(tokenizer_json).encode(CALIBRATION_TEXT, add_special_tokens=False).ids
-        maxima = activation_maxima(tmp / "decoder.onnx", config, calibration_ids)
-        cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        calibration_ids = tokenizer.encode(calibration.CALIBRATION_TEXT, add_special_tokens=False).ids
+        decoder_path = tmp / "decoder.onnx"
+        if precision == "int8":
+            maxima = calibration.activation_maxima(decoder_path, config, calibration_ids)
+            cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
+        else:
+            _progress(5, total, "sampling the float32 model's answers to the calibration prompts")
+            prompts = [tokenizer.encode(calibration.CHAT_PROMPT.format(p), add_special_tokens=False).ids
+                       for p in calibration.CALIBRATION_PROMPTS]
+            stop_ids = frozenset([int(_field(reader, "tokenizer.ggml.eos_token_id"))])
+            chats = calibration.sampled_answers(decoder_path, config, prompts, stop_ids)
+            activations = calibration.projection_inputs(decoder_path, config, [calibration_ids, *chats])
+            _progress(5, total, f"GPTQ over {sum(map(len, chats)) + len(calibration_ids)} calibration tokens")
+            cpu_weights = smooth_and_gptq(config, cpu_weights, activations, gguf_embedding_blocks(reader))
     cpu_model = build_cpu_decoder(config, cpu_weights)
     del cpu_weights
     onnx.save_model(cpu_model, str(tmp / "decoder_cpu.onnx"), save_as_external_data=True, location="decoder_cpu.onnx.data")

@@ -1,6 +1,6 @@
-"""Weights for ONNX Runtime's `com.microsoft.MatMulNBits` (precision int8 of decoder_cpu.onnx).
+"""Weights for ONNX Runtime's `com.microsoft.MatMulNBits` (precisions int8 and int4 of decoder_cpu.onnx).
 
-MatMulNBits computes y = x @ W.T with W stored in blocks of 32 weights along the input dimension,
+MatMulNBits computes y = x @ W.T with W stored in blocks of weights along the input dimension,
 each dequantized as (code - zero_point) * scale. With `accuracy_level=4` ONNX Runtime also
 quantizes x to int8 per row and block (VNNI dot products), and the row's own values alone set
 its scale, so a row's result does not depend on the other rows of its batch.
@@ -21,6 +21,33 @@ Why not the GGUF's 4-bit blocks: ONNX Runtime's fast MatMulNBits kernels take in
 only, and Q4_1's offset m = -zero_point * d is not a multiple of d. Rounding the zero point costs
 about 19% perplexity; exact float zero points make the CPU kernel dequantize the whole matrix on
 every call (9 tokens/s). 8 bits carry the Q4_1 weights within 1/32 of their step instead.
+
+int4, the lighter variant (the router's fallback tier: cheaper, and allowed to cost quality). The
+smoothed float projections are requantized to asymmetric 4-bit blocks of 128 with integer zero
+points (a block's zero point and scale chosen by a search minimizing its squared error), by GPTQ
+(Frantar et al. 2022): each column's rounding error is compensated in the columns not yet
+quantized, using the calibration inputs' X^T X, which minimizes the error of the projection's
+outputs rather than of its weights. The embedding / lm_head stay the Q8_0 blocks. What was measured
+(tests/data/perplexity_text.txt in one context, fp32 19.12; step rates of the backend alone on the
+2-core machine, quiet; int8 in the same sittings: 70-89 tokens/s at 1 row, 356-384 at 32):
+
+  4-bit layout                            perplexity       1 row     32 rows
+  blocks of 32, error-minimizing search   21.9 (+15%)      93-98     366-401 (no cheaper than int8)
+  blocks of 16                            20.5 (+7%)       89-98     354-361 (slower)
+  blocks of 64                            24.9 (+30%)      115-119   337-444
+  blocks of 128                           29.4 (+54%)      119-124   402-473
+  blocks of 128, GPTQ (this)              23.16 (+21%)     (the same layout as above)
+  symmetric blocks of 32                  23.5 (+23%, no longer answers "Paris")
+  4-bit embedding / lm_head too           +24% (vs +15%; no longer answers "Paris")
+
+At one row decoding reads the weights, so halving them pays at any block size; at 32 rows the
+int8 dot products are the work and each block's scaling is their overhead, so only blocks larger
+than int8's 32 are cheaper there. GPTQ needs many more calibration tokens than the int8 text's
+~300 (with those it fits the text and is worse than no compensation: +31% at blocks of 32): the
+calibration set is that text and the float model's own sampled answers to a few prompts (~3,700
+tokens, calibration.py). Its damping (0.3 of the Hessian's mean diagonal) and a lighter smoothing
+(a = 0.4; 0.3: +31%, 0.5: +21%, 0.7: +26%) were chosen on the perplexity text, so that number is
+somewhat optimistic for other text.
 """
 
 from __future__ import annotations
@@ -31,6 +58,10 @@ import numpy as np
 
 BLOCK = 32  # block of weights along the input dimension (Q8_0's block, MatMulNBits' block_size)
 SMOOTHING_ALPHA = 0.7  # a: how much of each activation channel's range moves into the weights
+# int4 (measured on tests/data/perplexity_text.txt, see the module docstring)
+INT4_BLOCK = 128  # blocks of 32 or 64 are no cheaper than int8 at 32 streams
+INT4_SMOOTHING_ALPHA = 0.4
+GPTQ_DAMPING = 0.3  # fraction of the Hessian's mean diagonal added to its diagonal
 
 
 @dataclass(frozen=True)
@@ -46,21 +77,45 @@ class Q80Blocks:
 
 @dataclass(frozen=True)
 class NBitsWeight:
-    """One 8-bit MatMulNBits right-hand side: y = x @ W.T with W [n, k] stored as blocks along k."""
+    """One MatMulNBits right-hand side: y = x @ W.T with W [n, k] stored as blocks along k, each
+    weight dequantized as (code - zero_point) * scale of its block."""
 
     n: int
     k: int
-    codes: np.ndarray  # uint8 [n, k / 32, 32]
-    scales: np.ndarray  # float32 [n, k / 32]
-    zero_points: np.ndarray | None  # uint8 [n, k / 32]; None: the default 128
-
-    bits = 8
-    block_size = BLOCK
+    codes: np.ndarray  # uint8 [n, k / block_size, block_size], one code per weight (unpacked)
+    scales: np.ndarray  # float32 [n, k / block_size]
+    zero_points: np.ndarray | None  # uint8 [n, k / block_size]; None: the default 2^(bits - 1)
+    bits: int = 8
+    block_size: int = BLOCK
 
     def dequantize(self) -> np.ndarray:
         """W [n, k] as float32, as MatMulNBits computes it (for tests)."""
-        zp = np.float32(128) if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
-        return ((self.codes.astype(np.float32) - zp) * self.scales[..., None]).reshape(self.n, self.k)
+        default = np.float32(1 << (self.bits - 1))
+        zp = default if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
+        w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
+        return w.reshape(self.n, -1)[:, : self.k]  # the last block may be padded past k
+
+    def packed_codes(self) -> np.ndarray:
+        """MatMulNBits' B: uint8 [n, blocks, block_size * bits / 8]; 4-bit codes two to a byte,
+        the even element in the low nibble."""
+        if self.bits == 8:
+            return self.codes
+        return _pack_nibbles(self.codes)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """MatMulNBits' zero_points: uint8 [n, ceil(blocks * bits / 8)], 4-bit ones two to a byte
+        (low nibble first, each row padded to whole bytes); None when they are the default."""
+        if self.zero_points is None or self.bits == 8:
+            return self.zero_points
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return _pack_nibbles(zp)
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Pairs of 4-bit values along the last axis into bytes, the first in the low nibble."""
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
 def parse_q8_0(raw: np.ndarray, rows: int, cols: int) -> Q80Blocks:
@@ -91,31 +146,152 @@ def quantize_8bit(weight: np.ndarray) -> NBitsWeight:
     return NBitsWeight(n, k, codes, scale.astype(np.float32), zero_point.astype(np.uint8))
 
 
+def quantize_4bit(weight: np.ndarray, block_size: int = BLOCK, symmetric: bool = False,
+                  importance: np.ndarray | None = None) -> NBitsWeight:
+    """4-bit blocks of `block_size` along the input dimension of a float weight [n, k], each block's
+    integer zero point and scale chosen to minimize its squared error, weighted per input channel
+    by `importance` [k] when given (for example the mean square of the activations).
+
+    Asymmetric blocks search scales (max - min) / 15 * r over a grid of r with the zero points
+    just below and above -min / scale, and plain rounding over [min(w, 0), max(w, 0)] (so no block
+    is worse than that); symmetric ones keep the default zero point 8 (no zero-point tensor) and
+    search scales from the block's extreme value mapped to code 0 or 15.
+    For each candidate the codes are rounded, the scale refitted by least squares for those
+    codes, the codes rounded again and the scale refitted again; the best candidate wins."""
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    pad = blocks * block_size - k
+    # MatMulNBits pads the last block past k; padding with the edge value leaves the block's range
+    # alone, and a zero importance leaves its error alone
+    w = np.pad(np.asarray(weight, np.float32), ((0, 0), (0, pad)), mode="edge").reshape(n * blocks, block_size)
+    if pad or importance is not None:
+        channel = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+        imp = np.tile(np.pad(channel, (0, pad)).reshape(blocks, block_size), (n, 1))
+    else:
+        imp = None
+    low, high = w.min(-1), w.max(-1)
+    eight = np.full(len(w), 8, np.float32)
+    if symmetric:
+        extreme = np.where(-low > high, low, high)  # the signed value of largest magnitude
+        bases = [extreme / np.float32(-8), extreme / np.float32(7)]  # maps it to code 0 (-8) or 15 (+7)
+        candidates = [(base * r, eight) for base in bases for r in _SCALE_GRID]
+    else:
+        span = high - low
+        candidates = []
+        for r in _SCALE_GRID:
+            scale = _nonzero(span / np.float32(15) * r)
+            candidates += [(scale, np.clip(rounding(-low / scale), 0, 15)) for rounding in (np.floor, np.ceil)]
+        # plain rounding over [min(w, 0), max(w, 0)], so that no block ends up worse than that
+        scale = _nonzero((np.maximum(high, 0) - np.minimum(low, 0)) / np.float32(15))
+        candidates.append((scale, np.clip(np.rint(-np.minimum(low, 0) / scale), 0, 15)))
+
+    weighted_w = w if imp is None else w * imp
+    total = np.einsum("ij,ij->i", weighted_w, w)  # sum of imp * w^2
+    q = np.empty_like(w)
+    best_error = np.full(len(w), np.inf, np.float32)
+    best_scale, best_zero = np.ones(len(w), np.float32), np.full(len(w), 8, np.float32)
+    for scale, zero in candidates:
+        scale = _nonzero(scale)
+        for _ in range(2):
+            _codes_minus_zero(w, scale, zero, out=q)
+            num = np.einsum("ij,ij->i", weighted_w, q)  # sum of imp * w * q
+            den = np.einsum("ij,ij->i", q if imp is None else q * imp, q)  # sum of imp * q^2
+            # least-squares scale for these codes; its error is total - num^2 / den
+            fitted = den > 0
+            scale = _nonzero(np.where(fitted & (num != 0), num / np.where(fitted, den, 1), scale))
+        error = total - np.where(fitted, num * num / np.where(fitted, den, 1), 0)
+        better = error < best_error
+        best_error[better], best_scale[better], best_zero[better] = error[better], scale[better], zero[better]
+    # rounding at the chosen scale is the nearest code of every weight: no worse than the candidate's
+    codes = (_codes_minus_zero(w, best_scale, best_zero, out=q) + best_zero[:, None]).astype(np.uint8)
+    zero_points = None if symmetric else best_zero.astype(np.uint8).reshape(n, blocks)
+    return NBitsWeight(n, k, codes.reshape(n, blocks, block_size), best_scale.reshape(n, blocks), zero_points,
+                       bits=4, block_size=block_size)
+
+
+def _nonzero(scale: np.ndarray) -> np.ndarray:
+    """float32 scales with 0 (an all-zero block) replaced by 1."""
+    return np.where(scale == 0, 1, scale).astype(np.float32)
+
+
+def _codes_minus_zero(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """clip(rint(w / scale + zero), 0, 15) - zero, row by row, into `out`."""
+    np.divide(w, scale[:, None], out=out)
+    out += zero[:, None]
+    np.rint(out, out=out)
+    np.clip(out, 0, 15, out=out)
+    out -= zero[:, None]
+    return out
+
+
+def gptq_4bit(weight: np.ndarray, hessian: np.ndarray, block_size: int = BLOCK, damping: float = GPTQ_DAMPING) -> NBitsWeight:
+    """4-bit blocks of a float weight [n, k] by GPTQ (Frantar et al. 2022): the columns are quantized
+    in order, and each one's rounding error is compensated in the columns not yet quantized, as the
+    calibration inputs' `hessian` H = X^T X [k, k] says they can absorb it. That minimizes the
+    error of the outputs x @ W.T over the calibration inputs rather than of the weights. Each
+    block's zero point and scale are chosen (quantize_4bit, weighted by diag(H)) on the weights as
+    compensated when the block is reached. `damping` (a fraction of diag(H)'s mean added to the
+    diagonal) keeps H invertible and the compensation modest: the calibration text is short."""
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    w = weight.astype(np.float64)  # updated in place as errors are compensated
+    h = hessian.astype(np.float64)
+    dead = np.diag(h) == 0  # channels the calibration never excited: nothing to compensate with
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += damping * np.diag(h).mean()
+    # upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j drives column j's compensation
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    importance = np.diag(h).astype(np.float32)
+    codes = np.zeros((n, blocks * block_size), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, blocks), np.uint8)
+    for b in range(blocks):
+        c0, c1 = b * block_size, min((b + 1) * block_size, k)
+        params = quantize_4bit(w[:, c0:c1].astype(np.float32), block_size, importance=importance[c0:c1])
+        s, z = params.scales[:, 0].astype(np.float64), params.zero_points[:, 0].astype(np.float64)
+        errors = np.empty((n, c1 - c0))
+        for j in range(c0, c1):
+            q = np.clip(np.rint(w[:, j] / s + z), 0, 15)
+            codes[:, j] = q
+            errors[:, j - c0] = (w[:, j] - (q - z) * s) / u[j, j]
+            w[:, j:c1] -= np.outer(errors[:, j - c0], u[j, j:c1])
+        w[:, c1:] -= errors @ u[c0:c1, c1:]
+        codes[:, c1 : (b + 1) * block_size] = params.zero_points[:, :1]  # padding past k dequantizes to 0
+        scales[:, b], zero_points[:, b] = params.scales[:, 0], params.zero_points[:, 0]
+    return NBitsWeight(n, k, codes.reshape(n, blocks, block_size), scales, zero_points, bits=4, block_size=block_size)
+
+
+_SCALE_GRID = np.linspace(0.7, 1.15, 19, dtype=np.float32)  # r: from clipping the block's extremes to widening its range
+
+
 def smoothing_factors(activation_max: np.ndarray, weight: np.ndarray, alpha: float = SMOOTHING_ALPHA) -> np.ndarray:
     """s_k = max|x_k|^a / max|W[:, k]|^(1-a), normalized to a geometric mean of 1."""
     s = np.maximum(activation_max, 1e-5) ** alpha / np.maximum(np.abs(weight).max(0), 1e-5) ** (1 - alpha)
     return (s / np.exp(np.log(s).mean())).astype(np.float32)
 
 
-def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
-                        alpha: float = SMOOTHING_ALPHA):
-    """The int8 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed with the
-    calibration's per-channel input maxima `activation_max[(kind, layer)]` (kinds qkv, o, gate_up,
-    down), their projections quantized to 8 bits; the embedding and lm_head are `embed`'s Q8_0 blocks."""
+def smooth(config, weights, activation_max: dict[tuple[str, int], np.ndarray], alpha: float = SMOOTHING_ALPHA,
+           factors: dict[tuple[str, int], np.ndarray] | None = None):
+    """Float weights (CpuDecoderWeights.from_fp32) smoothed with the calibration's per-channel input
+    maxima `activation_max[(kind, layer)]` (kinds qkv, o, gate_up, down): the same function, with the
+    range of outlier activation channels moved into the weights. `factors`, when given, receives
+    each projection's s: its smoothed input is x / s."""
+    factors = {} if factors is None else factors
     from dataclasses import replace
 
     hd, group, inter = config.head_dim, config.num_heads // config.num_kv_heads, config.intermediate_size
     v_rows = slice((config.num_heads + config.num_kv_heads) * hd, None)
-    out = replace(weights, embed=embed, input_norms=list(weights.input_norms), post_norms=list(weights.post_norms),
+    out = replace(weights, input_norms=list(weights.input_norms), post_norms=list(weights.post_norms),
                   qkv=[], o=[], gate_up=[], down=[])
     for i in range(config.num_layers):
         qkv, o = weights.qkv[i].copy(), weights.o[i].copy()
         gate_up, down = weights.gate_up[i].copy(), weights.down[i].copy()
         # 1. q/k/v and gate/up read RMSNorm outputs: fold 1/s into the norm's weight
-        s = smoothing_factors(activation_max[("qkv", i)], qkv, alpha)
+        s = factors[("qkv", i)] = smoothing_factors(activation_max[("qkv", i)], qkv, alpha)
         out.input_norms[i] = out.input_norms[i] / s
         qkv *= s
-        s = smoothing_factors(activation_max[("gate_up", i)], gate_up, alpha)
+        s = factors[("gate_up", i)] = smoothing_factors(activation_max[("gate_up", i)], gate_up, alpha)
         out.post_norms[i] = out.post_norms[i] / s
         gate_up *= s
         # 2. o reads attention outputs, mixtures of v: fold 1/s into v's rows. A kv head serves
@@ -123,16 +299,52 @@ def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], n
         s = smoothing_factors(activation_max[("o", i)], o, alpha).reshape(config.num_kv_heads, group, hd)
         s = np.exp(np.log(s).mean(1))
         qkv[v_rows] /= s.reshape(-1, 1)
-        o *= np.repeat(s[:, None, :], group, axis=1).reshape(1, -1)
+        factors[("o", i)] = np.repeat(s[:, None, :], group, axis=1).reshape(-1)
+        o *= factors[("o", i)]
         # 3. down reads silu(gate) * up: fold 1/s into up's rows
-        s = smoothing_factors(activation_max[("down", i)], down, alpha)
+        s = factors[("down", i)] = smoothing_factors(activation_max[("down", i)], down, alpha)
         gate_up[inter:] /= s[:, None]
         down *= s
-        out.qkv.append(quantize_8bit(qkv))
-        out.o.append(quantize_8bit(o))
-        out.gate_up.append(quantize_8bit(gate_up))
-        out.down.append(quantize_8bit(down))
+        out.qkv.append(qkv)
+        out.o.append(o)
+        out.gate_up.append(gate_up)
+        out.down.append(down)
     return out
+
+
+def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
+                        alpha: float = SMOOTHING_ALPHA, quantize=quantize_8bit):
+    """The quantized CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed (see
+    `smooth`), their projections quantized by `quantize` (8-bit blocks by default); the embedding
+    and lm_head are `embed` (the GGUF's Q8_0 blocks, or NBitsWeight blocks)."""
+    from dataclasses import replace
+
+    smoothed = smooth(config, weights, activation_max, alpha)
+    return replace(smoothed, embed=embed, qkv=[quantize(w) for w in smoothed.qkv], o=[quantize(w) for w in smoothed.o],
+                   gate_up=[quantize(w) for w in smoothed.gate_up], down=[quantize(w) for w in smoothed.down])
+
+
+def smooth_and_gptq(config, weights, activations: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
+                    alpha: float = INT4_SMOOTHING_ALPHA, block_size: int = INT4_BLOCK, damping: float = GPTQ_DAMPING):
+    """The int4 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed with the
+    maxima of the calibration's projection inputs `activations[(kind, layer)]` [tokens, channels],
+    their projections quantized to 4-bit blocks by GPTQ against those inputs (as smoothed: x / s);
+    the embedding and lm_head stay `embed`'s Q8_0 blocks."""
+    from dataclasses import replace
+
+    factors: dict[tuple[str, int], np.ndarray] = {}
+    maxima = {key: np.abs(x).max(0) for key, x in activations.items()}
+    smoothed = smooth(config, weights, maxima, alpha, factors)
+
+    def quantize(kind: str, layer: int, weight: np.ndarray) -> NBitsWeight:
+        x = activations[(kind, layer)].astype(np.float64) / factors[(kind, layer)]
+        return gptq_4bit(weight, x.T @ x, block_size, damping)
+
+    return replace(smoothed, embed=embed,
+                   qkv=[quantize("qkv", i, w) for i, w in enumerate(smoothed.qkv)],
+                   o=[quantize("o", i, w) for i, w in enumerate(smoothed.o)],
+                   gate_up=[quantize("gate_up", i, w) for i, w in enumerate(smoothed.gate_up)],
+                   down=[quantize("down", i, w) for i, w in enumerate(smoothed.down)])
 
 
 def gguf_embedding_blocks(reader) -> Q80Blocks:

@@ -1,7 +1,10 @@
 """Quality gates of every precision `meshserve prepare-model` offers (services/modelstore/prepare.py):
 the greedy chat answer to "What is the capital of France?" names Paris, and a quantized model's
 perplexity on a fixed English text (tests/data/perplexity_text.txt, 2,135 tokens, prefilled in
-chunks with logits at every position) stays within 3% of the fp32 reference's."""
+chunks with logits at every position) stays within its bound of the fp32 reference's: 3% for
+int8; int4, the lighter fallback variant, is allowed to cost quality and is held to 30% (measured
++21%: 23.16 against 19.12). int4 must also be what makes it lighter: 4-bit projections in blocks
+of 128, and a weights file a third smaller than int8's."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from services.modelstore.prepare import PRECISIONS, prepare_model
 from services.tokenizer.core import ChatMessage, TokenizerCore
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "perplexity_text.txt"
-MAX_PERPLEXITY_RATIO = 1.03
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int4": 1.30}
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,22 @@ def test_greedy_chat_answer_names_paris(precision_models, precision):
 
 
 @pytest.mark.parametrize("precision", [p for p in PRECISIONS if p != "fp32"])
-def test_quantized_perplexity_is_within_3_percent_of_fp32(perplexities, precision):
+def test_quantized_perplexity_is_within_its_bound_of_fp32(perplexities, precision):
     reference = perplexities["fp32"]
     assert 5 < reference < 40, f"fp32 perplexity {reference:.2f}: the text or the model is not what this test expects"
-    assert perplexities[precision] <= reference * MAX_PERPLEXITY_RATIO, perplexities
+    assert perplexities[precision] <= reference * MAX_PERPLEXITY_RATIO[precision], perplexities
+
+
+def test_int4_is_4bit_blocks_of_128_and_lighter_than_int8(precision_models):
+    import onnx
+
+    graph = onnx.load(str(precision_models["int4"].path / "decoder_cpu.onnx"), load_external_data=False).graph
+    projections = [n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] != "logits"]
+    attributes = {(a.name, a.i) for n in projections for a in n.attribute if a.name in ("bits", "block_size")}
+    assert len(projections) == 5 * precision_models["int4"].config.num_layers  # qkv, o, gate, up, down
+    assert attributes == {("bits", 4), ("block_size", 128)}
+
+    def weights_bytes(precision: str) -> int:
+        return (precision_models[precision].path / "decoder_cpu.onnx.data").stat().st_size
+
+    assert weights_bytes("int4") < 0.75 * weights_bytes("int8")  # measured: 0.68

@@ -1,6 +1,8 @@
-"""The int8 weights of decoder_cpu.onnx (services/modelstore/quantize.py, calibration.py): the
-Q8_0 embedding carried exactly, the 8-bit blocks' error bound, smoothing that leaves the computed
-function unchanged, and the layout checked by running ONNX Runtime's MatMulNBits itself."""
+"""The int8 and int4 weights of decoder_cpu.onnx (services/modelstore/quantize.py, calibration.py):
+the Q8_0 embedding carried exactly, the 8-bit blocks' error bound, the 4-bit blocks' codes, zero
+points and error against plain min/max rounding, GPTQ's compensation, smoothing that leaves the
+computed function unchanged, the layouts checked by running ONNX Runtime's MatMulNBits itself, and
+the int4 calibration set sampled from the model."""
 
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ from services.modelstore.quantize import (
     BLOCK,
     NBitsWeight,
     Q80Blocks,
+    gptq_4bit,
     parse_q8_0,
     q8_0_to_nbits,
+    quantize_4bit,
     quantize_8bit,
+    smooth,
+    smooth_and_gptq,
     smooth_and_quantize,
 )
 
@@ -117,10 +123,10 @@ def test_smoothing_moves_scale_between_layers_without_changing_the_function():
 
 
 def _matmulnbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int) -> np.ndarray:
-    inits = [numpy_helper.from_array(weight.codes, "B"), numpy_helper.from_array(weight.scales, "scales")]
+    inits = [numpy_helper.from_array(weight.packed_codes(), "B"), numpy_helper.from_array(weight.scales, "scales")]
     inputs = ["A", "B", "scales"]
     if weight.zero_points is not None:
-        inits.append(numpy_helper.from_array(weight.zero_points, "zp"))
+        inits.append(numpy_helper.from_array(weight.packed_zero_points(), "zp"))
         inputs.append("zp")
     node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=weight.k, N=weight.n, bits=weight.bits,
                             block_size=weight.block_size, accuracy_level=accuracy_level)
@@ -156,3 +162,165 @@ def test_calibration_records_every_projection_input(model_dir):
     assert maxima[("qkv", config.num_layers - 1)].shape == (config.hidden_size,)
     assert all((m > 0).all() for m in maxima.values())
     assert not (model_dir.path / "calibration.onnx").exists()
+
+
+# -- int4 -------------------------------------------------------------------------------------
+
+
+def _minmax_4bit_error(w: np.ndarray, block_size: int) -> np.ndarray:
+    """Squared error per block of plain 4-bit rounding (as quantize_8bit does with 8 bits): the block
+    spans [min(w, 0), max(w, 0)] (an integer zero point in 0..15 can only offset by whole steps),
+    scale span / 15, zero point rounded."""
+    blocks = w.reshape(-1, block_size).astype(np.float64)
+    low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    scale = np.where(high > low, (high - low) / 15, 1.0)
+    zero = np.clip(np.rint(-low / scale), 0, 15)
+    codes = np.clip(np.rint(blocks / scale[:, None] + zero[:, None]), 0, 15)
+    return np.square((codes - zero[:, None]) * scale[:, None] - blocks).sum(-1)
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_4bit_blocks_beat_plain_rounding_with_codes_and_zero_points_in_range(block_size):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((24, 256)) * rng.uniform(0.01, 0.1, (24, 1))).astype(np.float32)
+    w[2, :block_size] += 0.3  # a block of one sign, far from zero
+    q = quantize_4bit(w, block_size)
+    assert q.bits == 4 and q.block_size == block_size
+    assert q.codes.shape == (24, 256 // block_size, block_size) and q.codes.max() <= 15
+    assert q.zero_points.shape == (24, 256 // block_size) and q.zero_points.max() <= 15
+    error = np.square(q.dequantize().astype(np.float64) - w).reshape(-1, block_size).sum(-1)
+    plain = _minmax_4bit_error(w, block_size)
+    assert (error <= plain * (1 + 1e-5) + 1e-12).all()  # never worse than plain rounding, block by block
+    assert error.sum() < 0.95 * plain.sum()  # and better overall (measured: 0.91x at 32, 0.88x at 128)
+    assert q.zero_points[2, 0] == 0  # the positive block needs no negative codes
+
+
+def test_4bit_blocks_recover_weights_that_are_exactly_on_a_4bit_grid():
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 16, (8, 4, 32)).astype(np.uint8)
+    codes[..., 0], codes[..., 1] = 0, 15  # every block spans the whole code range
+    zero = rng.integers(0, 16, (8, 4)).astype(np.uint8)
+    scale = rng.uniform(0.001, 0.02, (8, 4)).astype(np.float32)
+    w = NBitsWeight(8, 128, codes, scale, zero, bits=4, block_size=32).dequantize()
+    q = quantize_4bit(w, 32)
+    assert np.array_equal(q.codes, codes) and np.array_equal(q.zero_points, zero)
+    np.testing.assert_allclose(q.scales, scale, rtol=1e-5)
+
+
+def test_4bit_padded_last_block_and_symmetric_blocks():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 96)).astype(np.float32)
+    padded = quantize_4bit(w, 64)  # 96 = 64 + 32: the last block is padded to 64
+    assert padded.codes.shape == (6, 2, 64) and padded.dequantize().shape == (6, 96)
+    plain = _minmax_4bit_error(w[:, :64], 64)
+    assert (np.square(padded.dequantize()[:, :64] - w[:, :64]).sum(-1) <= plain * (1 + 1e-5)).all()
+    # the padding's edge values leave the last block's range alone: only 32 weights set it
+    tail = w[:, 64:]
+    assert (np.abs(padded.dequantize()[:, 64:] - tail).max(-1) <= (tail.max(-1) - tail.min(-1)) / 15).all()
+    symmetric = quantize_4bit(w, 32, symmetric=True)
+    assert symmetric.zero_points is None and symmetric.packed_zero_points() is None
+    assert np.abs(symmetric.dequantize() - w).max() < np.abs(w).max() / 7
+
+
+def test_4bit_packing_puts_the_first_of_two_codes_in_the_low_nibble():
+    codes = np.array([[[1, 2, 3, 4]], [[15, 0, 7, 8]]], np.uint8)
+    w = NBitsWeight(2, 4, codes, np.ones((2, 1), np.float32), np.array([[3], [9]], np.uint8), bits=4, block_size=4)
+    assert w.packed_codes().tolist() == [[[0x21, 0x43]], [[0x0F, 0x87]]]
+    assert w.packed_zero_points().tolist() == [[0x03], [0x09]]  # one block per row: padded to a byte
+
+
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_onnxruntime_matmulnbits_reads_our_4bit_blocks(accuracy_level, block_size):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 96)).astype(np.float32)  # 96: blocks of 64 and 128 are padded
+    for weight in (quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size),
+                   quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size, symmetric=True)):
+        expected = x @ weight.dequantize().T
+        tolerance = 1e-4 if accuracy_level == 1 else 2e-2 * np.abs(expected).max()
+        assert np.abs(_matmulnbits(weight, x, accuracy_level) - expected).max() < tolerance
+
+
+def _correlated_inputs(rng, tokens: int, channels: int, held_out: int = 0) -> np.ndarray:
+    """Inputs with channels of different scales, mixed; the last `held_out` rows are more of the
+    same distribution."""
+    mix = rng.standard_normal((channels, channels)) * 0.3 + np.eye(channels)
+    return (rng.standard_normal((tokens + held_out, channels)) * rng.uniform(0.2, 3, channels)) @ mix
+
+
+def test_gptq_compensates_rounding_in_the_outputs_on_held_out_inputs():
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 128)) * 0.05).astype(np.float32)
+    both = _correlated_inputs(rng, 4000, 128, held_out=1000)
+    x, held_out = both[:4000], both[4000:]
+    plain, gptq = quantize_4bit(w, 32), gptq_4bit(w, x.T @ x, 32, damping=0.01)
+    assert gptq.codes.max() <= 15 and gptq.zero_points.max() <= 15 and gptq.codes.shape == plain.codes.shape
+
+    def output_error(q: NBitsWeight) -> float:
+        return float(np.linalg.norm(held_out @ (q.dequantize() - w).T) / np.linalg.norm(held_out @ w.T))
+
+    assert output_error(gptq) < 0.8 * output_error(plain)  # measured: 0.67x
+
+
+def test_gptq_with_uncorrelated_inputs_is_the_weighted_block_search():
+    # a diagonal X^T X leaves nothing to compensate with: each column only weighs its own error
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    h = np.diag(rng.uniform(0.5, 4, 64))
+    gptq = gptq_4bit(w, h, 32, damping=0.1)
+    plain = quantize_4bit(w, 32, importance=np.diag(h) + 0.1 * np.diag(h).mean())
+    assert np.array_equal(gptq.codes, plain.codes) and np.array_equal(gptq.zero_points, plain.zero_points)
+    np.testing.assert_allclose(gptq.scales, plain.scales, rtol=1e-6)
+
+
+def test_smooth_and_gptq_quantizes_every_projection_to_4bit_against_the_smoothed_inputs():
+    config = LlamaConfig(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, vocab_size=32,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+    fp32 = CpuDecoderWeights.from_fp32(config, _random_weights(config))
+    rng = np.random.default_rng(10)
+    activations = {(kind, i): _correlated_inputs(rng, 400, width).astype(np.float32)
+                   for i in range(config.num_layers) for kind, width in (("qkv", 64), ("o", 64), ("gate_up", 64), ("down", 96))}
+    embed = Q80Blocks(np.zeros((32, 2, BLOCK), np.int8), np.ones((32, 2), np.float32))
+    int4 = smooth_and_gptq(config, fp32, activations, embed, alpha=0.5, block_size=32)
+    factors: dict = {}
+    smoothed = smooth(config, fp32, {k: np.abs(x).max(0) for k, x in activations.items()}, 0.5, factors)
+    assert int4.embed is embed
+    for i in range(config.num_layers):
+        assert np.array_equal(int4.input_norms[i], smoothed.input_norms[i])
+        for kind in ("qkv", "o", "gate_up", "down"):
+            q, s = getattr(int4, kind)[i], getattr(smoothed, kind)[i]
+            assert q.bits == 4 and q.block_size == 32 and (q.n, q.k) == s.shape
+            # GPTQ's error is that of the outputs for the smoothed inputs x / s
+            x = activations[(kind, i)] / factors[(kind, i)]
+            expected = x @ s.T
+            assert np.linalg.norm(x @ q.dequantize().T - expected) < 0.1 * np.linalg.norm(expected)
+
+
+def test_sampled_answers_batch_rows_of_different_lengths_like_single_rows(model_dir):
+    from services.modelstore.calibration import CHAT_PROMPT, sampled_answers
+    from services.tokenizer.core import TokenizerCore
+
+    tokenizer = TokenizerCore(model_dir).tokenizer
+    prompts = [tokenizer.encode(CHAT_PROMPT.format(p), add_special_tokens=False).ids
+               for p in ("What is the capital of France?", "Name a colour.")]
+    assert len(prompts[0]) != len(prompts[1])
+    stop = frozenset(model_dir.eos_token_ids)
+    # a temperature this low is greedy decoding: rows must not see each other's tokens or padding
+    together = sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, temperature=1e-4)
+    alone = [sampled_answers(model_dir.decoder_path, model_dir.config, [p], stop, max_tokens=12, temperature=1e-4)[0]
+             for p in prompts]
+    assert together == alone
+    assert together[0][: len(prompts[0])] == prompts[0] and "Paris" in tokenizer.decode(together[0][len(prompts[0]):])
+    sampled = sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
+    assert sampled == sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
+    assert all(len(a) <= len(p) + 12 for a, p in zip(sampled, prompts))
+
+
+def test_projection_inputs_concatenate_every_sequence(model_dir):
+    from services.modelstore.calibration import projection_inputs
+
+    config = model_dir.config
+    inputs = projection_inputs(model_dir.decoder_path, config, [[1, 2, 3, 4, 5], [7, 8, 9]])
+    assert inputs[("down", 0)].shape == (8, config.intermediate_size)
+    alone = projection_inputs(model_dir.decoder_path, config, [[7, 8, 9]])
+    np.testing.assert_allclose(inputs[("o", 3)][5:], alone[("o", 3)], rtol=1e-5, atol=1e-6)
