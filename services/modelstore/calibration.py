@@ -154,7 +154,7 @@ def sampled_answers(decoder_path: Path, config, prompts: list[list[int]], stop_i
         probs = np.exp(scaled - scaled.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         tokens = np.array([rng.choice(config.vocab_size, p=row) for row in probs], np.int64)
-        for r in np.flatnonzero(~done):
+        for r in (int(i) for i in np.flatnonzero(~done)):
             answers[r].append(int(tokens[r]))
             done[r] = int(tokens[r]) in stop_ids
         if done.all():

@@ -249,6 +249,7 @@ def gptq_4bit(weight: np.ndarray, hessian: np.ndarray, block_size: int = BLOCK, 
     for b in range(blocks):
         c0, c1 = b * block_size, min((b + 1) * block_size, k)
         params = quantize_4bit(w[:, c0:c1].astype(np.float32), block_size, importance=importance[c0:c1])
+        assert params.zero_points is not None  # 4-bit blocks are asymmetric
         s, z = params.scales[:, 0].astype(np.float64), params.zero_points[:, 0].astype(np.float64)
         errors = np.empty((n, c1 - c0))
         for j in range(c0, c1):
