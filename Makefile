@@ -4,7 +4,12 @@ PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 PORT ?= 8080
 
-.PHONY: up test install protos prepare-model bench clean envoy-configs
+# `make lint`: layer contracts (import-linter) and types (mypy), also run by .ci/run before the tests.
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+.PHONY: lint up test install protos prepare-model bench clean envoy-configs
 
 up: install
 	$(VENV)/bin/meshserve up --port $(PORT)

@@ -53,8 +53,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)")
     parser.add_argument("--fallback-replicas", type=int, default=0,
                         help="inference processes of the lighter fallback tier (ports inference-port+50, +100 apart)")
-    parser.add_argument("--fallback-precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="weights of the fallback tier")
+    parser.add_argument("--fallback-precision", choices=PRECISIONS, default="int4",
+                        help="weights of the fallback tier (int4: 1.2-1.4x int8's tokens/s here, +20%% perplexity)")
     parser.add_argument("--fallback-arg", action="append", default=[],
                         help="extra argument for the fallback tier's serve-inference, e.g. --fallback-arg=--num-slots=8")
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
