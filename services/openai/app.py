@@ -24,6 +24,7 @@ from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from services.common.contract import MAX_PROMPT_BYTES
 from services.openai import core
 from services.openai.config import OpenAIConfig
 from services.openai.upstream import Generation, RouterClient, TokenTexts, forwarded_metadata
@@ -83,12 +84,11 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     watch = asyncio.create_task(disconnected())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if task not in done:  # the client left first: a cancelled task is still pending here, not cancelled()
+        task.cancel()
         raise ClientGone()
     return task.result()
 
@@ -151,12 +151,31 @@ def _error_response(error: core.OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
+MAX_BODY_BYTES = 4 * MAX_PROMPT_BYTES
+"""A body larger than this holds more than any request may (a prompt's 1 MiB, escaped as JSON, with its
+fields): refused while it is read, so the service never holds an unbounded body, with or without Envoy."""
+
+
+async def _bounded_body(request: Request) -> bytes:
+    too_large = core.OpenAIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "invalid_request_error",
+                                 None, "request_too_large")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _generate(service: OpenAIService, request: Request, endpoint: core.Endpoint) -> Response:
     life = _Life(service, request, "/v1/chat/completions" if endpoint == "chat" else "/v1/completions")
     generation: Generation | None = None
     stream: _EventStream | None = None
     try:
-        body = await request.body()
+        body = await _bounded_body(request)
         parsed = core.parse_chat(body) if endpoint == "chat" else core.parse_completion(body)
         model = (await service.model_info()).model
         plan = life.plan = core.plan(parsed, model, service.config.max_choices)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 
 import grpc
@@ -17,11 +16,12 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
+from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
 from services.common.grpc_status import from_rpc_error
 from services.common.telemetry import client_interceptors
 from services.openai.config import OpenAIConfig
 
-FORWARDED_HEADERS = ("x-meshserve-tenant", "x-meshserve-max-priority")
+FORWARDED_HEADERS = (TENANT_HEADER, MAX_PRIORITY_HEADER)
 """Request headers Envoy sets from the verified token (a client's own are removed at Envoy), passed on to
 the router as gRPC metadata of the same names."""
 
@@ -140,33 +140,43 @@ class Generation:
 
 class TokenTexts:
     """The text of single tokens (for logprobs), asked of the tokenizer's Decode once per token id and kept
-    (the vocabulary is small: 49,152 ids for SmolLM2). Without a tokenizer target nothing is known and the
-    response names tokens token_id:N."""
+    (the vocabulary is small: 49,152 ids for SmolLM2, so everything fits). Without a tokenizer target nothing
+    is known and the response names tokens token_id:N. At most MAX_CONCURRENT_DECODES calls run at once, and
+    an id being decoded for one request is awaited, not decoded again, by another: the tokenizer serves
+    every request's Encode too."""
 
-    def __init__(self, target: str | None, capacity: int = 1 << 17) -> None:
+    MAX_CONCURRENT_DECODES = 16
+
+    def __init__(self, target: str | None) -> None:
         self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors()) if target else None
         self.stub = tokenizer_grpc.TokenizerServiceStub(self.channel) if self.channel else None
-        self.capacity = capacity
-        self.known: OrderedDict[int, str] = OrderedDict()
+        self.known: dict[int, str] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._slots = asyncio.Semaphore(self.MAX_CONCURRENT_DECODES)
 
     async def _decode(self, token_id: int, timeout_s: float | None) -> None:
         assert self.stub is not None
         try:
-            response = await self.stub.Decode(tokenizer_pb.DecodeRequest(ids=[token_id], skip_special_tokens=False),
-                                              timeout=timeout_s)
+            async with self._slots:
+                response = await self.stub.Decode(
+                    tokenizer_pb.DecodeRequest(ids=[token_id], skip_special_tokens=False), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            self._pending.pop(token_id, None)
         self.known[token_id] = response.text
-        if len(self.known) > self.capacity:
-            self.known.popitem(last=False)
 
     async def lookup(self, token_ids: Iterable[int], timeout_s: float | None = 10.0) -> Mapping[int, str]:
-        """The text of every id, decoding those not known yet concurrently."""
+        """The text of every id, decoding those not known yet (a bounded number at a time)."""
         if self.stub is None:
             return {}
-        missing = {token_id for token_id in token_ids if token_id not in self.known}
-        if missing:
-            await asyncio.gather(*(self._decode(token_id, timeout_s) for token_id in missing))
+        waits = []
+        for token_id in set(token_ids) - self.known.keys():
+            if token_id not in self._pending:
+                self._pending[token_id] = asyncio.ensure_future(self._decode(token_id, timeout_s))
+            waits.append(self._pending[token_id])
+        if waits:
+            await asyncio.gather(*waits)
         return self.known
 
     async def close(self) -> None:

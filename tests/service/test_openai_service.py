@@ -7,7 +7,6 @@ Retry-After, every status's HTTP mapping, and an error after streaming began."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import grpc
 import openai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import pytest
+from prometheus_client import REGISTRY
 import uvicorn
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
@@ -214,8 +214,7 @@ async def test_a_stream_closed_by_the_client_cancels_the_call(service):
         break
     await stream.close()
     await asyncio.wait_for(cancelled.wait(), timeout=5)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.sleep(0.1), 1)
+    await asyncio.sleep(0.1)
     assert service.router.in_flight == 0
 
 
@@ -233,14 +232,29 @@ async def test_a_client_that_leaves_before_its_first_token_cancels_the_call(serv
             raise
         yield pb.GenerateResponse()
 
+    def answered(code: str) -> float:
+        labels = {"model_name": MODEL, "endpoint": "/v1/completions", "code": code}
+        return REGISTRY.get_sample_value("meshserve_openai_requests_total", labels) or 0.0
+
+    gone_before, failed_before = answered("499"), answered("500")
     service.router.answer = queued_forever
     body = json.dumps({"model": MODEL, "prompt": "Hi", "stream": stream}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
-    while not service.router.calls:
-        await asyncio.sleep(0.01)
+
+    async def called() -> None:
+        while not service.router.calls:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(called(), timeout=5)
     writer.close()
     await writer.wait_closed()
     await asyncio.wait_for(cancelled.wait(), timeout=5)
+    # counted as the client's leaving (499), never as a failure of ours (500)
+    for _ in range(100):
+        if answered("499") > gone_before:
+            break
+        await asyncio.sleep(0.02)
+    assert answered("499") == gone_before + 1 and answered("500") == failed_before
