@@ -15,14 +15,12 @@ from urllib.parse import urlparse
 import grpc
 import jinja2
 
+from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "envoy" / "envoy.yaml.j2"
 PROTOS = REPO / "protos"
 PUBLIC_PROTO = "meshserve/v1/generation_service.proto"
-# Envoy sets these request headers from the verified token's claims (and removes any the client sent):
-# the tenant, and the highest priority the tenant may ask for (low, normal, high).
-TENANT_HEADER = "x-meshserve-tenant"
-MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 
@@ -214,6 +212,16 @@ def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict:
                                  args.jwt_tenant_claim)
     elif args.jwks is not None:
         raise SystemExit("--jwks needs --auth jwt")
+    options.update(limit_options(args))
+    if args.rest:
+        options["rest_descriptor"] = build_descriptor_set(run_dir / "generation_service.pb").resolve()
+    return options
+
+
+def limit_options(args: argparse.Namespace) -> dict:
+    """The per-tenant rate limit and the request size limit from their flags, checked (SystemExit with a
+    message): shared by `meshserve up` and `meshserve render-envoy`."""
+    options: dict = {}
     if args.rate_limit_per_tenant is not None:
         if args.auth != "jwt":
             raise SystemExit("--rate-limit-per-tenant needs --auth jwt: the tenant is a claim of the verified token")
@@ -225,8 +233,6 @@ def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict:
         raise SystemExit("--max-request-bytes must be >= 0")
     if args.max_request_bytes:
         options["max_request_bytes"] = args.max_request_bytes
-    if args.rest:
-        options["rest_descriptor"] = build_descriptor_set(run_dir / "generation_service.pb").resolve()
     return options
 
 

@@ -27,8 +27,8 @@ from services.cli.envoy_config import (
     REPO,
     Endpoint,
     JwtAuth,
-    TenantRateLimit,
     TlsFiles,
+    limit_options,
     parse_otlp_endpoint,
     render_envoy_config,
 )
@@ -145,17 +145,9 @@ def render(args: argparse.Namespace) -> str:
                                  tenant_claim=args.jwt_tenant_claim)
     elif args.jwks or args.jwt_issuer or args.jwt_audience:
         raise SystemExit("--jwks, --jwt-issuer and --jwt-audience need --auth jwt")
-    if args.rate_limit_per_tenant is not None:
-        if args.auth != "jwt":
-            raise SystemExit("--rate-limit-per-tenant needs --auth jwt: the tenant is a claim of the verified token")
-        try:
-            options["rate_limit"] = TenantRateLimit(args.rate_limit_per_tenant, args.rate_limit_interval_s)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
-    if args.max_request_bytes < 0 or args.max_downstream_connections < 0:
-        raise SystemExit("--max-request-bytes and --max-downstream-connections must be >= 0")
-    if args.max_request_bytes:
-        options["max_request_bytes"] = args.max_request_bytes
+    options.update(limit_options(args))
+    if args.max_downstream_connections < 0:
+        raise SystemExit("--max-downstream-connections must be >= 0")
     if args.rest:
         options["rest_descriptor"] = Path(args.rest_descriptor)
     otlp = None if args.otlp_endpoint.lower() == "none" else parse_otlp_endpoint(args.otlp_endpoint)

@@ -42,6 +42,10 @@ MAX_PENALTY = 2.0
 PRIORITIES = range(0, 4)
 """meshserve.v1.Priority values: UNSPECIFIED, LOW, NORMAL, HIGH."""
 DEFAULT_MAX_TOKENS = 256
+TENANT_HEADER = "x-meshserve-tenant"
+"""Set by Envoy from the verified token's tenant claim (a client's own is removed at Envoy)."""
+MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
+"""Set by Envoy from the token's max_priority claim: the highest priority the tenant may use."""
 
 
 @dataclass(frozen=True)

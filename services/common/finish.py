@@ -45,6 +45,7 @@ _TO_PUBLIC: dict[FinishReason, public_pb.FinishReason] = {
     FinishReason.STOP: public_pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: public_pb.FINISH_REASON_LENGTH,
 }
+_FROM_PUBLIC: dict[int, FinishReason] = {value: reason for reason, value in _TO_PUBLIC.items()}
 
 
 def to_inference_proto(reason: FinishReason | None) -> inference_pb.FinishReason:
@@ -76,3 +77,12 @@ def to_public_proto(reason: FinishReason) -> public_pb.FinishReason:
     if reason not in _TO_PUBLIC:
         raise ValueError(f"finish reason {reason!r} ends a stream with a gRPC status, not a completion")
     return _TO_PUBLIC[reason]
+
+
+def from_public_proto(value: int) -> FinishReason:
+    """The reason a public GenerateComplete carries (a client of the public API, e.g. the OpenAI service).
+
+    Raises ValueError for UNSPECIFIED or a value this client does not know."""
+    if value not in _FROM_PUBLIC:
+        raise ValueError(f"meshserve.v1.FinishReason {value} is not a completion's reason")
+    return _FROM_PUBLIC[value]

@@ -23,6 +23,7 @@ from meshserve.v1 import generation_service_pb2 as pb
 from pydantic import ValidationError
 
 from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.finish import from_public_proto
 from services.openai.schemas import FIELD_NAMES, ChatCompletionRequest, CompletionRequest, Endpoint, _Sampling
 
 MAX_N = 4
@@ -30,7 +31,6 @@ MAX_N = 4
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's (and vLLM's) default for /v1/completions; chat leaves it to the router's default."""
 
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class OpenAIError(Exception):
@@ -406,7 +406,7 @@ class ResponseBuilder:
             self._complete(choice, response.complete)
 
     def _complete(self, choice: ChoiceState, complete: pb.GenerateComplete) -> None:
-        choice.finish_reason = _FINISH.get(complete.finish_reason, "stop")
+        choice.finish_reason = str(from_public_proto(complete.finish_reason))
         choice.prompt_tokens = complete.prompt_tokens
         choice.completion_tokens = complete.completion_tokens
         choice.cached_tokens = complete.cached_prompt_tokens

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
+from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
 from services.common.errors import ResourceExhaustedError
 
-TENANT_HEADER = "x-meshserve-tenant"
-MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 ANONYMOUS = "anonymous"
 _PRIORITY_NAMES = {"low": PRIORITY_LOW, "normal": PRIORITY_NORMAL, "high": PRIORITY_HIGH}
 
