@@ -46,6 +46,8 @@ def test_openai_paths_route_to_the_openai_cluster_over_http1_before_grpc(tmp_pat
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     assert "typed_extension_protocol_options" not in clusters["openai"]  # Envoy's default upstream: HTTP/1.1
     assert clusters["openai"]["health_checks"][0]["http_health_check"] == {"path": "/health"}
+    for protection in ("circuit_breakers", "outlier_detection"):  # as the routers'
+        assert clusters["openai"][protection] == clusters["router"][protection]
     assert clusters["openai"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
         "socket_address": {"address": "127.0.0.1", "port_value": 50054}}
     # without the option, nothing of it
