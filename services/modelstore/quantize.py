@@ -314,10 +314,11 @@ def smooth(config, weights, activation_max: dict[tuple[str, int], np.ndarray], a
 
 
 def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
-                        alpha: float = SMOOTHING_ALPHA, quantize=quantize_8bit):
-    """The quantized CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed (see
-    `smooth`), their projections quantized by `quantize` (8-bit blocks by default); the embedding
-    and lm_head are `embed` (the GGUF's Q8_0 blocks, or NBitsWeight blocks)."""
+                        alpha: float = SMOOTHING_ALPHA):
+    """The int8 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed (see `smooth`),
+    their projections quantized to 8-bit blocks; the embedding and lm_head are `embed` (the GGUF's Q8_0
+    blocks, or NBitsWeight blocks)."""
+    quantize = quantize_8bit
     from dataclasses import replace
 
     smoothed = smooth(config, weights, activation_max, alpha)

@@ -275,15 +275,18 @@ class Router:
                         if ids:
                             generated += ids
                             text = stops.push(await _detokenize(detokenizer, decoded_texts, ids))
-                            streamed.append(CachedDelta(text, ids, list(response.logprobs)))
-                            yield TextDelta(text, ids, streamed[-1].logprobs)
+                            logprobs = list(response.logprobs)
+                            if cache_as is not None:  # kept only when the answer may be stored
+                                streamed.append(CachedDelta(text, ids, logprobs))
+                            yield TextDelta(text, ids, logprobs)
                             if stops.stopped:
                                 completed = Completed(FinishReason.STOP, len(prompt_ids), len(generated), prompt_logprobs,
                                                       cached_prompt_tokens, model=variant.model_name)
                                 break
                         if (finish := from_inference_proto(response.finish_reason)) is not None:
                             if held := stops.flush():
-                                streamed.append(CachedDelta(held, [], []))
+                                if cache_as is not None:
+                                    streamed.append(CachedDelta(held, [], []))
                                 yield TextDelta(held, [])
                             completed = Completed(finish, len(prompt_ids), len(generated),
                                                   prompt_logprobs, cached_prompt_tokens, model=variant.model_name)

@@ -313,7 +313,12 @@ def test_sampled_answers_batch_rows_of_different_lengths_like_single_rows(model_
     assert together[0][: len(prompts[0])] == prompts[0] and "Paris" in tokenizer.decode(together[0][len(prompts[0]):])
     sampled = sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
     assert sampled == sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
-    assert all(len(a) <= len(p) + 12 for a, p in zip(sampled, prompts))
+    # a stop id ends a row right after it is generated
+    answer = together[0][len(prompts[0]):]
+    stop_at = answer[2]
+    stopped = sampled_answers(model_dir.decoder_path, model_dir.config, [prompts[0]], frozenset({stop_at}), max_tokens=12,
+                              temperature=1e-4)[0]
+    assert stopped == prompts[0] + answer[: answer.index(stop_at) + 1]
 
 
 def test_projection_inputs_concatenate_every_sequence(model_dir):
