@@ -70,18 +70,25 @@ def test_chat_greedy_answer_and_usage(client):
     assert 0 <= usage.prompt_tokens_details.cached_tokens <= usage.prompt_tokens
 
 
+# The router's result cache answers a repeated deterministic request with the stored answer, so each comparison
+# below sets a different max_tokens on its two sides: both are generated, and the shorter greedy (or equally
+# seeded) answer is a prefix of the longer one.
+
+
 def test_chat_stream_is_the_same_answer_in_chunks_with_usage_last(client):
-    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30,
                                                  stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=31)
     assert chunks[0].choices[0].delta.role == "assistant"
     contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
     assert len(contents) >= 3, "streamed as tokens come, not in one piece"
-    assert "".join(contents) == whole.choices[0].message.content  # greedy: the same answer
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
-    assert all(c.usage is None for c in chunks[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    streamed = "".join(contents)
+    assert streamed and whole.choices[0].message.content.startswith(streamed)  # greedy: the same answer
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    assert finish in ("stop", "length") and all(c.usage is None for c in chunks[:-1])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.completion_tokens == 30 if finish == "length" else usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_completions_streamed_and_not(client):
@@ -89,23 +96,22 @@ def test_completions_streamed_and_not(client):
     (choice,) = whole.choices
     assert "Paris" in choice.text and choice.finish_reason == "length" and whole.usage.completion_tokens == 8
     streamed = list(client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0,
-                                              max_tokens=8, stream=True))
-    assert "".join(c.choices[0].text for c in streamed) == choice.text
+                                              max_tokens=7, stream=True))
+    text = "".join(c.choices[0].text for c in streamed)
+    assert text and choice.text.startswith(text)
     assert streamed[-1].choices[0].finish_reason == "length"
 
 
-def test_n_choices_are_parallel_seeded_generations(client, mesh):
-    def ask(**fields):
-        return client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=1.0, max_tokens=12,
+def test_n_choices_are_parallel_seeded_generations(client):
+    def ask(max_tokens: int = 12, **fields):
+        return client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=1.0, max_tokens=max_tokens,
                                               logprobs=True, **fields)
 
     pair = ask(n=2, seed=7)
     assert [c.index for c in pair.choices] == [0, 1]
     assert pair.usage.completion_tokens == sum(len(c.logprobs.content) for c in pair.choices)
-    assert [c.message.content for c in ask(n=2, seed=7).choices] == [c.message.content for c in pair.choices]
     # choice i is seeded seed + i: the second choice is what a single request with seed 8 gets
-    assert ask(seed=8).choices[0].message.content == pair.choices[1].message.content
-    assert router_count(mesh, "OK") > 0
+    assert ask(13, seed=8).choices[0].message.content.startswith(pair.choices[1].message.content)
 
 
 def test_chat_logprobs_name_the_tokens_and_their_alternatives(client):
