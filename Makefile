@@ -51,7 +51,7 @@ protos: gen/python/.stamp
 prepare-model: install
 	$(VENV)/bin/meshserve prepare-model
 
-# The Envoy configs under deploy/ (compose, Kubernetes), rendered from envoy/envoy.yaml.j2 like `meshserve up`'s;
+# The Envoy configs under deploy/ (compose, Kubernetes), rendered from services/gateway/envoy.yaml.j2 like `meshserve up`'s;
 # tests/deploy/test_envoy_configs.py fails until this is run after a template change.
 envoy-configs: install
 	$(VENV)/bin/meshserve render-envoy --deploy

@@ -18,15 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.envoy_config import (
-    Endpoint,
-    add_public_endpoint_args,
-    envoy_binary,
-    parse_otlp_endpoint,
-    public_channel,
-    public_endpoint_options,
-    render_envoy_config,
-)
+from services.gateway.config import Endpoint, envoy_binary, parse_otlp_endpoint, public_channel, render_envoy_config
+from services.gateway.flags import add_public_endpoint_args, public_endpoint_options
 from services.modelstore.layout import add_models_root_arg
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
@@ -80,13 +73,19 @@ def inference_threads_args(replicas: int) -> list[str]:
     return [f"--threads={max(1, len(os.sched_getaffinity(0)) // replicas)}"]
 
 
+def _fail_if_exited(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Start-up cannot succeed once one of the mesh's processes has exited: say which."""
+    for proc in procs:
+        if proc.poll() is not None:
+            args = [str(a) for a in proc.args] if isinstance(proc.args, list | tuple) else [str(proc.args)]
+            raise RuntimeError(f"{' '.join(args[3:5])} exited with {proc.returncode} during start-up")
+
+
 def _wait_serving(target: str, service: str, deadline: float, procs: list[subprocess.Popen], tls=None) -> None:
     with public_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            for proc in procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{' '.join(proc.args[3:5])} exited with {proc.returncode} during start-up")
+            _fail_if_exited(procs)
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -118,9 +117,7 @@ def check_exposure(host: str, auth: str, allow_unauthenticated: bool) -> str | N
 def _wait_http(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
     """Waits until GET `url` answers 200 (the OpenAI-compatible service's /health)."""
     while True:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(proc.args[3:5])} exited with {proc.returncode} during start-up")
+        _fail_if_exited(procs)
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:

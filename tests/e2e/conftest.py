@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from services.cli.envoy_config import TlsFiles, envoy_binary, public_channel, validate_envoy_config
+from services.gateway.config import TlsFiles, envoy_binary, public_channel, validate_envoy_config
 from tests.conftest import MODELS_ROOT, REPO, free_port, stop_process
 
 

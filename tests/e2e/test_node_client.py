@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from services.cli.credentials import ensure_dev_tls, ensure_signing_key, mint_token
-from services.cli.envoy_config import Endpoint, JwtAuth, TlsFiles, render_envoy_config
+from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
+from services.gateway.config import Endpoint, JwtAuth, TlsFiles, render_envoy_config
 from tests.conftest import REPO, free_port
 from tests.e2e.conftest import running_envoy
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from services.cli.credentials import ensure_signing_key, mint_token
-from services.cli.envoy_config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config
+from services.gateway.credentials import ensure_signing_key, mint_token
+from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config
 from tests.conftest import free_port
 from tests.e2e.conftest import metric_value, running_envoy
 

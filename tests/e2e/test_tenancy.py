@@ -13,8 +13,8 @@ from google.rpc import error_details_pb2
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
-from services.cli.credentials import ensure_signing_key, mint_token
-from services.cli.envoy_config import Endpoint, JwtAuth, render_envoy_config
+from services.gateway.credentials import ensure_signing_key, mint_token
+from services.gateway.config import Endpoint, JwtAuth, render_envoy_config
 from tests.conftest import free_port
 from tests.e2e.conftest import launch_mesh, metric_value, running_envoy
 

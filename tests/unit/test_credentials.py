@@ -15,7 +15,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from services.cli.credentials import add_parsers, ensure_dev_tls, ensure_signing_key, mint_token
+from services.cli.dev_credentials import add_parsers
+from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
 
 
 def b64decode(part: str) -> bytes:

@@ -1,7 +1,7 @@
 import yaml
 import pytest
 
-from services.cli.envoy_config import Endpoint, parse_otlp_endpoint, render_envoy_config, validate_envoy_config
+from services.gateway.config import Endpoint, parse_otlp_endpoint, render_envoy_config, validate_envoy_config
 
 
 @pytest.mark.parametrize("otlp", [None, Endpoint("127.0.0.1", 4317), Endpoint("jaeger", 4317)])
@@ -31,7 +31,7 @@ def test_otlp_endpoint_parsing():
 
 
 def test_routes_retry_only_before_headers_on_another_router_and_the_cluster_is_guarded():
-    from services.cli.envoy_config import Endpoint as E
+    from services.gateway.config import Endpoint as E
 
     config = yaml.safe_load(render_envoy_config(8080, 9901, [E("127.0.0.1", 1), E("127.0.0.1", 2)], None, grpc_web=True))
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

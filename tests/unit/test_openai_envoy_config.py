@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-from services.cli.credentials import ensure_signing_key
-from services.cli.envoy_config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config, validate_envoy_config
+from services.gateway.credentials import ensure_signing_key
+from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config, validate_envoy_config
 
 ROUTERS = [Endpoint("127.0.0.1", 50051)]
 OPENAI = [Endpoint("127.0.0.1", 50054)]

@@ -11,11 +11,9 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from services.cli.credentials import ensure_dev_tls, ensure_signing_key
-from services.cli.envoy_config import (
-    DEFAULT_MAX_REQUEST_BYTES, MAX_PRIORITY_HEADER, TENANT_HEADER, Endpoint, JwtAuth, TenantRateLimit, TlsFiles, add_public_endpoint_args,
-    build_descriptor_set, public_endpoint_options, render_envoy_config, validate_envoy_config,
-)
+from services.gateway.credentials import ensure_dev_tls, ensure_signing_key
+from services.gateway.config import DEFAULT_MAX_REQUEST_BYTES, MAX_PRIORITY_HEADER, TENANT_HEADER, Endpoint, JwtAuth, TenantRateLimit, TlsFiles, build_descriptor_set, render_envoy_config, validate_envoy_config
+from services.gateway.flags import add_public_endpoint_args, public_endpoint_options
 
 ROUTERS = [Endpoint("127.0.0.1", 50051)]
 

@@ -1,18 +1,16 @@
 """Development credentials for the public endpoint: a CA and server certificate for TLS, and a JWT
-signing key, its JWKS and tokens for `--auth jwt`. `meshserve dev-certs` and `meshserve mint-token` are
-the commands; production certificates and JWKS come from files given to `meshserve up`
-(docs/public-endpoint.md)."""
+signing key, its JWKS and tokens for `--auth jwt` (the commands `meshserve dev-certs` and `meshserve
+mint-token` are in services/cli/dev_credentials.py); production certificates and JWKS come from files
+given to `meshserve up` (docs/public-endpoint.md)."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import hashlib
 import ipaddress
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,7 +159,7 @@ def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DE
     """A development JWT (RS256) for `tenant`, signed with the key in `directory` (created if missing);
     `max_priority` (low, normal, high) becomes the `max_priority` claim that lets the tenant use it."""
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     if not tenant:
         raise ValueError("tenant must not be empty")
@@ -171,6 +169,8 @@ def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DE
         raise ValueError(f"max_priority must be one of {', '.join(MAX_PRIORITIES)}, got {max_priority!r}")
     signing = ensure_signing_key(directory)
     key = serialization.load_pem_private_key(signing.private_key.read_bytes(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{signing.private_key} is not an RSA key: tokens are signed RS256")
     issued = int(time.time() if now is None else now)
     header = {"alg": "RS256", "typ": "JWT", "kid": signing.kid}
     claims = {"iss": issuer, "aud": audience, "sub": tenant, "tenant": tenant, "iat": issued, "exp": issued + ttl_s}
@@ -179,41 +179,3 @@ def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DE
     signing_input = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims))
     signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{_b64url(signature)}"
-
-
-def add_parsers(subparsers) -> None:
-    """`meshserve dev-certs` and `meshserve mint-token`."""
-    certs = subparsers.add_parser("dev-certs", help="generate a development CA and server certificate for TLS")
-    certs.add_argument("--dir", type=Path, default=DEFAULT_CREDENTIALS_DIR / "tls", help="where the PEM files go")
-    certs.add_argument("--host", action="append", default=None,
-                       help=f"name or address the certificate is for (repeatable; default {', '.join(DEFAULT_HOSTS)})")
-    certs.add_argument("--days", type=int, default=30, help="validity of the CA and certificate")
-
-    def run_certs(args: argparse.Namespace) -> int:
-        tls = ensure_dev_tls(args.dir, tuple(args.host or DEFAULT_HOSTS), args.days)
-        print(f"ca: {tls.ca}\ncert: {tls.cert}\nkey: {tls.key}")
-        print(f"serve with: meshserve up --tls-cert {tls.cert} --tls-key {tls.key}", file=sys.stderr)
-        return 0
-
-    certs.set_defaults(func=run_certs)
-
-    mint = subparsers.add_parser("mint-token", help="print a development JWT for a tenant (for `up --auth jwt`)")
-    mint.add_argument("--tenant", required=True, help="tenant name (the `tenant` and `sub` claims)")
-    mint.add_argument("--ttl-s", type=int, default=3600, help="seconds until the token expires")
-    mint.add_argument("--max-priority", choices=MAX_PRIORITIES,
-                      help="the highest priority the tenant may use (without it: normal; HIGH is capped)")
-    mint.add_argument("--issuer", default=DEV_ISSUER)
-    mint.add_argument("--audience", default=DEV_AUDIENCE)
-    mint.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
-                      help="signing key and JWKS (created when missing)")
-
-    def run_mint(args: argparse.Namespace) -> int:
-        try:
-            print(mint_token(args.credentials_dir, args.tenant, args.ttl_s, args.issuer, args.audience,
-                             max_priority=args.max_priority))
-        except ValueError as error:
-            print(f"meshserve mint-token: {error}", file=sys.stderr)
-            return 2
-        return 0
-
-    mint.set_defaults(func=run_mint)

@@ -1,14 +1,14 @@
-"""Renders Envoy's configuration from envoy/envoy.yaml.j2, including the public endpoint's options:
-TLS, JWT authentication, per-tenant rate limits, REST/JSON transcoding, gRPC-Web and the request size
-limit (docs/public-endpoint.md)."""
+"""Renders Envoy's configuration from envoy.yaml.j2 (package data beside this module), including the
+public endpoint's options: TLS, JWT authentication, per-tenant rate limits, REST/JSON transcoding,
+gRPC-Web and the request size limit (docs/public-endpoint.md); finds and checks the Envoy binary."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,9 +17,10 @@ import jinja2
 
 from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "envoy" / "envoy.yaml.j2"
-PROTOS = REPO / "protos"
+TEMPLATE = resources.files(__package__).joinpath("envoy.yaml.j2")
+"""The one Envoy template: `meshserve up` and `meshserve render-envoy` (compose, Kubernetes) render it."""
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
+"""The .proto sources, in a source checkout or the image (deploy/docker/Dockerfile copies them)."""
 PUBLIC_PROTO = "meshserve/v1/generation_service.proto"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
@@ -146,94 +147,6 @@ def build_descriptor_set(out: Path) -> Path:
     if code != 0:
         raise RuntimeError(f"protoc could not build the descriptor set for {PUBLIC_PROTO} (exit {code})")
     return out
-
-
-def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `meshserve up` for the public endpoint; `public_endpoint_options` turns them into
-    `render_envoy_config` keyword arguments."""
-    from services.cli.credentials import DEFAULT_CREDENTIALS_DIR, DEV_AUDIENCE, DEV_ISSUER
-
-    group = parser.add_argument_group("public endpoint (Envoy); see docs/public-endpoint.md")
-    group.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate chain (with --tls-key)")
-    group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    group.add_argument("--dev-tls", action="store_true",
-                       help="serve TLS with a development CA and certificate generated into the run directory "
-                            "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)")
-    group.add_argument("--auth", choices=["none", "jwt"], default="none",
-                       help="jwt: every call but health checks needs `authorization: Bearer <JWT>`")
-    group.add_argument("--jwks", type=Path,
-                       help="JWKS file of the keys that sign accepted tokens (default with --auth jwt: the dev "
-                            "signing key's JWKS in --credentials-dir, as used by `meshserve mint-token`)")
-    group.add_argument("--jwt-issuer", default=DEV_ISSUER, help="required `iss` claim")
-    group.add_argument("--jwt-audience", action="append", default=None,
-                       help=f"accepted `aud` value (repeatable; default {DEV_AUDIENCE})")
-    group.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
-    group.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
-                       help="development signing key and JWKS (shared with `meshserve mint-token`)")
-    group.add_argument("--rate-limit-per-tenant", type=int, metavar="N",
-                       help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)")
-    group.add_argument("--rate-limit-interval-s", type=int, default=60)
-    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                       help="refuse larger generation requests at Envoy (0: no limit)")
-    group.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
-                       help="REST/JSON: POST /v1/generate, streamed as newline-delimited JSON")
-    group.add_argument("--grpc-web", action=argparse.BooleanOptionalAction, default=True,
-                       help="accept gRPC-Web (application/grpc-web+proto, ...) from browsers")
-
-
-def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict:
-    """`render_envoy_config` keyword arguments from `add_public_endpoint_args` flags. Generates what a
-    development setup needs (dev certificates into run_dir/tls, the descriptor set into run_dir, a dev
-    signing key and JWKS) and raises SystemExit with a message on inconsistent flags."""
-    from services.cli.credentials import DEV_AUDIENCE, ensure_dev_tls, ensure_signing_key
-
-    options: dict = {"grpc_web": args.grpc_web}
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    if args.tls_cert and args.dev_tls:
-        raise SystemExit("--dev-tls generates its own certificate: drop it or --tls-cert/--tls-key")
-    if args.tls_cert:
-        for path in (args.tls_cert, args.tls_key):
-            if not path.is_file():
-                raise SystemExit(f"TLS file not found: {path}")
-        options["tls"] = TlsFiles(args.tls_cert.resolve(), args.tls_key.resolve())
-    elif args.dev_tls:
-        dev = ensure_dev_tls(run_dir / "tls")
-        options["tls"] = TlsFiles(dev.cert.resolve(), dev.key.resolve(), dev.ca.resolve())
-        print(f"meshserve: development TLS; clients trust {dev.ca}", file=sys.stderr, flush=True)
-    if args.auth == "jwt":
-        if args.jwks is not None:
-            if not args.jwks.is_file():
-                raise SystemExit(f"JWKS file not found: {args.jwks}")
-            jwks = args.jwks
-        else:
-            jwks = ensure_signing_key(args.credentials_dir).jwks
-        options["jwt"] = JwtAuth(jwks.resolve(), args.jwt_issuer, tuple(args.jwt_audience or [DEV_AUDIENCE]),
-                                 args.jwt_tenant_claim)
-    elif args.jwks is not None:
-        raise SystemExit("--jwks needs --auth jwt")
-    options.update(limit_options(args))
-    if args.rest:
-        options["rest_descriptor"] = build_descriptor_set(run_dir / "generation_service.pb").resolve()
-    return options
-
-
-def limit_options(args: argparse.Namespace) -> dict:
-    """The per-tenant rate limit and the request size limit from their flags, checked (SystemExit with a
-    message): shared by `meshserve up` and `meshserve render-envoy`."""
-    options: dict = {}
-    if args.rate_limit_per_tenant is not None:
-        if args.auth != "jwt":
-            raise SystemExit("--rate-limit-per-tenant needs --auth jwt: the tenant is a claim of the verified token")
-        try:
-            options["rate_limit"] = TenantRateLimit(args.rate_limit_per_tenant, args.rate_limit_interval_s)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
-    if args.max_request_bytes < 0:
-        raise SystemExit("--max-request-bytes must be >= 0")
-    if args.max_request_bytes:
-        options["max_request_bytes"] = args.max_request_bytes
-    return options
 
 
 def public_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
