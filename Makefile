@@ -6,12 +6,19 @@ PORT ?= 8080
 
 .DEFAULT_GOAL := up
 
-# `make lint`: layer contracts (import-linter) and types (mypy) alone; make test checks both too (tests/unit).
+# `make lint`: lint and import order (ruff), format (ruff format), layer contracts (import-linter) and types
+# (mypy), configured in pyproject.toml; `make test` runs it first. `make format` rewrites what ruff can fix.
 lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-.PHONY: lint up test install protos prepare-model bench clean envoy-configs
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+.PHONY: lint format up test test-fast install protos prepare-model bench clean envoy-configs
 
 up: install
 	$(VENV)/bin/meshserve up --port $(PORT)
@@ -19,11 +26,15 @@ up: install
 # The container test (tests/deploy/test_containers.py) gets its Docker engine and base image itself
 # (deploy/tools/docker.sh: Debian's docker.io, dockerd started when none runs, the base built once per machine);
 # MESHSERVE_SKIP_CONTAINERS=1 skips it for quick local runs (not under CI=true).
-test: install
+test: lint
 	bash deploy/tools/install.sh $(VENV)
 	bash deploy/tools/install-redis.sh
 	bash clients/cpp/install.sh
 	$(VENV)/bin/pytest -q -rs
+
+# The hermetic tier alone (tests/unit: no network, no prepared model, no external binary), in seconds.
+test-fast: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
 install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp
 

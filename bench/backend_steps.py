@@ -36,7 +36,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=100, help="cached tokens per row before decoding")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="A/B rounds, each model in a fresh process (medians are reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="A/B rounds, each model in a fresh process (medians are reported)"
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one model, one round
     parser.add_argument("--json", action="store_true")
@@ -47,9 +49,23 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {str(m): {} for m in args.models}
     for _ in range(args.repeats):
         for model in args.models:  # A, B, A, B ... each in its own process so no thread pools compete
-            child = [sys.executable, __file__, str(model), "--one", "--context", str(args.context), "--steps", str(args.steps),
-                     "--threads", str(args.threads), "--batch", *map(str, args.batch)]
-            measured = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            child = [
+                sys.executable,
+                __file__,
+                str(model),
+                "--one",
+                "--context",
+                str(args.context),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+                "--batch",
+                *map(str, args.batch),
+            ]
+            measured = json.loads(
+                subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
             for key, value in measured.items():
                 results[str(model)].setdefault(key, []).append(value)
     report = {

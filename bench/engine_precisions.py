@@ -50,7 +50,9 @@ def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> di
     finally:
         engine.stop()
     report = summarize(results, wall_s)
-    report.update(prefill_100_ms=round(prefill, 2), engine_steps=engine.steps, row_moves=getattr(backend, "row_moves", None))
+    report.update(
+        prefill_100_ms=round(prefill, 2), engine_steps=engine.steps, row_moves=getattr(backend, "row_moves", None)
+    )
     return report
 
 
@@ -72,7 +74,16 @@ def main() -> int:
         for concurrency in args.concurrency:
             for model in args.models:
                 requests = max(4, args.requests_per_stream * concurrency)
-                child = [sys.executable, __file__, "--max-tokens", str(args.max_tokens), "--one", str(model), str(concurrency), str(requests)]
+                child = [
+                    sys.executable,
+                    __file__,
+                    "--max-tokens",
+                    str(args.max_tokens),
+                    "--one",
+                    str(model),
+                    str(concurrency),
+                    str(requests),
+                ]
                 started = time.perf_counter()
                 done = subprocess.run(child, capture_output=True, text=True)
                 if done.returncode:
@@ -83,8 +94,13 @@ def main() -> int:
                 for key in keys + ("ttft_ms", "itl_ms"):
                     value = report[key]["p50"] if isinstance(report[key], dict) else report[key]
                     cell.setdefault(key, []).append(value)
-                print(f"{model.name} c={concurrency}: {report['tokens_per_s']:.1f} tok/s, prefill {report['prefill_100_ms']:.1f} ms "
-                      f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+                print(
+                    f"{model.name} c={concurrency}: {report['tokens_per_s']:.1f} tok/s, "
+                    f"prefill {report['prefill_100_ms']:.1f} ms "
+                    f"({time.perf_counter() - started:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     summary = [
         {"model": name, "concurrency": c} | {key: round(statistics.median(values), 2) for key, values in cell.items()}
         for (name, c), cell in table.items()

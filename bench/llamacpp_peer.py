@@ -68,7 +68,9 @@ def load_llama(gguf: Path, threads: int, n_ctx: int):
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: .venv/bin/pip install llama-cpp-python (see this file's docstring)")
+        raise SystemExit(
+            "llama-cpp-python is not installed: .venv/bin/pip install llama-cpp-python (see this file's docstring)"
+        ) from None
     if not gguf.exists():
         raise SystemExit(f"{gguf} not found: run `meshserve prepare-model` or pass --gguf")
     llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
@@ -117,7 +119,7 @@ def run_one_in_process(llm, prompt: str, max_tokens: int, prompt_cache: bool) ->
             else:
                 itl.extend([(now - last) / n] * n)
             last = now
-    except Exception as exc:  # noqa: BLE001 - a failed request is a result
+    except Exception as exc:
         return RequestResult(ok=False, code=type(exc).__name__, latency_s=time.perf_counter() - started)
     return RequestResult(
         ok=finish in ("stop", "length"),
@@ -146,8 +148,9 @@ def run_in_process(args: argparse.Namespace, prompts: list[str]) -> dict:
     if not args.json:
         print(file=sys.stderr)
     report = summarize(results, wall_s)
-    report.update(target="llama-cpp-python", version=getattr(llama_cpp, "__version__", "?"), threads=args.threads,
-                  concurrency=1)
+    report.update(
+        target="llama-cpp-python", version=getattr(llama_cpp, "__version__", "?"), threads=args.threads, concurrency=1
+    )
     return report
 
 
@@ -190,14 +193,16 @@ async def _sse_events(reader: asyncio.StreamReader):
 
 async def run_one_http(url: str, prompt: str, args: argparse.Namespace) -> RequestResult:
     parts = urlsplit(url)
-    body = json.dumps({
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "cache_prompt": args.prompt_cache,
-    }).encode()
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "cache_prompt": args.prompt_cache,
+        }
+    ).encode()
     started = time.perf_counter()
     last: float | None = None
     ttft: float | None = None
@@ -209,7 +214,8 @@ async def run_one_http(url: str, prompt: str, args: argparse.Namespace) -> Reque
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
         writer.write(
             f"POST {parts.path.rstrip('/')}/v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
         )
         await writer.drain()
         async for event in _sse_events(reader):
@@ -225,19 +231,30 @@ async def run_one_http(url: str, prompt: str, args: argparse.Namespace) -> Reque
                     else:
                         itl.append(now - last)
                     last = now
-    except Exception as exc:  # noqa: BLE001 - a failed request is a result
+    except Exception as exc:
         return RequestResult(ok=False, code=type(exc).__name__, latency_s=time.perf_counter() - started)
     finally:
         if writer is not None:
             writer.close()
     ok = finish in ("stop", "length")
-    return RequestResult(ok=ok, code="OK" if ok else f"FINISH_{finish}", tokens=tokens, ttft_s=ttft, itl_s=itl,
-                         latency_s=time.perf_counter() - started, prompt_tokens=prompt_tokens)
+    return RequestResult(
+        ok=ok,
+        code="OK" if ok else f"FINISH_{finish}",
+        tokens=tokens,
+        ttft_s=ttft,
+        itl_s=itl,
+        latency_s=time.perf_counter() - started,
+        prompt_tokens=prompt_tokens,
+    )
 
 
 async def run_http(args: argparse.Namespace, prompts: list[str]) -> dict:
-    results, wall_s = await run_pool(args.requests, args.concurrency, args.warmup,
-                                     lambda i: run_one_http(args.server, prompts[i % len(prompts)], args))
+    results, wall_s = await run_pool(
+        args.requests,
+        args.concurrency,
+        args.warmup,
+        lambda i: run_one_http(args.server, prompts[i % len(prompts)], args),
+    )
     report = summarize(results, wall_s)
     report.update(target=f"llama-server {args.server}", concurrency=args.concurrency)
     return report
@@ -247,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="model file (default %(default)s)")
     parser.add_argument("--server", help="llama-server base URL (e.g. http://127.0.0.1:8081); default: in process")
-    parser.add_argument("--concurrency", type=positive_int, default=1, help="streams at once, --server only (default 1)")
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=1, help="streams at once, --server only (default 1)"
+    )
     parser.add_argument("--requests", type=positive_int, help="requests in all (default: one per prompt)")
     parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate (default %(default)s)")
     parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: the built-in prompts)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="llama.cpp threads, in process (default %(default)s)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="llama.cpp threads, in process (default %(default)s)"
+    )
     parser.add_argument("--n-ctx", type=positive_int, default=2048, help="context, in process (default %(default)s)")
     parser.add_argument("--prompt-cache", action="store_true", help="let llama.cpp reuse cached prompt prefixes")
     parser.add_argument("--warmup", type=int, default=1, help="unreported requests first (default %(default)s)")
@@ -268,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency != 1:
             parser.error("the in-process mode runs one stream; use --server for more")
         report = run_in_process(args, prompts)
-    report.update(max_tokens=args.max_tokens, temperature=0.0, input="chat", num_prompts=len(prompts),
-                  prompt_cache=args.prompt_cache, warmup=args.warmup)
+    report.update(
+        max_tokens=args.max_tokens,
+        temperature=0.0,
+        input="chat",
+        num_prompts=len(prompts),
+        prompt_cache=args.prompt_cache,
+        warmup=args.warmup,
+    )
     print(json.dumps(report) if args.json else format_table(report))
     return 0 if report["errors"] == 0 else 1
 

@@ -46,11 +46,21 @@ class OpenAIUser(HttpUser):
             self.chat_stream()
 
     def chat_stream(self) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": random.choice(DEFAULT_PROMPTS)}],
-                "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": random.choice(DEFAULT_PROMPTS)}],
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         started = time.perf_counter()
-        with self.client.post("/v1/chat/completions", data=json.dumps(body), stream=True, catch_response=True,
-                              name="/v1/chat/completions (stream)") as response:
+        with self.client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            stream=True,
+            catch_response=True,
+            name="/v1/chat/completions (stream)",
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
@@ -76,8 +86,13 @@ class OpenAIUser(HttpUser):
                 return
             response.success()
         self.environment.events.request.fire(
-            request_type="TTFT", name="/v1/chat/completions (stream)", response_time=(first_token_at - started) * 1000,
-            response_length=0, exception=None, context={})
+            request_type="TTFT",
+            name="/v1/chat/completions (stream)",
+            response_time=(first_token_at - started) * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
 
     def completion(self) -> None:
         body = {"model": MODEL, "prompt": random.choice(DEFAULT_PROMPTS), "max_tokens": MAX_TOKENS}

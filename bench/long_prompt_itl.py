@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
+from services.common.contract import SamplingParams
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig
-from services.common.contract import SamplingParams
 from services.modelstore.layout import add_models_root_arg
 from services.modelstore.prepare import prepare_model
 from services.tokenizer.core import TokenizerCore
@@ -35,8 +35,9 @@ def main() -> None:
 
     model = prepare_model(args.models_root)
     tokenizer = TokenizerCore(model)
-    config = EngineConfig(num_slots=args.streams + 1, max_context=2048, max_new_tokens=1024,
-                          max_prefill_tokens=args.max_prefill_tokens)
+    config = EngineConfig(
+        num_slots=args.streams + 1, max_context=2048, max_new_tokens=1024, max_prefill_tokens=args.max_prefill_tokens
+    )
     engine = Engine(OnnxRuntimeBackend(model, config.num_slots, config.max_context), config)
     engine.start()
     times: dict[str, list[float]] = {f"s{i}": [] for i in range(args.streams)}
@@ -46,14 +47,21 @@ def main() -> None:
         return lambda out: times[name].extend([time.monotonic()] * len(out.token_ids))
 
     for name in times:
-        engine.submit(name, tokenizer.encode_text(f"Story number {name}: once upon a time"),
-                      SamplingParams(max_tokens=1000, temperature=0.0), frozenset(), recorder(name))
+        engine.submit(
+            name,
+            tokenizer.encode_text(f"Story number {name}: once upon a time"),
+            SamplingParams(max_tokens=1000, temperature=0.0),
+            frozenset(),
+            recorder(name),
+        )
     while min(len(t) for t in times.values()) < 20:
         time.sleep(0.01)
     text = " ".join(f"word{i}" for i in range(args.prompt_tokens))
     long_ids = tokenizer.encode_text(text)[: args.prompt_tokens]
     submitted = time.monotonic()
-    engine.submit("long", long_ids, SamplingParams(max_tokens=1, temperature=0.0), frozenset(), lambda out: long_first.set())
+    engine.submit(
+        "long", long_ids, SamplingParams(max_tokens=1, temperature=0.0), frozenset(), lambda out: long_first.set()
+    )
     long_first.wait(300)
     ttft = time.monotonic() - submitted
     time.sleep(0.5)
@@ -67,11 +75,19 @@ def main() -> None:
     before = gaps(0, submitted)
     during = gaps(submitted, submitted + ttft)
     result = {
-        "streams": args.streams, "prompt_tokens": len(long_ids), "max_prefill_tokens": args.max_prefill_tokens,
+        "streams": args.streams,
+        "prompt_tokens": len(long_ids),
+        "max_prefill_tokens": args.max_prefill_tokens,
         "long_prompt_ttft_ms": round(ttft * 1000, 1),
-        "itl_ms_before": {"p50": round(float(np.percentile(before, 50)), 1), "p99": round(float(np.percentile(before, 99)), 1)},
-        "itl_ms_during": {"p50": round(float(np.percentile(during, 50)), 1), "p99": round(float(np.percentile(during, 99)), 1),
-                          "max": round(float(during.max()), 1)},
+        "itl_ms_before": {
+            "p50": round(float(np.percentile(before, 50)), 1),
+            "p99": round(float(np.percentile(before, 99)), 1),
+        },
+        "itl_ms_during": {
+            "p50": round(float(np.percentile(during, 50)), 1),
+            "p99": round(float(np.percentile(during, 99)), 1),
+            "max": round(float(during.max()), 1),
+        },
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 

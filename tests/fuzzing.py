@@ -27,6 +27,7 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import strategies as st
+
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.v1 import generation_service_pb2 as pb
@@ -88,21 +89,82 @@ UINT32 = [0, 1, 2, VOCAB - 1, VOCAB, VOCAB + 1, 2**31 - 1, 2**31, 4_000_000_000,
 UINT64 = [0, 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
 FLOAT_BOUNDS = [0.0, 0.01, 1.0, 2.0, -2.0, 20.0, 100.0]
 FLOATS = sorted(
-    {math.nan, math.inf, -math.inf, -0.0, 1e-45, -1e-45, 1.1754944e-38, 3.4028234663852886e38, -3.4028234663852886e38,
-     0.5, -1.0, 1e10, -1e10}
+    {
+        math.nan,
+        math.inf,
+        -math.inf,
+        -0.0,
+        1e-45,
+        -1e-45,
+        1.1754944e-38,
+        3.4028234663852886e38,
+        -3.4028234663852886e38,
+        0.5,
+        -1.0,
+        1e10,
+        -1e10,
+    }
     | {_f32(b) for b in FLOAT_BOUNDS}
     | {_next32(b, math.inf) for b in FLOAT_BOUNDS}
     | {_next32(b, -math.inf) for b in FLOAT_BOUNDS},
     key=lambda x: (math.isnan(x), x),
 )
-ODD = ["", " ", "\t\n ", "\x00", "\x7f", "\u200b", "\u202e", "\ufeff", "\uffff", "\U0010ffff", "\U000e0001",
-       "e\u0301", "\u0130", "\u1680", "\u3000", "\u2028", "😀", "👩‍👩‍👧", "世界", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-       "{{ 7 * 7 }}", "{% for x in range(99999999) %}x{% endfor %}", "%s%n%x", "../../etc/passwd", "\\", "\"'"]
+ODD = [
+    "",
+    " ",
+    "\t\n ",
+    "\x00",
+    "\x7f",
+    "\u200b",
+    "\u202e",
+    "\ufeff",
+    "\uffff",
+    "\U0010ffff",
+    "\U000e0001",
+    "e\u0301",
+    "\u0130",
+    "\u1680",
+    "\u3000",
+    "\u2028",
+    "😀",
+    "👩‍👩‍👧",
+    "世界",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "{{ 7 * 7 }}",
+    "{% for x in range(99999999) %}x{% endfor %}",
+    "%s%n%x",
+    "../../etc/passwd",
+    "\\",
+    "\"'",
+]
 # strings and their repeat counts, for huge values: the repeat is cheap to draw, the bytes are real
 UNITS = ["a", "é", "😀", " ", "hello world ", "\n" + " " * 80, "#" * 80, "<|im_start|>"]
-HUGE_BYTES = [65, 129, 257, 4_096, 100_000, 165_000, 170_000, 500_000, 1_000_000, (1 << 20) - 64, 1 << 20, (1 << 20) + 1]
-SHORT_PROMPTS = ["Hello", "Once upon a time", "What is 2+2?", "Name a color.", "The weather today", "Say hi.",
-                 "Write a haiku about rain.", "1, 2, 3,"]
+HUGE_BYTES = [
+    65,
+    129,
+    257,
+    4_096,
+    100_000,
+    165_000,
+    170_000,
+    500_000,
+    1_000_000,
+    (1 << 20) - 64,
+    1 << 20,
+    (1 << 20) + 1,
+]
+SHORT_PROMPTS = [
+    "Hello",
+    "Once upon a time",
+    "What is 2+2?",
+    "Name a color.",
+    "The weather today",
+    "Say hi.",
+    "Write a haiku about rain.",
+    "1, 2, 3,",
+]
 
 utf8_text = st.text(st.characters(codec="utf-8"), max_size=24)  # proto strings are UTF-8: no lone surrogates
 odd_strings = st.one_of(st.sampled_from(ODD), utf8_text)
@@ -117,8 +179,12 @@ def huge_strings(draw) -> str:
 
 hostile_strings = st.one_of(odd_strings, huge_strings())
 hostile_floats = st.one_of(st.sampled_from(FLOATS), st.floats(width=32))
-hostile_int32 = st.one_of(st.sampled_from(INT32 + [20, 21, 256, 1023, 1024, 1025, 2047, 2048]), st.integers(-(2**31), 2**31 - 1))
-hostile_uint32 = st.one_of(st.sampled_from(UINT32 + [20, 21, 256, 1023, 1024, 1025, 2047, 2048]), st.integers(0, 2**32 - 1))
+hostile_int32 = st.one_of(
+    st.sampled_from(INT32 + [20, 21, 256, 1023, 1024, 1025, 2047, 2048]), st.integers(-(2**31), 2**31 - 1)
+)
+hostile_uint32 = st.one_of(
+    st.sampled_from(UINT32 + [20, 21, 256, 1023, 1024, 1025, 2047, 2048]), st.integers(0, 2**32 - 1)
+)
 hostile_token = st.one_of(st.sampled_from(UINT32), st.integers(0, VOCAB - 1), st.integers(0, 2**32 - 1))
 valid_token = st.integers(3, VOCAB - 1)  # not an end-of-sequence or padding id: accepted prompts run
 
@@ -138,9 +204,12 @@ def hostile_token_lists(draw, lengths=(0, 1, 2, 3, 7, 63, 64, 65, 72, 73, 2047, 
 def request_ids(draw, hostile: bool) -> str:
     if not hostile:
         return draw(st.one_of(st.just(""), st.from_regex(r"[A-Za-z0-9._:-]{1,40}", fullmatch=True)))
-    return draw(st.one_of(
-        st.sampled_from(["a" * 128, "a" * 129, "r" * 100_000, "id with space", "é", "a\n", "a/b", "..", "-", ":"]),
-        hostile_strings))
+    return draw(
+        st.one_of(
+            st.sampled_from(["a" * 128, "a" * 129, "r" * 100_000, "id with space", "é", "a\n", "a/b", "..", "-", ":"]),
+            hostile_strings,
+        )
+    )
 
 
 @st.composite
@@ -152,9 +221,29 @@ def _hostile_fields(draw, fields: list[str]) -> set[str]:
 
 
 # --- public requests ---
-PUBLIC_FIELDS = ["model", "input", "input", "input", "request_id", "priority", "max_tokens", "temperature", "top_p", "seed", "top_k",
-                 "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids",
-                 "min_tokens", "logprobs", "prompt_logprobs", "wire"]
+PUBLIC_FIELDS = [
+    "model",
+    "input",
+    "input",
+    "input",
+    "request_id",
+    "priority",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "stop_token_ids",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "wire",
+]
 SAMPLING_FLOATS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
 SAMPLING_INTS = ["max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs"]
 
@@ -193,14 +282,20 @@ def _chat(draw, message_cls, hostile: bool):
         roles = draw(st.lists(st.sampled_from(ROLES), min_size=n, max_size=n))
         return [message_cls(role=r, content=draw(st.sampled_from(SHORT_PROMPTS))) for r in roles]
     n = draw(st.sampled_from([0, 1, 2, 3, 255, 256, 257, 1000, 20_000]))
-    role = draw(st.one_of(st.sampled_from(ROLES), st.sampled_from(["", "User", "tool", "wizard", "system "]), odd_strings))
+    role = draw(
+        st.one_of(st.sampled_from(ROLES), st.sampled_from(["", "User", "tool", "wizard", "system "]), odd_strings)
+    )
     # contents huge alone, or 4 kB x 256 (1 MiB in all), or tiny x 20,000: never past a few MB in all
-    content = draw(st.one_of(st.sampled_from(SHORT_PROMPTS), odd_strings, huge_strings()) if n <= 3
-                   else st.one_of(st.sampled_from(["", "hi", "x" * 4000] if n <= 257 else ["", "hi"]), odd_strings))
+    content = draw(
+        st.one_of(st.sampled_from(SHORT_PROMPTS), odd_strings, huge_strings())
+        if n <= 3
+        else st.one_of(st.sampled_from(["", "hi", "x" * 4000] if n <= 257 else ["", "hi"]), odd_strings)
+    )
     messages = [message_cls(role=role, content=content) for _ in range(n)]
     if n and draw(st.booleans()):  # one message unlike the others
         messages[draw(st.integers(0, n - 1))] = message_cls(
-            role=draw(st.one_of(st.sampled_from(ROLES), odd_strings)), content=draw(hostile_strings))
+            role=draw(st.one_of(st.sampled_from(ROLES), odd_strings)), content=draw(hostile_strings)
+        )
     return messages
 
 
@@ -233,7 +328,11 @@ def public_requests(draw) -> bytes:
     hostile = draw(_hostile_fields(PUBLIC_FIELDS))
     request = pb.GenerateRequest()
     request.model = draw(hostile_strings if "model" in hostile else st.sampled_from(["", "", MODEL, MODEL.upper()]))
-    arm = draw(st.sampled_from(["none", "prompt", "chat", "token_ids"] if "input" in hostile else ["prompt", "chat", "token_ids"]))
+    arm = draw(
+        st.sampled_from(
+            ["none", "prompt", "chat", "token_ids"] if "input" in hostile else ["prompt", "chat", "token_ids"]
+        )
+    )
     if arm == "prompt":
         request.prompt = draw(hostile_strings if "input" in hostile else st.sampled_from(SHORT_PROMPTS))
     elif arm == "chat":
@@ -255,9 +354,17 @@ def public_requests(draw) -> bytes:
     if "seed" in hostile:
         s.seed = draw(st.sampled_from(UINT64))
     if "stop" in hostile:
-        s.stop.extend(draw(st.one_of(
-            st.lists(st.one_of(odd_strings, st.sampled_from(["a" * 64, "a" * 65, "é" * 32, "é" * 33, "😀" * 17])), max_size=10),
-            st.sampled_from([["x"] * 8, ["x"] * 9, ["x"] * 10_000]))))
+        s.stop.extend(
+            draw(
+                st.one_of(
+                    st.lists(
+                        st.one_of(odd_strings, st.sampled_from(["a" * 64, "a" * 65, "é" * 32, "é" * 33, "😀" * 17])),
+                        max_size=10,
+                    ),
+                    st.sampled_from([["x"] * 8, ["x"] * 9, ["x"] * 10_000]),
+                )
+            )
+        )
     elif draw(st.integers(0, 5)) == 0:
         s.stop.append(draw(st.sampled_from([".", "\n\n", "Paris"])))
     if "stop_token_ids" in hostile:
@@ -313,9 +420,14 @@ def _sampling_rules(rules: _Rules, s, max_new_tokens: int, prefix: str = "sampli
     max_ok = 1 <= max_tokens <= max_new_tokens
     if not max_ok:
         rules.bad(prefix + "max_tokens", f"{max_tokens} not in [1, {max_new_tokens}]")
-    bounds = {"temperature": (0, 100, False, 1.0), "top_p": (0, 1, True, 1.0), "min_p": (0, 1, False, 0.0),
-              "repetition_penalty": (0.01, 100, False, 1.0), "presence_penalty": (-2, 2, False, 0.0),
-              "frequency_penalty": (-2, 2, False, 0.0)}
+    bounds = {
+        "temperature": (0, 100, False, 1.0),
+        "top_p": (0, 1, True, 1.0),
+        "min_p": (0, 1, False, 0.0),
+        "repetition_penalty": (0.01, 100, False, 1.0),
+        "presence_penalty": (-2, 2, False, 0.0),
+        "frequency_penalty": (-2, 2, False, 0.0),
+    }
     for name, (low, high, open_low, default) in bounds.items():
         value = getattr(s, name) if s.HasField(name) else default
         if name == "repetition_penalty" and abs(value - 0.01) < 1e-7:
@@ -337,8 +449,9 @@ def _sampling_rules(rules: _Rules, s, max_new_tokens: int, prefix: str = "sampli
     return max_tokens if max_ok else None
 
 
-def _context_rules(rules: _Rules, fields: tuple[str, ...], low: int, high: int, max_tokens: int | None,
-                   context: int = CONTEXT) -> None:
+def _context_rules(
+    rules: _Rules, fields: tuple[str, ...], low: int, high: int, max_tokens: int | None, context: int = CONTEXT
+) -> None:
     """The prompt has between `low` and `high` tokens: it must fit the context with max_tokens."""
     if max_tokens is None:
         rules.maybe(*fields)
@@ -391,8 +504,13 @@ def _text_input_rules(rules: _Rules, r, max_tokens: int | None, context_fields: 
                     rules.bad(f"chat.messages[{i}].role", f"role {m.role[:20]!r}")
                 rules.maybe(f"chat.messages[{i}].role")
                 roles_ok = False
-        if messages and len(messages) <= MAX_MESSAGES and content <= MAX_TEXT_BYTES and roles_ok \
-                and "chat" in context_fields:
+        if (
+            messages
+            and len(messages) <= MAX_MESSAGES
+            and content <= MAX_TEXT_BYTES
+            and roles_ok
+            and "chat" in context_fields
+        ):
             # the template adds at most ~24 bytes a message, a system prompt and the generation prompt
             low = -(-sum(len(m.content.encode()) + len(m.role) for m in messages) // LONGEST_TOKEN_BYTES)
             high = sum(len(m.content.encode()) + len(m.role) + 32 for m in messages) + 160
@@ -422,8 +540,12 @@ def public_expectation(wire: bytes) -> Expectation:
         elif ids and all(t < VOCAB for t in ids):
             _context_rules(rules, ("token_ids", "sampling.max_tokens"), len(ids), len(ids), max_tokens)
     else:
-        _text_input_rules(rules, r, max_tokens, {"prompt": ("prompt", "sampling.max_tokens"),
-                                                 "chat": ("chat", "chat.messages", "sampling.max_tokens")})
+        _text_input_rules(
+            rules,
+            r,
+            max_tokens,
+            {"prompt": ("prompt", "sampling.max_tokens"), "chat": ("chat", "chat.messages", "sampling.max_tokens")},
+        )
     return rules.expectation(_envoy_size(wire))
 
 
@@ -471,9 +593,27 @@ def abort_expectation(wire: bytes) -> Expectation:
 
 
 # --- internal inference requests ---
-INFERENCE_FIELDS = ["request_id", "prompt_token_ids", "prompt_token_ids", "resumed_token_ids", "stop_token_ids", "priority", "max_tokens",
-                    "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "min_tokens", "logprobs", "prompt_logprobs", "wire"]
+INFERENCE_FIELDS = [
+    "request_id",
+    "prompt_token_ids",
+    "prompt_token_ids",
+    "resumed_token_ids",
+    "stop_token_ids",
+    "priority",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "wire",
+]
 
 
 @st.composite
@@ -483,8 +623,13 @@ def inference_requests(draw) -> bytes:
     hostile = draw(_hostile_fields(INFERENCE_FIELDS))
     r = inference_pb.GenerateRequest()
     r.request_id = draw(request_ids("request_id" in hostile))
-    r.prompt_token_ids.extend(draw(hostile_token_lists(lengths=(0, 1, 2, 5, 255, 256, 511, 512, 513, 5000))
-                                   if "prompt_token_ids" in hostile else st.lists(valid_token, min_size=1, max_size=8)))
+    r.prompt_token_ids.extend(
+        draw(
+            hostile_token_lists(lengths=(0, 1, 2, 5, 255, 256, 511, 512, 513, 5000))
+            if "prompt_token_ids" in hostile
+            else st.lists(valid_token, min_size=1, max_size=8)
+        )
+    )
     if "resumed_token_ids" in hostile:
         r.resumed_token_ids.extend(draw(hostile_token_lists(lengths=(0, 1, 2, 11, 12, 255, 256, 257))))
     elif draw(st.integers(0, 3)) == 0:
@@ -497,7 +642,9 @@ def inference_requests(draw) -> bytes:
     s = r.sampling
     draw(_benign_sampling(s))
     if not s.HasField("max_tokens") and "max_tokens" not in hostile and draw(st.integers(0, 3)):
-        s.max_tokens = draw(st.integers(min(len(r.resumed_token_ids) + 1, 12), 12))  # cheap when accepted; else the default
+        s.max_tokens = draw(
+            st.integers(min(len(r.resumed_token_ids) + 1, 12), 12)
+        )  # cheap when accepted; else the default
     for name in SAMPLING_INTS:
         if name in hostile:
             setattr(s, name, draw(hostile_uint32))
@@ -531,7 +678,9 @@ def inference_expectation(wire: bytes, max_context: int, max_new_tokens: int) ->
     if len(r.stop_token_ids) > MAX_INTERNAL_STOP_IDS or any(t >= VOCAB for t in r.stop_token_ids):
         rules.bad("stop_token_ids", f"{len(r.stop_token_ids)} ids, at most {MAX_INTERNAL_STOP_IDS}, each < {VOCAB}")
     if prompt:
-        _context_rules(rules, ("prompt_token_ids", "sampling.max_tokens"), len(prompt), len(prompt), max_tokens, max_context)
+        _context_rules(
+            rules, ("prompt_token_ids", "sampling.max_tokens"), len(prompt), len(prompt), max_tokens, max_context
+        )
     too_large = len(wire) > GRPC_MAX_MESSAGE_BYTES
     return rules.expectation(too_large)
 
@@ -670,7 +819,9 @@ def problems(expect: Expectation, outcome: Outcome, retry_info_on_overload: bool
     if code not in OK_CODES:
         found.append(f"ended {code.name}: {outcome.details[:200]!r}")
     if outcome.late_error is not None:
-        found.append(f"accepted, then ended {outcome.late_error.name} before the client cancelled: {outcome.details[:200]!r}")
+        found.append(
+            f"accepted, then ended {outcome.late_error.name} before the client cancelled: {outcome.details[:200]!r}"
+        )
     if HOST_PORT.search(outcome.details):
         found.append(f"the message names an internal address: {outcome.details[:200]!r}")
     if expect.too_large:
@@ -685,8 +836,12 @@ def problems(expect: Expectation, outcome: Outcome, retry_info_on_overload: bool
         elif not names(outcome.field, expect.fields):
             allowed = sorted(expect.fields) or "none: the request is valid"
             found.append(f"refused naming {outcome.field!r} ({outcome.details[:160]!r}); allowed: {allowed}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and expect.too_large is False and retry_info_on_overload \
-            and not outcome.retry_info:
+    if (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and expect.too_large is False
+        and retry_info_on_overload
+        and not outcome.retry_info
+    ):
         found.append(f"RESOURCE_EXHAUSTED without RetryInfo, under the size limit: {outcome.details[:200]!r}")
     return found
 

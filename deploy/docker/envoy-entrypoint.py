@@ -31,11 +31,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--admin", default="http://127.0.0.1:9901", help="Envoy's admin address")
-    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
-                        help="longest wait for active requests to finish before Envoy is stopped")
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=30.0,
+        help="longest wait for active requests to finish before Envoy is stopped",
+    )
     parser.add_argument("--stat-prefix", default="public", help="the public listener's HTTP stat_prefix")
     args = parser.parse_args(argv[:split])
-    command = argv[split + 1:]
+    command = argv[split + 1 :]
     if not command:
         raise SystemExit("envoy-entrypoint.py: no command after --")
     return args, command

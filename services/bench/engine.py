@@ -83,8 +83,15 @@ def encode_prompts(model, prompts: list[str], chat: bool) -> list[list[int]]:
     return [core.encode_chat([ChatMessage("user", p)]) if chat else core.encode_text(p) for p in prompts]
 
 
-def run_requests(engine, encoded: list[list[int]], params, stop_ids: frozenset[int], concurrency: int,
-                 total: int, label: str = "bench") -> tuple[list[RequestResult], float]:
+def run_requests(
+    engine,
+    encoded: list[list[int]],
+    params,
+    stop_ids: frozenset[int],
+    concurrency: int,
+    total: int,
+    label: str = "bench",
+) -> tuple[list[RequestResult], float]:
     """Keeps `concurrency` requests in the engine until `total` have finished; returns the
     results and the wall time."""
     done: queue.SimpleQueue[_Tracker] = queue.SimpleQueue()
@@ -114,20 +121,41 @@ def run_requests(engine, encoded: list[list[int]], params, stop_ids: frozenset[i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.bench.engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to run")
-    parser.add_argument("--concurrency", type=positive_int, default=1, help="requests in the engine at once (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.bench.engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--models-root", type=Path, default=Path("models"), help="prepared models (default %(default)s)"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to run"
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=1, help="requests in the engine at once (default %(default)s)"
+    )
     parser.add_argument("--requests", type=positive_int, help="requests in all (default: one per concurrent stream)")
-    parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)")
-    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                        help="render prompts with the chat template (default); --no-chat encodes them as plain text")
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="render prompts with the chat template (default); --no-chat encodes them as plain text",
+    )
     parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: the built-in prompts)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
-    parser.add_argument("--num-slots", type=int, help="KV-cache slots (default: the engine default, or concurrency if larger)")
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="run one short unreported wave first (default); --no-warmup measures a cold engine")
+    parser.add_argument(
+        "--num-slots", type=int, help="KV-cache slots (default: the engine default, or concurrency if larger)"
+    )
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run one short unreported wave first (default); --no-warmup measures a cold engine",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     total = args.requests or args.concurrency

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Awaitable
+from typing import Any
 
 import grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.bench.pool import Progress, run_pool
 from services.bench.report import RequestResult, summarize
 
@@ -55,7 +56,9 @@ def build_request(prompt: str, settings: MeshBenchSettings, request_id: str) -> 
     return pb.GenerateRequest(prompt=prompt, sampling=sampling, request_id=request_id, no_cache=True)
 
 
-async def one_request(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, timeout: float | None) -> RequestResult:
+async def one_request(
+    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, timeout: float | None
+) -> RequestResult:
     """Sends one request and times its stream; a failure is a result, never an exception."""
     started = time.perf_counter()
     last: float | None = None
@@ -90,7 +93,7 @@ async def one_request(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateR
         code = "NO_COMPLETE"  # the stream ended OK but without its final message
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name
-    except Exception as exc:  # noqa: BLE001 - a client-side failure is a result, not a crash
+    except Exception as exc:
         code = type(exc).__name__
     return RequestResult(ok=False, code=code, ttft_s=ttft, itl_s=itl, latency_s=time.perf_counter() - started)
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from services.bench.report import RequestResult
 

@@ -32,12 +32,16 @@ def decode_rate(backend: DecoderBackend, rows: int, context: int, steps: int) ->
     rng = np.random.default_rng(0)
     slots = np.arange(rows)
     prompt = rng.integers(100, 20000, (rows, context))
-    backend.forward(StepBatch(slots, prompt, np.zeros(rows, np.int64), np.full(rows, context), np.full((rows, 1), context - 1)))
+    backend.forward(
+        StepBatch(slots, prompt, np.zeros(rows, np.int64), np.full(rows, context), np.full((rows, 1), context - 1))
+    )
     cached = np.full(rows, context, np.int64)
     tokens = rng.integers(100, 20000, (rows, 1))
     started = time.perf_counter()
     for _ in range(steps):
-        logits = backend.forward(StepBatch(slots, tokens, cached, np.ones(rows, np.int64), np.zeros((rows, 1), np.int64)))
+        logits = backend.forward(
+            StepBatch(slots, tokens, cached, np.ones(rows, np.int64), np.zeros((rows, 1), np.int64))
+        )
         tokens = logits[:, 0].argmax(-1)[:, None]
         cached = cached + 1
     return rows * steps / (time.perf_counter() - started)

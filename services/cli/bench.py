@@ -35,19 +35,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", default="localhost:8080", help="public endpoint host:port (default %(default)s)")
-    parser.add_argument("--concurrency", type=positive_int, default=1, help="streams open at once (default %(default)s)")
-    parser.add_argument("--requests", type=positive_int, help="requests to send in all (default: 4 x concurrency)")
-    parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)")
     parser.add_argument(
-        "--chat", action=argparse.BooleanOptionalAction, default=True,
+        "--concurrency", type=positive_int, default=1, help="streams open at once (default %(default)s)"
+    )
+    parser.add_argument("--requests", type=positive_int, help="requests to send in all (default: 4 x concurrency)")
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="send each prompt as a user chat message (default); --no-chat sends it as a plain prompt",
     )
     parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: 16 built-in prompts)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default %(default)s)")
     parser.add_argument("--seed", type=int, help="sampling seed, for temperature > 0")
-    parser.add_argument("--warmup", type=int, default=0, help="requests sent before measuring, not reported (default 0)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="requests sent before measuring, not reported (default 0)"
+    )
     parser.add_argument("--timeout", type=float, help="per-request deadline in seconds")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the endpoint (default %(default)s)")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the endpoint (default %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run_from_args)
 
@@ -75,7 +85,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     try:
         report = asyncio.run(run_bench(settings, prompts, progress=not args.json))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"meshserve bench: {args.target} is not reachable (waited {args.connect_timeout:g}s)", file=sys.stderr)
         return 2
     if args.json:

@@ -22,8 +22,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """`meshserve dev-certs` and `meshserve mint-token`."""
     certs = subparsers.add_parser("dev-certs", help="generate a development CA and server certificate for TLS")
     certs.add_argument("--dir", type=Path, default=DEFAULT_CREDENTIALS_DIR / "tls", help="where the PEM files go")
-    certs.add_argument("--host", action="append", default=None,
-                       help=f"name or address the certificate is for (repeatable; default {', '.join(DEFAULT_HOSTS)})")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help=f"name or address the certificate is for (repeatable; default {', '.join(DEFAULT_HOSTS)})",
+    )
     certs.add_argument("--days", type=int, default=30, help="validity of the CA and certificate")
 
     def run_certs(args: argparse.Namespace) -> int:
@@ -37,17 +41,32 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     mint = subparsers.add_parser("mint-token", help="print a development JWT for a tenant (for `up --auth jwt`)")
     mint.add_argument("--tenant", required=True, help="tenant name (the `tenant` and `sub` claims)")
     mint.add_argument("--ttl-s", type=int, default=3600, help="seconds until the token expires")
-    mint.add_argument("--max-priority", choices=MAX_PRIORITIES,
-                      help="the highest priority the tenant may use (without it: normal; HIGH is capped)")
+    mint.add_argument(
+        "--max-priority",
+        choices=MAX_PRIORITIES,
+        help="the highest priority the tenant may use (without it: normal; HIGH is capped)",
+    )
     mint.add_argument("--issuer", default=DEV_ISSUER)
     mint.add_argument("--audience", default=DEV_AUDIENCE)
-    mint.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
-                      help="signing key and JWKS (created when missing)")
+    mint.add_argument(
+        "--credentials-dir",
+        type=Path,
+        default=DEFAULT_CREDENTIALS_DIR,
+        help="signing key and JWKS (created when missing)",
+    )
 
     def run_mint(args: argparse.Namespace) -> int:
         try:
-            print(mint_token(args.credentials_dir, args.tenant, args.ttl_s, args.issuer, args.audience,
-                             max_priority=args.max_priority))
+            print(
+                mint_token(
+                    args.credentials_dir,
+                    args.tenant,
+                    args.ttl_s,
+                    args.issuer,
+                    args.audience,
+                    max_priority=args.max_priority,
+                )
+            )
         except ValueError as error:
             print(f"meshserve mint-token: {error}", file=sys.stderr)
             return 2

@@ -26,37 +26,74 @@ from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_m
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("up", help="prepare the model and run the whole mesh behind Envoy")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address of the public listener (Envoy); anything beyond loopback needs --auth jwt "
-                             "or --allow-unauthenticated")
-    parser.add_argument("--allow-unauthenticated", action="store_true",
-                        help="serve a non-loopback --host without authentication (anyone who reaches it can use it)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the public listener (Envoy); anything beyond loopback needs --auth jwt "
+        "or --allow-unauthenticated",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback --host without authentication (anyone who reaches it can use it)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="public gRPC port (Envoy)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
     parser.add_argument("--router-port", type=int, default=50051)
     parser.add_argument("--tokenizer-port", type=int, default=50052)
     parser.add_argument("--inference-port", type=int, default=50053)
     parser.add_argument("--openai-port", type=int, default=50054, help="OpenAI-compatible HTTP service")
-    parser.add_argument("--openai", action=argparse.BooleanOptionalAction, default=True,
-                        help="serve the OpenAI-compatible API (/v1/chat/completions, ...) on the public port")
-    parser.add_argument("--metrics-port-base", type=int, default=9100,
-                        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, openai +4, "
-                             "fallback i at +5+10i")
+    parser.add_argument(
+        "--openai",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the OpenAI-compatible API (/v1/chat/completions, ...) on the public port",
+    )
+    parser.add_argument(
+        "--metrics-port-base",
+        type=int,
+        default=9100,
+        help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, openai +4, fallback i at +5+10i",
+    )
     parser.add_argument("--inference-replicas", type=int, default=1, help="inference processes (ports +100 apart)")
-    parser.add_argument("--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)")
-    parser.add_argument("--fallback-replicas", type=int, default=0,
-                        help="inference processes of the lighter fallback tier (ports inference-port+50, +100 apart)")
-    parser.add_argument("--fallback-precision", choices=PRECISIONS, default="int4",
-                        help="weights of the fallback tier (int4: 1.2-1.4x int8's tokens/s here, +20%% perplexity)")
-    parser.add_argument("--fallback-arg", action="append", default=[],
-                        help="extra argument for the fallback tier's serve-inference, e.g. --fallback-arg=--num-slots=8")
+    parser.add_argument(
+        "--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)"
+    )
+    parser.add_argument(
+        "--fallback-replicas",
+        type=int,
+        default=0,
+        help="inference processes of the lighter fallback tier (ports inference-port+50, +100 apart)",
+    )
+    parser.add_argument(
+        "--fallback-precision",
+        choices=PRECISIONS,
+        default="int4",
+        help="weights of the fallback tier (int4: 1.2-1.4x int8's tokens/s here, +20%% perplexity)",
+    )
+    parser.add_argument(
+        "--fallback-arg",
+        action="append",
+        default=[],
+        help="extra argument for the fallback tier's serve-inference, e.g. --fallback-arg=--num-slots=8",
+    )
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
-    parser.add_argument("--inference-arg", action="append", default=[],
-                        help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8")
-    parser.add_argument("--router-arg", action="append", default=[],
-                        help="extra argument for serve-router, e.g. --router-arg=--max-streams-per-tenant=8")
+    parser.add_argument(
+        "--inference-arg",
+        action="append",
+        default=[],
+        help="extra argument for serve-inference, e.g. --inference-arg=--num-slots=8",
+    )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra argument for serve-router, e.g. --router-arg=--max-streams-per-tenant=8",
+    )
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="weights to prepare and serve")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="weights to prepare and serve"
+    )
     add_models_root_arg(parser)
     add_public_endpoint_args(parser)
     parser.set_defaults(func=run)
@@ -106,11 +143,15 @@ def check_exposure(host: str, auth: str, allow_unauthenticated: bool) -> str | N
         loopback = host == "localhost"
     if loopback or auth == "jwt":
         return None
-    risk = (f"--host {host} serves the model to anyone who can reach this machine, without authentication: "
-            "they can use all of its capacity and read nothing back but their own answers")
+    risk = (
+        f"--host {host} serves the model to anyone who can reach this machine, without authentication: "
+        "they can use all of its capacity and read nothing back but their own answers"
+    )
     if not allow_unauthenticated:
-        raise SystemExit(f"meshserve up: {risk}. Add --auth jwt (see docs/public-endpoint.md), or "
-                         "--allow-unauthenticated to accept that.")
+        raise SystemExit(
+            f"meshserve up: {risk}. Add --auth jwt (see docs/public-endpoint.md), or "
+            "--allow-unauthenticated to accept that."
+        )
     return f"meshserve: WARNING: {risk} (--allow-unauthenticated)"
 
 
@@ -147,27 +188,64 @@ def run(args: argparse.Namespace) -> int:
     threads = inference_threads_args(args.inference_replicas + args.fallback_replicas)
     router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
     commands = {
-        "tokenizer": base + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
+        "tokenizer": base
+        + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
     }
     for i, port in enumerate(inference_ports):
         commands[f"inference-{i}"] = base + [
-            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 3 + 10 * i), *common,
-            "--precision", args.precision, *threads, *args.inference_arg]
+            "serve-inference",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mp + 3 + 10 * i),
+            *common,
+            "--precision",
+            args.precision,
+            *threads,
+            *args.inference_arg,
+        ]
     for i, port in enumerate(fallback_ports):
         commands[f"fallback-{i}"] = base + [
-            "serve-inference", "--port", str(port), "--metrics-port", str(mp + 5 + 10 * i), *common,
-            "--precision", args.fallback_precision, *threads, *args.fallback_arg]
+            "serve-inference",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mp + 5 + 10 * i),
+            *common,
+            "--precision",
+            args.fallback_precision,
+            *threads,
+            *args.fallback_arg,
+        ]
     targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
     targets += [arg for port in fallback_ports for arg in ("--fallback-target", f"127.0.0.1:{port}")]
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [
-            "serve-router", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mp + 1 + 10 * i),
-            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}", *targets, *args.router_arg]
+            "serve-router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mp + 1 + 10 * i),
+            "--tokenizer-target",
+            f"127.0.0.1:{args.tokenizer_port}",
+            *targets,
+            *args.router_arg,
+        ]
     if args.openai:
         commands["openai"] = base + [
-            "serve-openai", "--host", "127.0.0.1", "--port", str(args.openai_port), "--metrics-port", str(mp + 4),
+            "serve-openai",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.openai_port),
+            "--metrics-port",
+            str(mp + 4),
             *[arg for port in router_ports for arg in ("--router-target", f"127.0.0.1:{port}")],
-            "--tokenizer-target", f"127.0.0.1:{args.tokenizer_port}"]
+            "--tokenizer-target",
+            f"127.0.0.1:{args.tokenizer_port}",
+        ]
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}
 
@@ -190,18 +268,36 @@ def run(args: argparse.Namespace) -> int:
         if args.openai:
             _wait_http(f"http://127.0.0.1:{args.openai_port}/health", deadline, list(procs.values()))
         config = run_dir / "envoy.yaml"
-        config.write_text(render_envoy_config(
-            port=args.port, admin_port=args.admin_port, router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
-            otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")), listen_address=args.host,
-            **endpoint_options,
-            openai_endpoints=[Endpoint("127.0.0.1", args.openai_port)] if args.openai else None,
-        ))
-        procs["envoy"] = subprocess.Popen(
-            [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
-             "--log-path", str(run_dir / "envoy.log")]
+        config.write_text(
+            render_envoy_config(
+                port=args.port,
+                admin_port=args.admin_port,
+                router_endpoints=[Endpoint("127.0.0.1", port) for port in router_ports],
+                otlp=parse_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+                listen_address=args.host,
+                **endpoint_options,
+                openai_endpoints=[Endpoint("127.0.0.1", args.openai_port)] if args.openai else None,
+            )
         )
-        _wait_serving(f"127.0.0.1:{args.port}", "meshserve.v1.GenerationService", deadline, list(procs.values()),
-                      tls=endpoint_options.get("tls"))
+        procs["envoy"] = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c",
+                str(config),
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warn",
+                "--log-path",
+                str(run_dir / "envoy.log"),
+            ]
+        )
+        _wait_serving(
+            f"127.0.0.1:{args.port}",
+            "meshserve.v1.GenerationService",
+            deadline,
+            list(procs.values()),
+            tls=endpoint_options.get("tls"),
+        )
         write_pids()
         print(f"meshserve is serving on {args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
         # supervise: a process that dies is restarted (the router fails its streams over meanwhile)
@@ -226,8 +322,12 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         # Envoy first so no new streams arrive, then the router's clients, the router, then what it depends on
-        order = sorted(procs, key=lambda name: ["envoy", "openai", "router", "tokenizer", "inference", "fallback"].index(
-            name.split("-")[0]))
+        order = sorted(
+            procs,
+            key=lambda name: ["envoy", "openai", "router", "tokenizer", "inference", "fallback"].index(
+                name.split("-")[0]
+            ),
+        )
         for name in order:
             if procs[name].poll() is None:
                 procs[name].send_signal(signal.SIGTERM)

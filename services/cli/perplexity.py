@@ -40,9 +40,12 @@ def prompt_log_probs(channel, texts: list[str], timeout: float = 300.0, metadata
     stub = pb_grpc.GenerationServiceStub(channel)
     out = []
     for text in texts:
-        request = pb.GenerateRequest(prompt=text, no_cache=True,
-                                     sampling=pb.SamplingParameters(max_tokens=1, temperature=0.0, prompt_logprobs=0))
-        complete = [r.complete for r in stub.Generate(request, timeout=timeout, metadata=metadata) if r.HasField("complete")][-1]
+        request = pb.GenerateRequest(
+            prompt=text, no_cache=True, sampling=pb.SamplingParameters(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        )
+        complete = [
+            r.complete for r in stub.Generate(request, timeout=timeout, metadata=metadata) if r.HasField("complete")
+        ][-1]
         out.append([entry.logprob for entry in complete.prompt_logprobs])
     return out
 
@@ -56,9 +59,13 @@ def add_parser(subparsers) -> None:
     from services.cli.client import add_connection_args, auth_metadata, open_channel
 
     parser = subparsers.add_parser("perplexity", help="perplexity of the served model on a text, through the API")
-    parser.add_argument("file", type=Path, help="UTF-8 text, paragraphs separated by blank lines (e.g. tests/data/perplexity_text.txt)")
+    parser.add_argument(
+        "file", type=Path, help="UTF-8 text, paragraphs separated by blank lines (e.g. tests/data/perplexity_text.txt)"
+    )
     add_connection_args(parser)
-    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="characters per request (default %(default)s)")
+    parser.add_argument(
+        "--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="characters per request (default %(default)s)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         import grpc
@@ -70,7 +77,15 @@ def add_parser(subparsers) -> None:
         except grpc.RpcError as error:
             print(f"meshserve perplexity: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-        print(json.dumps({"windows": len(texts), "tokens": sum(len(w) for w in log_probs), "perplexity": round(perplexity_of(log_probs), 4)}))
+        print(
+            json.dumps(
+                {
+                    "windows": len(texts),
+                    "tokens": sum(len(w) for w in log_probs),
+                    "perplexity": round(perplexity_of(log_probs), 4),
+                }
+            )
+        )
         return 0
 
     parser.set_defaults(func=run)

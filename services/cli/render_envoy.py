@@ -28,14 +28,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "render-envoy", help="render Envoy's config for containers (compose, Kubernetes) from the gateway's template",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "render-envoy",
+        help="render Envoy's config for containers (compose, Kubernetes) from the gateway's template",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_render_args(parser)
     parser.add_argument("--out", "-o", type=Path, help="write here instead of stdout")
-    parser.add_argument("--deploy", action="store_true",
-                        help=f"render every config under deploy/ ({', '.join(c.path for c in DEPLOY_CONFIGS)})")
-    parser.add_argument("--check", action="store_true",
-                        help="with --out or --deploy: write nothing, exit 1 when a file differs from its rendering")
+    parser.add_argument(
+        "--deploy",
+        action="store_true",
+        help=f"render every config under deploy/ ({', '.join(c.path for c in DEPLOY_CONFIGS)})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --out or --deploy: write nothing, exit 1 when a file differs from its rendering",
+    )
     parser.set_defaults(func=run)
 
 

@@ -119,10 +119,21 @@ def validate_sampling(params: SamplingParams, max_new_tokens: int) -> None:
     check(0 < params.top_p <= 1, "top_p", "in (0, 1]")
     check(params.top_k >= 0, "top_k", ">= 0 (0 disables it)")
     check(0 <= params.min_p <= 1, "min_p", "in [0, 1]")
-    check(MIN_REPETITION_PENALTY <= params.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
-          f"in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 disables it)")
-    check(-MAX_PENALTY <= params.presence_penalty <= MAX_PENALTY, "presence_penalty", f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
-    check(-MAX_PENALTY <= params.frequency_penalty <= MAX_PENALTY, "frequency_penalty", f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+    check(
+        MIN_REPETITION_PENALTY <= params.repetition_penalty <= MAX_REPETITION_PENALTY,
+        "repetition_penalty",
+        f"in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 disables it)",
+    )
+    check(
+        -MAX_PENALTY <= params.presence_penalty <= MAX_PENALTY,
+        "presence_penalty",
+        f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]",
+    )
+    check(
+        -MAX_PENALTY <= params.frequency_penalty <= MAX_PENALTY,
+        "frequency_penalty",
+        f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]",
+    )
     check(0 <= params.min_tokens <= params.max_tokens, "min_tokens", "in [0, max_tokens]")
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(params, name) is not None:

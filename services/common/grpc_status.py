@@ -7,14 +7,22 @@ import inspect
 import logging
 import re
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.errors import AbortedError, DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.errors import (
+    AbortedError,
+    DownstreamError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServingError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +30,11 @@ log = logging.getLogger(__name__)
 def _retry_info(seconds: float) -> any_pb2.Any:
     detail = any_pb2.Any()
     whole = int(seconds)
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))))
+    detail.Pack(
+        error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+        )
+    )
     return detail
 
 
@@ -32,9 +44,13 @@ def to_grpc_status(error: ServingError) -> grpc.Status:
     if isinstance(error, InvalidArgumentError):
         code = code_pb2.INVALID_ARGUMENT
         detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
-        ]))
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+                ]
+            )
+        )
         details.append(detail)
     elif isinstance(error, ResourceExhaustedError):
         code = code_pb2.RESOURCE_EXHAUSTED
@@ -86,7 +102,7 @@ def grpc_errors(method: _Method) -> _Method:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except Exception as exc:  # noqa: BLE001 - mapped to a status
+            except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
                 await _handle(exc, context)
@@ -97,7 +113,7 @@ def grpc_errors(method: _Method) -> _Method:
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
+        except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await _handle(exc, context)
@@ -132,7 +148,9 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ServingError:
             if detail.Unpack(info):
                 retry = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ResourceExhaustedError(scrub_addresses(error.details() or "overloaded"), retry if retry is not None else 1.0)
+            return ResourceExhaustedError(
+                scrub_addresses(error.details() or "overloaded"), retry if retry is not None else 1.0
+            )
         return UnavailableError(scrub_addresses(error.details() or "unavailable"), retry)
     return DownstreamError(code.name, scrub_addresses(error.details() or ""))
 
@@ -158,12 +176,14 @@ class RejectUndecodableRequests(grpc.aio.ServerInterceptor):  # type: ignore[mis
         def tolerant(data: bytes) -> Any:
             try:
                 return deserialize(data)
-            except Exception:  # noqa: BLE001 - whatever the parser raises, the bytes are the client's fault
+            except Exception:
                 return _UNDECODABLE
 
         async def refuse(context: grpc.aio.ServicerContext) -> NoReturn:
-            await abort(context, InvalidArgumentError(
-                "request", "the message does not parse (string fields must be valid UTF-8)"))
+            await abort(
+                context,
+                InvalidArgumentError("request", "the message does not parse (string fields must be valid UTF-8)"),
+            )
 
         if handler.response_streaming:
             behavior = handler.unary_stream

@@ -3,13 +3,52 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -19,27 +58,41 @@ class ServingMetrics:
     def __init__(self, model_name: str) -> None:
         labels = ["model_name"]
         self.time_to_first_token = Histogram(
-            "meshserve_time_to_first_token_seconds", "Time from request arrival to its first generated token.", labels,
+            "meshserve_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            labels,
             buckets=_LATENCY_BUCKETS,
         ).labels(model_name)
         self.inter_token_latency = Histogram(
-            "meshserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", labels,
+            "meshserve_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            labels,
             buckets=_ITL_BUCKETS,
         ).labels(model_name)
         self.e2e_request_latency = Histogram(
-            "meshserve_e2e_request_latency_seconds", "Time from request arrival to its last token.", labels,
+            "meshserve_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            labels,
             buckets=_E2E_BUCKETS,
         ).labels(model_name)
         self.request_queue_time = Histogram(
-            "meshserve_request_queue_time_seconds", "Time a request waited before its prefill started.", labels,
+            "meshserve_request_queue_time_seconds",
+            "Time a request waited before its prefill started.",
+            labels,
             buckets=_LATENCY_BUCKETS,
         ).labels(model_name)
-        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of accepted requests.", labels).labels(model_name)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of accepted requests.", labels).labels(
+            model_name
+        )
         self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", labels).labels(model_name)
         self._requests = Counter("meshserve_requests", "Finished requests by gRPC status code.", labels + ["code"])
         self._model_name = model_name
-        self.num_requests_running = Gauge("meshserve_num_requests_running", "Requests being generated.", labels).labels(model_name)
-        self.num_requests_waiting = Gauge("meshserve_num_requests_waiting", "Requests waiting to start.", labels).labels(model_name)
+        self.num_requests_running = Gauge("meshserve_num_requests_running", "Requests being generated.", labels).labels(
+            model_name
+        )
+        self.num_requests_waiting = Gauge(
+            "meshserve_num_requests_waiting", "Requests waiting to start.", labels
+        ).labels(model_name)
 
     def count_request(self, code: str) -> None:
         self._requests.labels(self._model_name, code).inc()
@@ -58,18 +111,37 @@ class GenAiMetrics:
     (dots to underscores, the unit appended: `gen_ai.server.time_to_first_token` in seconds becomes
     `gen_ai_server_time_to_first_token_seconds`; `{token}` adds nothing), with the conventions' labels."""
 
-    _LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+    _LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self._ttft = Histogram("gen_ai_server_time_to_first_token", "Time to generate the first token (GenAI conventions).",
-                               self._LABELS, unit="seconds", buckets=_GEN_AI_TTFT_BUCKETS)
-        self._tpot = Histogram("gen_ai_server_time_per_output_token", "Time per output token after the first (GenAI conventions).",
-                               self._LABELS, unit="seconds", buckets=_GEN_AI_TPOT_BUCKETS)
-        self._duration = Histogram("gen_ai_server_request_duration", "Generation request duration (GenAI conventions).",
-                                   self._LABELS + ["error_type"], unit="seconds", buckets=_GEN_AI_DURATION_BUCKETS)
-        self._tokens = Histogram("gen_ai_client_token_usage", "Tokens per request, input and output (GenAI conventions).",
-                                 self._LABELS + ["gen_ai_token_type"], buckets=_GEN_AI_TOKEN_BUCKETS)
+        self._ttft = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "Time to generate the first token (GenAI conventions).",
+            self._LABELS,
+            unit="seconds",
+            buckets=_GEN_AI_TTFT_BUCKETS,
+        )
+        self._tpot = Histogram(
+            "gen_ai_server_time_per_output_token",
+            "Time per output token after the first (GenAI conventions).",
+            self._LABELS,
+            unit="seconds",
+            buckets=_GEN_AI_TPOT_BUCKETS,
+        )
+        self._duration = Histogram(
+            "gen_ai_server_request_duration",
+            "Generation request duration (GenAI conventions).",
+            [*self._LABELS, "error_type"],
+            unit="seconds",
+            buckets=_GEN_AI_DURATION_BUCKETS,
+        )
+        self._tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request, input and output (GenAI conventions).",
+            [*self._LABELS, "gen_ai_token_type"],
+            buckets=_GEN_AI_TOKEN_BUCKETS,
+        )
 
     def _labels(self, operation: str) -> list[str]:
         return [operation, GEN_AI_PROVIDER, self.model_name]
@@ -77,8 +149,16 @@ class GenAiMetrics:
     def first_token(self, operation: str, seconds: float, exemplar: dict[str, str] | None) -> None:
         self._ttft.labels(*self._labels(operation)).observe(seconds, exemplar)
 
-    def finished(self, operation: str, seconds: float, error_type: str, exemplar: dict[str, str] | None,
-                 input_tokens: int = 0, output_tokens: int = 0, first_token_s: float | None = None) -> None:
+    def finished(
+        self,
+        operation: str,
+        seconds: float,
+        error_type: str,
+        exemplar: dict[str, str] | None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        first_token_s: float | None = None,
+    ) -> None:
         """One request's end: its duration (error_type empty when it succeeded), its token usage and,
         once more than one token came, its time per output token after the first."""
         self._duration.labels(*self._labels(operation), error_type).observe(seconds, exemplar)
@@ -106,30 +186,41 @@ class _CounterReader:
 
 def prefix_cache_counters(model_name: str, queries: Callable[[], float], hits: Callable[[], float]) -> None:
     """`meshserve_prefix_cache_queries_total` / `_hits_total`: prompt tokens looked up / found cached."""
-    REGISTRY.register(_CounterReader(model_name, {
-        "meshserve_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", queries),
-        "meshserve_prefix_cache_hits": ("Prompt tokens found in the prefix cache.", hits),
-    }))
+    REGISTRY.register(
+        _CounterReader(
+            model_name,
+            {
+                "meshserve_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", queries),
+                "meshserve_prefix_cache_hits": ("Prompt tokens found in the prefix cache.", hits),
+            },
+        )
+    )
 
 
 def kv_cache_usage_gauge(model_name: str) -> Gauge:
-    return Gauge("meshserve_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1).", ["model_name"]).labels(model_name)
+    return Gauge("meshserve_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1).", ["model_name"]).labels(
+        model_name
+    )
 
 
 def serving_replicas_gauge(model_name: str, read: Callable[[], float]) -> None:
     """`meshserve_router_inference_replicas_serving`: replicas a router currently sends work to."""
-    gauge = Gauge("meshserve_router_inference_replicas_serving", "Inference replicas this router sees serving.", ["model_name"])
+    gauge = Gauge(
+        "meshserve_router_inference_replicas_serving", "Inference replicas this router sees serving.", ["model_name"]
+    )
     gauge.labels(model_name).set_function(read)
 
 
 def degradation_metrics(model_name: str, shedding: Callable[[], float]) -> Counter:
     """`meshserve_router_shedding_low` (1 while LOW requests are shed) and the counter of requests the
     fallback tier served, `meshserve_fallback_requests_total{reason}`, which this returns."""
-    gauge = Gauge("meshserve_router_shedding_low", "1 while low-priority requests are shed under sustained load.",
-                  ["model_name"])
+    gauge = Gauge(
+        "meshserve_router_shedding_low", "1 while low-priority requests are shed under sustained load.", ["model_name"]
+    )
     gauge.labels(model_name).set_function(shedding)
-    return Counter("meshserve_fallback_requests", "Requests served by the fallback tier, by why.",
-                   ["model_name", "reason"])
+    return Counter(
+        "meshserve_fallback_requests", "Requests served by the fallback tier, by why.", ["model_name", "reason"]
+    )
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:

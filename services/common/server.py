@@ -7,15 +7,15 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.logs import setup_logging
 from services.common.grpc_status import RejectUndecodableRequests
+from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.telemetry import server_interceptors, setup_tracing
 
@@ -38,7 +38,7 @@ class ServerConfig:
     """How long in-flight streams may run after SIGTERM."""
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
         return cls(args.host, args.port, args.metrics_port, args.shutdown_grace_s)
 
 
@@ -75,7 +75,11 @@ class ServiceProcess:
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
-    async def run(self, warm_up: Callable[[], Awaitable[None]] | None = None, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self,
+        warm_up: Callable[[], Awaitable[None]] | None = None,
+        on_drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Binds, warms up (health NOT_SERVING until done), serves, and drains on SIGTERM/SIGINT:
         health turns NOT_SERVING at once, `on_drain` runs (the service's own drain: refuse new work,
         let running streams finish), then the server stops, cancelling what is left after the grace."""
@@ -88,7 +92,9 @@ class ServiceProcess:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         start_metrics_server(self.config.metrics_port, self.config.host)
-        log.info("%s listening on %s:%d (metrics %d)", self.telemetry_name, self.config.host, bound, self.config.metrics_port)
+        log.info(
+            "%s listening on %s:%d (metrics %d)", self.telemetry_name, self.config.host, bound, self.config.metrics_port
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)

@@ -123,27 +123,48 @@ def render_envoy_config(
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(TEMPLATE.read_text())
     return template.render(
-        port=port, admin_port=admin_port, router_endpoints=router_endpoints, otlp=otlp, listen_address=listen_address,
-        tls=tls, jwt=jwt, rate_limit=rate_limit, rest_descriptor=rest_descriptor, grpc_web=grpc_web,
-        max_request_bytes=max_request_bytes, tenant_header=TENANT_HEADER, max_priority_header=MAX_PRIORITY_HEADER,
+        port=port,
+        admin_port=admin_port,
+        router_endpoints=router_endpoints,
+        otlp=otlp,
+        listen_address=listen_address,
+        tls=tls,
+        jwt=jwt,
+        rate_limit=rate_limit,
+        rest_descriptor=rest_descriptor,
+        grpc_web=grpc_web,
+        max_request_bytes=max_request_bytes,
+        tenant_header=TENANT_HEADER,
+        max_priority_header=MAX_PRIORITY_HEADER,
         openai=openai_endpoints or None,
-        admin_address=admin_address, router_dns=router_dns, max_downstream_connections=max_downstream_connections,
+        admin_address=admin_address,
+        router_dns=router_dns,
+        max_downstream_connections=max_downstream_connections,
     )
 
 
 def build_descriptor_set(out: Path) -> Path:
     """Writes the descriptor set the gRPC-JSON transcoder needs: the public API with its imports (the
     google.api.http rule) and google.rpc's error details, so error statuses convert to JSON."""
-    from grpc_tools import protoc
     from google.rpc import error_details_pb2
+    from grpc_tools import protoc
 
     googleapis = Path(error_details_pb2.__file__).resolve().parents[2]  # googleapis-common-protos' .proto root
     builtin = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
     out.parent.mkdir(parents=True, exist_ok=True)
-    code = protoc.main([
-        "protoc", f"-I{PROTOS}", f"-I{googleapis}", f"-I{builtin}", "--include_imports",
-        f"--descriptor_set_out={out}", PUBLIC_PROTO, "google/rpc/error_details.proto", "google/rpc/status.proto",
-    ])
+    code = protoc.main(
+        [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{googleapis}",
+            f"-I{builtin}",
+            "--include_imports",
+            f"--descriptor_set_out={out}",
+            PUBLIC_PROTO,
+            "google/rpc/error_details.proto",
+            "google/rpc/status.proto",
+        ]
+    )
     if code != 0:
         raise RuntimeError(f"protoc could not build the descriptor set for {PUBLIC_PROTO} (exit {code})")
     return out
@@ -159,7 +180,8 @@ def public_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
 
     certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.DNSName)
+        x509.DNSName
+    )
     credentials = grpc.ssl_channel_credentials(tls.ca.read_bytes() if tls.ca else None)
     options = [("grpc.ssl_target_name_override", names[0])] if names else []
     return grpc.secure_channel(target, credentials, options=options)

@@ -68,7 +68,7 @@ def _dev_tls_usable(tls: DevTls, hosts: Sequence[str]) -> bool:
     if not all(p.is_file() for p in (tls.ca, tls.cert, tls.key)):
         return False
     cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-    if cert.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1):
+    if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1):
         return False
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return all(_san_entry(h) in sans for h in hosts)
@@ -85,18 +85,32 @@ def ensure_dev_tls(directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: 
     tls = DevTls(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
     if _dev_tls_usable(tls, hosts):
         return tls
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshserve development CA")])
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -104,9 +118,11 @@ def ensure_dev_tls(directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: 
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([_san_entry(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -115,8 +131,12 @@ def ensure_dev_tls(directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: 
     )
     directory.mkdir(parents=True, exist_ok=True)
     # the CA's key is not kept: a new certificate means a new CA, so a leaked dev CA signs nothing else
-    _write_private(tls.key, server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(
+        tls.key,
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     tls.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     tls.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return tls
@@ -142,8 +162,12 @@ def ensure_signing_key(directory: Path) -> SigningKey:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        _write_private(key_path, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_private(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
     jwk = _jwk(key.public_key())
     jwks = json.dumps({"keys": [jwk]}, indent=2) + "\n"
     if not jwks_path.is_file() or jwks_path.read_text() != jwks:
@@ -154,8 +178,15 @@ def ensure_signing_key(directory: Path) -> SigningKey:
 MAX_PRIORITIES = ("low", "normal", "high")
 
 
-def mint_token(directory: Path, tenant: str, ttl_s: int = 3600, issuer: str = DEV_ISSUER,
-               audience: str = DEV_AUDIENCE, now: float | None = None, max_priority: str | None = None) -> str:
+def mint_token(
+    directory: Path,
+    tenant: str,
+    ttl_s: int = 3600,
+    issuer: str = DEV_ISSUER,
+    audience: str = DEV_AUDIENCE,
+    now: float | None = None,
+    max_priority: str | None = None,
+) -> str:
     """A development JWT (RS256) for `tenant`, signed with the key in `directory` (created if missing);
     `max_priority` (low, normal, high) becomes the `max_priority` claim that lets the tenant use it."""
     from cryptography.hazmat.primitives import hashes, serialization

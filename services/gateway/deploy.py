@@ -39,10 +39,16 @@ class DeployConfig:
 # Compose and Kubernetes both name the routers `router` and the trace collector `jaeger` (short names resolve
 # through the pod's DNS search path in whatever namespace the overlay deploys to), so their flags are alike.
 DEPLOY_CONFIGS = (
-    DeployConfig("deploy/compose/envoy.yaml", ("--openai", DEFAULT_OPENAI),
-                 "deploy/compose/compose.yaml mounts it at /etc/envoy/envoy.yaml"),
-    DeployConfig("deploy/k8s/base/envoy.yaml", ("--openai", DEFAULT_OPENAI),
-                 "deploy/k8s/base/kustomization.yaml turns it into the envoy-config ConfigMap"),
+    DeployConfig(
+        "deploy/compose/envoy.yaml",
+        ("--openai", DEFAULT_OPENAI),
+        "deploy/compose/compose.yaml mounts it at /etc/envoy/envoy.yaml",
+    ),
+    DeployConfig(
+        "deploy/k8s/base/envoy.yaml",
+        ("--openai", DEFAULT_OPENAI),
+        "deploy/k8s/base/kustomization.yaml turns it into the envoy-config ConfigMap",
+    ),
 )
 
 
@@ -56,43 +62,83 @@ def _endpoint(value: str) -> Endpoint:
 def add_render_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("addresses (the defaults suit deploy/compose and deploy/k8s)")
     where.add_argument("--port", type=int, default=8080, help="public listener port")
-    where.add_argument("--listen-address", default="0.0.0.0",
-                       help="public listener address (0.0.0.0 in a container: its port mapping decides who reaches it)")
+    where.add_argument(
+        "--listen-address",
+        default="0.0.0.0",
+        help="public listener address (0.0.0.0 in a container: its port mapping decides who reaches it)",
+    )
     where.add_argument("--admin-port", type=int, default=9901)
-    where.add_argument("--admin-address", default="0.0.0.0",
-                       help="admin listener address: Prometheus scrapes /stats/prometheus from another container; "
-                            "never publish this port (it has /quitquitquit)")
-    where.add_argument("--router", type=_endpoint, action="append", metavar="HOST:PORT",
-                       help=f"router endpoint (repeatable; default {DEFAULT_ROUTER})")
-    where.add_argument("--openai", type=_endpoint, action="append", metavar="HOST:PORT",
-                       help="OpenAI-compatible service (`meshserve serve-openai`; repeatable): route /v1/chat/completions, "
-                            f"/v1/completions and /v1/models to it (the deploy configs: {DEFAULT_OPENAI}); "
-                            "resolved like --router")
-    where.add_argument("--router-discovery", choices=["dns", "static"], default="dns",
-                       help="dns: each --router is a name resolving to any number of routers (STRICT_DNS); "
-                            "static: each is one IP address")
-    where.add_argument("--otlp-endpoint", default=DEFAULT_OTLP,
-                       help="OTLP/gRPC collector for Envoy's spans ('none': no tracing)")
-    where.add_argument("--max-downstream-connections", type=int, default=DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
-                       help="open client connections Envoy accepts at most (0: no cap)")
+    where.add_argument(
+        "--admin-address",
+        default="0.0.0.0",
+        help="admin listener address: Prometheus scrapes /stats/prometheus from another container; "
+        "never publish this port (it has /quitquitquit)",
+    )
+    where.add_argument(
+        "--router",
+        type=_endpoint,
+        action="append",
+        metavar="HOST:PORT",
+        help=f"router endpoint (repeatable; default {DEFAULT_ROUTER})",
+    )
+    where.add_argument(
+        "--openai",
+        type=_endpoint,
+        action="append",
+        metavar="HOST:PORT",
+        help="OpenAI-compatible service (`meshserve serve-openai`; repeatable): route /v1/chat/completions, "
+        f"/v1/completions and /v1/models to it (the deploy configs: {DEFAULT_OPENAI}); "
+        "resolved like --router",
+    )
+    where.add_argument(
+        "--router-discovery",
+        choices=["dns", "static"],
+        default="dns",
+        help="dns: each --router is a name resolving to any number of routers (STRICT_DNS); "
+        "static: each is one IP address",
+    )
+    where.add_argument(
+        "--otlp-endpoint", default=DEFAULT_OTLP, help="OTLP/gRPC collector for Envoy's spans ('none': no tracing)"
+    )
+    where.add_argument(
+        "--max-downstream-connections",
+        type=int,
+        default=DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
+        help="open client connections Envoy accepts at most (0: no cap)",
+    )
 
     public = parser.add_argument_group("public endpoint (docs/public-endpoint.md); paths are as Envoy sees them")
     public.add_argument("--tls-cert", help="serve TLS with this PEM certificate chain (with --tls-key)")
     public.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    public.add_argument("--auth", choices=["none", "jwt"], default="none",
-                        help="jwt: every call but health checks needs `authorization: Bearer <JWT>`")
+    public.add_argument(
+        "--auth",
+        choices=["none", "jwt"],
+        default="none",
+        help="jwt: every call but health checks needs `authorization: Bearer <JWT>`",
+    )
     public.add_argument("--jwks", help="JWKS file of the keys that sign accepted tokens (with --auth jwt)")
     public.add_argument("--jwt-issuer", help="required `iss` claim (with --auth jwt)")
     public.add_argument("--jwt-audience", action="append", help="accepted `aud` value (repeatable; with --auth jwt)")
     public.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
-    public.add_argument("--rate-limit-per-tenant", type=int, metavar="N",
-                        help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)")
+    public.add_argument(
+        "--rate-limit-per-tenant",
+        type=int,
+        metavar="N",
+        help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)",
+    )
     public.add_argument("--rate-limit-interval-s", type=int, default=60)
-    public.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                        help="refuse larger generation requests at Envoy (0: no limit)")
-    public.add_argument("--rest-descriptor", default=IMAGE_REST_DESCRIPTOR,
-                        help="descriptor set of the public API for REST/JSON (POST /v1/generate); "
-                             "the default is where the meshserve image has it")
+    public.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="refuse larger generation requests at Envoy (0: no limit)",
+    )
+    public.add_argument(
+        "--rest-descriptor",
+        default=IMAGE_REST_DESCRIPTOR,
+        help="descriptor set of the public API for REST/JSON (POST /v1/generate); "
+        "the default is where the meshserve image has it",
+    )
     public.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True, help="REST/JSON transcoding")
     public.add_argument("--grpc-web", action=argparse.BooleanOptionalAction, default=True, help="accept gRPC-Web")
 
@@ -114,8 +160,12 @@ def render(args: argparse.Namespace) -> str:
     if args.auth == "jwt":
         if not (args.jwks and args.jwt_issuer and args.jwt_audience):
             raise SystemExit("--auth jwt needs --jwks, --jwt-issuer and at least one --jwt-audience")
-        options["jwt"] = JwtAuth(jwks=Path(args.jwks), issuer=args.jwt_issuer, audiences=tuple(args.jwt_audience),
-                                 tenant_claim=args.jwt_tenant_claim)
+        options["jwt"] = JwtAuth(
+            jwks=Path(args.jwks),
+            issuer=args.jwt_issuer,
+            audiences=tuple(args.jwt_audience),
+            tenant_claim=args.jwt_tenant_claim,
+        )
     elif args.jwks or args.jwt_issuer or args.jwt_audience:
         raise SystemExit("--jwks, --jwt-issuer and --jwt-audience need --auth jwt")
     options.update(limit_options(args))
@@ -125,9 +175,14 @@ def render(args: argparse.Namespace) -> str:
         options["rest_descriptor"] = Path(args.rest_descriptor)
     otlp = None if args.otlp_endpoint.lower() == "none" else parse_otlp_endpoint(args.otlp_endpoint)
     return render_envoy_config(
-        port=args.port, admin_port=args.admin_port, router_endpoints=list(routers), otlp=otlp,
-        listen_address=args.listen_address, admin_address=args.admin_address,
-        router_dns=args.router_discovery == "dns", openai_endpoints=args.openai,
+        port=args.port,
+        admin_port=args.admin_port,
+        router_endpoints=list(routers),
+        otlp=otlp,
+        listen_address=args.listen_address,
+        admin_address=args.admin_address,
+        router_dns=args.router_discovery == "dns",
+        openai_endpoints=args.openai,
         max_downstream_connections=args.max_downstream_connections or None,
         **options,
     )

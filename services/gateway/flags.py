@@ -23,29 +23,63 @@ def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("public endpoint (Envoy); see docs/public-endpoint.md")
     group.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    group.add_argument("--dev-tls", action="store_true",
-                       help="serve TLS with a development CA and certificate generated into the run directory "
-                            "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)")
-    group.add_argument("--auth", choices=["none", "jwt"], default="none",
-                       help="jwt: every call but health checks needs `authorization: Bearer <JWT>`")
-    group.add_argument("--jwks", type=Path,
-                       help="JWKS file of the keys that sign accepted tokens (default with --auth jwt: the dev "
-                            "signing key's JWKS in --credentials-dir, as used by `meshserve mint-token`)")
+    group.add_argument(
+        "--dev-tls",
+        action="store_true",
+        help="serve TLS with a development CA and certificate generated into the run directory "
+        "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)",
+    )
+    group.add_argument(
+        "--auth",
+        choices=["none", "jwt"],
+        default="none",
+        help="jwt: every call but health checks needs `authorization: Bearer <JWT>`",
+    )
+    group.add_argument(
+        "--jwks",
+        type=Path,
+        help="JWKS file of the keys that sign accepted tokens (default with --auth jwt: the dev "
+        "signing key's JWKS in --credentials-dir, as used by `meshserve mint-token`)",
+    )
     group.add_argument("--jwt-issuer", default=DEV_ISSUER, help="required `iss` claim")
-    group.add_argument("--jwt-audience", action="append", default=None,
-                       help=f"accepted `aud` value (repeatable; default {DEV_AUDIENCE})")
+    group.add_argument(
+        "--jwt-audience",
+        action="append",
+        default=None,
+        help=f"accepted `aud` value (repeatable; default {DEV_AUDIENCE})",
+    )
     group.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
-    group.add_argument("--credentials-dir", type=Path, default=DEFAULT_CREDENTIALS_DIR,
-                       help="development signing key and JWKS (shared with `meshserve mint-token`)")
-    group.add_argument("--rate-limit-per-tenant", type=int, metavar="N",
-                       help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)")
+    group.add_argument(
+        "--credentials-dir",
+        type=Path,
+        default=DEFAULT_CREDENTIALS_DIR,
+        help="development signing key and JWKS (shared with `meshserve mint-token`)",
+    )
+    group.add_argument(
+        "--rate-limit-per-tenant",
+        type=int,
+        metavar="N",
+        help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)",
+    )
     group.add_argument("--rate-limit-interval-s", type=int, default=60)
-    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                       help="refuse larger generation requests at Envoy (0: no limit)")
-    group.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
-                       help="REST/JSON: POST /v1/generate, streamed as newline-delimited JSON")
-    group.add_argument("--grpc-web", action=argparse.BooleanOptionalAction, default=True,
-                       help="accept gRPC-Web (application/grpc-web+proto, ...) from browsers")
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="refuse larger generation requests at Envoy (0: no limit)",
+    )
+    group.add_argument(
+        "--rest",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="REST/JSON: POST /v1/generate, streamed as newline-delimited JSON",
+    )
+    group.add_argument(
+        "--grpc-web",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="accept gRPC-Web (application/grpc-web+proto, ...) from browsers",
+    )
 
 
 def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -73,8 +107,9 @@ def public_endpoint_options(args: argparse.Namespace, run_dir: Path) -> dict[str
             jwks = args.jwks
         else:
             jwks = ensure_signing_key(args.credentials_dir).jwks
-        options["jwt"] = JwtAuth(jwks.resolve(), args.jwt_issuer, tuple(args.jwt_audience or [DEV_AUDIENCE]),
-                                 args.jwt_tenant_claim)
+        options["jwt"] = JwtAuth(
+            jwks.resolve(), args.jwt_issuer, tuple(args.jwt_audience or [DEV_AUDIENCE]), args.jwt_tenant_claim
+        )
     elif args.jwks is not None:
         raise SystemExit("--jwks needs --auth jwt")
     options.update(limit_options(args))

@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 from opentelemetry import trace
 
 from services.common.contract import SamplingParams
 from services.common.errors import AbortedError, InternalError, UnavailableError
-from services.common.metrics import ServingMetrics
 from services.common.finish import FinishReason
+from services.common.metrics import ServingMetrics
 from services.inference.engine import Engine, EngineOutput, RequestTimes
 from services.inference.sampling import TokenLogprob
 
@@ -77,7 +77,9 @@ class AsyncEngine:
         for changed in self._load_watchers:
             changed.set()
 
-    async def watch_load(self, min_interval_s: float, heartbeat_s: float = 1.0) -> AsyncIterator[tuple[int, int, float]]:
+    async def watch_load(
+        self, min_interval_s: float, heartbeat_s: float = 1.0
+    ) -> AsyncIterator[tuple[int, int, float]]:
         """The load at once, then after every change (bursts within `min_interval_s` coalesced into
         one report), and every `heartbeat_s` while nothing changes."""
         changed = asyncio.Event()
@@ -88,7 +90,7 @@ class AsyncEngine:
                 yield self.load()
                 try:
                     await asyncio.wait_for(changed.wait(), heartbeat_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 await asyncio.sleep(min_interval_s)
         finally:
@@ -117,8 +119,14 @@ class AsyncEngine:
         return len(ids)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: Sequence[int],
-        priority: int = 0, resumed_token_ids: Sequence[int] = (), tenant: str = "",
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stop_token_ids: Sequence[int],
+        priority: int = 0,
+        resumed_token_ids: Sequence[int] = (),
+        tenant: str = "",
     ) -> AsyncIterator[GenerationResult]:
         engine = self.engine
         if engine is None:
@@ -128,8 +136,13 @@ class AsyncEngine:
         # client-chosen ids may repeat; the engine needs one that is unique
         engine_id = f"{request_id}#{next(self._sequence)}"
         times = engine.submit(
-            engine_id, prompt_token_ids, params, stop_token_ids, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-            priority, resumed_token_ids,
+            engine_id,
+            prompt_token_ids,
+            params,
+            stop_token_ids,
+            lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+            priority,
+            resumed_token_ids,
         )
         self._active.setdefault(request_id, {})[engine_id] = tenant
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -158,7 +171,9 @@ class AsyncEngine:
                     raise UnavailableError(f"generation ended early: {output.error or finish.value}", retry_after_s=1.0)
                 generated += len(tokens)
                 self.metrics.generation_tokens.inc(len(tokens))
-                yield GenerationResult(tokens, finish, len(prompt_token_ids), logprobs, prompt_logprobs, cached_prompt_tokens)
+                yield GenerationResult(
+                    tokens, finish, len(prompt_token_ids), logprobs, prompt_logprobs, cached_prompt_tokens
+                )
         finally:
             if finish is None:  # the caller went away: free the slot at the next step
                 engine.abort(engine_id)
@@ -170,7 +185,13 @@ class AsyncEngine:
             self._record(request_id, times, params, len(prompt_token_ids), generated, len(resumed_token_ids))
 
     def _record(
-        self, request_id: str, times: RequestTimes, params: SamplingParams, prompt_tokens: int, generated: int, resumed: int
+        self,
+        request_id: str,
+        times: RequestTimes,
+        params: SamplingParams,
+        prompt_tokens: int,
+        generated: int,
+        resumed: int,
     ) -> None:
         # metrics, and the same latencies on the Generate server span (OpenTelemetry's gen_ai names, as vLLM)
         m = self.metrics
@@ -184,7 +205,7 @@ class AsyncEngine:
         if token_times:
             ttft, e2e = token_times[0] - times.arrival, token_times[-1] - times.arrival
             m.time_to_first_token.observe(ttft)
-            for earlier, later in zip(token_times, token_times[1:]):
+            for earlier, later in itertools.pairwise(token_times):
                 m.inter_token_latency.observe(later - earlier)
             m.e2e_request_latency.observe(e2e)
             request_span.set_attribute("gen_ai.latency.time_to_first_token", ttft)

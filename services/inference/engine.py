@@ -7,13 +7,13 @@ and receive outputs through a callback that must be thread-safe. Nothing here kn
 from __future__ import annotations
 
 import collections
-import os
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -47,8 +47,9 @@ class EngineConfig:
     """Reuse keys and values already computed for the same leading prompt tokens: those a freed slot
     still holds, or, copied into the new request's slot, those of any other slot (a running request's
     prompt too: once a system prompt is computed, later requests copy it instead of prefilling it;
-    requests admitted together before that each prefill it). Only positions a prefill computed are reused (a previous prompt, not its generated answer): see `Engine` on why
-    every position is computed the same way whatever the cache held."""
+    requests admitted together before that each prefill it). Only positions a prefill computed are reused
+    (a previous prompt, not its generated answer): see `Engine` on why every position is computed the
+    same way whatever the cache held."""
     min_prefix_hit_tokens: int = 16
     """Shorter common prefixes are not worth choosing a slot for."""
 
@@ -177,8 +178,12 @@ class Engine:
         return not self._running and not self._waiting and self._pending_count == 0
 
     def validate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, stop_token_ids: Sequence[int] = (),
-        resumed_token_ids: Sequence[int] = (), priority: int = 0,
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Sequence[int] = (),
+        resumed_token_ids: Sequence[int] = (),
+        priority: int = 0,
     ) -> None:
         """Raises InvalidArgumentError for requests this engine can never serve (the request contract,
         services/common/contract.py, with this engine's vocabulary and context)."""
@@ -214,8 +219,15 @@ class Engine:
         times = RequestTimes(arrival=time.monotonic())
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(8), "little")
         request = EngineRequest(
-            request_id, list(prompt_token_ids), params, frozenset(stop_token_ids), on_output, times, priority,
-            rng=np.random.default_rng(seed), resumed_token_ids=list(resumed_token_ids),
+            request_id,
+            list(prompt_token_ids),
+            params,
+            frozenset(stop_token_ids),
+            on_output,
+            times,
+            priority,
+            rng=np.random.default_rng(seed),
+            resumed_token_ids=list(resumed_token_ids),
         )
         self._inbox.put(request)
         return times
@@ -365,7 +377,9 @@ class Engine:
                 if take < min(2, rest):
                     break
                 rows.append(request)
-                chunks.append(request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take])
+                chunks.append(
+                    request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take]
+                )
                 budget -= take
             return rows, chunks
         self._last_step_decoded = True
@@ -408,7 +422,10 @@ class Engine:
         row is run alone (rows are computed independently, so a row's logits are the same alone or
         batched): a row that fails again is the culprit and fails alone; the others go on."""
         try:
-            return [(i, request, row_logits) for (i, request), row_logits in zip(enumerate(rows), self.backend.forward(batch))]
+            return [
+                (i, request, row_logits)
+                for (i, request), row_logits in zip(enumerate(rows), self.backend.forward(batch))
+            ]
         except Exception:
             if len(rows) == 1:
                 self._fail(rows[0], "its forward step")
@@ -447,7 +464,9 @@ class Engine:
 
     def _sample(self, request: EngineRequest, raw: np.ndarray, now: float) -> None:
         params = request.params
-        adjusted = apply_penalties(raw, params, request.prompt_token_ids, request.output_token_ids, request.stop_token_ids)
+        adjusted = apply_penalties(
+            raw, params, request.prompt_token_ids, request.output_token_ids, request.stop_token_ids
+        )
         token = sample_token(adjusted, params, request.rng)  # also when replaying: the seeded RNG advances alike
         done = len(request.output_token_ids)
         if done < len(request.resumed_token_ids):
@@ -466,18 +485,27 @@ class Engine:
             finish = FinishReason.STOP
         elif len(request.output_token_ids) >= params.max_tokens:  # validate() keeps prompt + max_tokens in the context
             finish = FinishReason.LENGTH
-        output = EngineOutput(request.request_id, [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                              cached_prompt_tokens=cached_prompt_tokens)
+        output = EngineOutput(
+            request.request_id,
+            [token],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
         if finish is None:
             request.on_output(output)
         else:
             self._finish(request, finish, output)
 
-    def _finish(self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None) -> None:
+    def _finish(
+        self, request: EngineRequest, reason: FinishReason, last: EngineOutput | None = None, error: str | None = None
+    ) -> None:
         self._running.pop(request.request_id, None)
         # what a later prompt may reuse: the prompt positions written (by prefill) to the slot's cache
         held = request.prompt_token_ids[: request.num_computed_tokens]
-        self._slot_tokens[request.slot] = held if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT) else []
+        self._slot_tokens[request.slot] = (
+            held if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT) else []
+        )
         request.times.finished = time.monotonic()
         with self._lock:
             self._free_slots.append(request.slot)

@@ -32,7 +32,13 @@ def perplexity(backend: DecoderBackend, token_ids: list[int], slot: int = 0, chu
     return float(np.exp(-token_log_probs(backend, token_ids, slot, chunk).mean()))
 
 
-def greedy(backend: DecoderBackend, prompt_ids: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset(), slot: int = 0) -> list[int]:
+def greedy(
+    backend: DecoderBackend,
+    prompt_ids: list[int],
+    max_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+    slot: int = 0,
+) -> list[int]:
     """Greedy decoding of one prompt in one slot."""
     n = len(prompt_ids)
     logits = backend.forward(StepBatch.one_row(prompt_ids, slot))

@@ -9,7 +9,6 @@ import os
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-
 from services.common.metrics import ServingMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
@@ -30,21 +29,37 @@ def add_parser(subparsers) -> None:
     add_models_root_arg(parser)
     defaults = EngineConfig()
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve"
+    )
     parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
-    parser.add_argument("--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted")
-    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens, help="prompt tokens per prefill step")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("MESHSERVE_INFERENCE_THREADS", "0")),
-                        help="compute threads (0: one per core)")
+    parser.add_argument(
+        "--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted"
+    )
+    parser.add_argument(
+        "--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before RESOURCE_EXHAUSTED"
+    )
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens, help="prompt tokens per prefill step"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("MESHSERVE_INFERENCE_THREADS", "0")),
+        help="compute threads (0: one per core)",
+    )
     parser.set_defaults(func=run)
 
 
 def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model) -> Engine:
     """The engine over backend `name`, warmed by one tiny step so the first request does not pay
     for lazy initialisation."""
-    options = {"intra_op_threads": args.threads} if name == "onnxruntime" else {"max_prefill": config.max_prefill_tokens}
+    options = (
+        {"intra_op_threads": args.threads} if name == "onnxruntime" else {"max_prefill": config.max_prefill_tokens}
+    )
     backend = create_backend(name, model, config.num_slots, config.max_context, **options)
     backend.forward(StepBatch.one_row([0]))
     return Engine(backend, config)
@@ -59,8 +74,11 @@ async def serve(args: argparse.Namespace) -> None:
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     model = find_model(args.models_root, args.precision)
     config = EngineConfig(
-        num_slots=args.num_slots, max_context=args.max_context, max_new_tokens=args.max_new_tokens,
-        max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
+        num_slots=args.num_slots,
+        max_context=args.max_context,
+        max_new_tokens=args.max_new_tokens,
+        max_waiting=args.max_waiting,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     metrics = ServingMetrics(model.name)
     async_engine = AsyncEngine(metrics)

@@ -116,16 +116,24 @@ CALIBRATION_PROMPTS = (
     "Describe the water cycle to a ten-year-old.",
     "What should I pack for a weekend hiking trip?",
 )
-CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+CHAT_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 CALIBRATION_MAX_TOKENS = 256
 CALIBRATION_SEED = 0
 CALIBRATION_TEMPERATURE = 0.8
 
 
-def sampled_answers(decoder_path: Path, config, prompts: list[list[int]], stop_ids: frozenset[int],
-                    max_tokens: int = CALIBRATION_MAX_TOKENS, seed: int = CALIBRATION_SEED,
-                    temperature: float = CALIBRATION_TEMPERATURE) -> list[list[int]]:
+def sampled_answers(
+    decoder_path: Path,
+    config,
+    prompts: list[list[int]],
+    stop_ids: frozenset[int],
+    max_tokens: int = CALIBRATION_MAX_TOKENS,
+    seed: int = CALIBRATION_SEED,
+    temperature: float = CALIBRATION_TEMPERATURE,
+) -> list[list[int]]:
     """Each prompt followed by the model's own answer: up to `max_tokens` tokens sampled at
     `temperature` (seeded), all prompts decoded together in one batch, until a stop token."""
     import onnxruntime as ort
@@ -136,8 +144,11 @@ def sampled_answers(decoder_path: Path, config, prompts: list[list[int]], stop_i
     rows, layers = len(prompts), config.num_layers
     capacity = max(map(len, prompts)) + max_tokens
     # per row its cached tokens first; a row shorter than the longest sees the rest masked out
-    cache = {f"{kind}_{i}": np.zeros((rows, config.num_kv_heads, capacity, config.head_dim), np.float32)
-             for i in range(layers) for kind in ("key", "value")}
+    cache = {
+        f"{kind}_{i}": np.zeros((rows, config.num_kv_heads, capacity, config.head_dim), np.float32)
+        for i in range(layers)
+        for kind in ("key", "value")
+    }
     names = [o.name for o in session.get_outputs()]
     lengths = np.array([len(p) for p in prompts], np.int64)
     logits = np.empty((rows, config.vocab_size), np.float32)
@@ -159,10 +170,16 @@ def sampled_answers(decoder_path: Path, config, prompts: list[list[int]], stop_i
             done[r] = int(tokens[r]) in stop_ids
         if done.all():
             break
-        batch = StepBatch(np.arange(rows), tokens[:, None], lengths, np.ones(rows, np.int64), np.zeros((rows, 1), np.int64))
+        batch = StepBatch(
+            np.arange(rows), tokens[:, None], lengths, np.ones(rows, np.int64), np.zeros((rows, 1), np.int64)
+        )
         past = batch.past
-        feed = {"input_ids": batch.input_ids, "position_ids": batch.position_ids(), "attention_bias": batch.attention_bias(),
-                "logits_indices": batch.logits_indices}
+        feed = {
+            "input_ids": batch.input_ids,
+            "position_ids": batch.position_ids(),
+            "attention_bias": batch.attention_bias(),
+            "logits_indices": batch.logits_indices,
+        }
         feed.update({f"past_{name}": np.ascontiguousarray(buffer[:, :, :past]) for name, buffer in cache.items()})
         out = dict(zip(names, session.run(None, feed)))
         logits = out["logits"][:, 0]

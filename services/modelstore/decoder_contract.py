@@ -78,13 +78,24 @@ class StepBatch:
         """One row of new tokens after `cached` ones in `slot`; logits of its last token, or of all."""
         n = len(token_ids)
         positions = np.arange(n)[None] if all_logits else np.array([[n - 1]])
-        return cls(np.array([slot]), np.asarray(token_ids, np.int64).reshape(1, n), np.array([cached]), np.array([n]), positions)
+        return cls(
+            np.array([slot]),
+            np.asarray(token_ids, np.int64).reshape(1, n),
+            np.array([cached]),
+            np.array([n]),
+            positions,
+        )
 
     def row(self, i: int) -> StepBatch:
         """Row `i` alone, with the same padding: its logits are those it has in the whole batch."""
         pick = slice(i, i + 1)
-        return StepBatch(self.slots[pick], self.input_ids[pick], self.cached_lengths[pick], self.new_lengths[pick],
-                         self.logits_indices[pick])
+        return StepBatch(
+            self.slots[pick],
+            self.input_ids[pick],
+            self.cached_lengths[pick],
+            self.new_lengths[pick],
+            self.logits_indices[pick],
+        )
 
     @property
     def rows(self) -> int:

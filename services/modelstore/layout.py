@@ -87,5 +87,7 @@ def find_model(models_root: Path, precision: str | None = None) -> ModelDirector
         if precision is None or json.loads(p.read_text()).get("precision") == precision
     ]
     if not candidates:
-        raise SystemExit(f"no prepared model under {models_root}: run `meshserve prepare-model --models-root {models_root}`")
+        raise SystemExit(
+            f"no prepared model under {models_root}: run `meshserve prepare-model --models-root {models_root}`"
+        )
     return ModelDirectory(max(candidates, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime))

@@ -88,7 +88,9 @@ def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
     return weight[start:stop]
 
 
-def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+def build_cpu_decoder(
+    config: LlamaConfig, weights: CpuDecoderWeights, accuracy_level: int = ACCURACY_LEVEL
+) -> onnx.ModelProto:
     """Builds the CPU decoder graph (see the module docstring for its inputs and outputs)."""
     g = GraphBuilder()
     c = config
@@ -100,8 +102,18 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
             zero_points = weight.packed_zero_points()
             if zero_points is not None:
                 inputs.append(g.const(f"{hint}_zp", zero_points))
-            return g.op("MatMulNBits", inputs, hint, output=output, domain=MS_DOMAIN, K=weight.k, N=weight.n,
-                        bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level)
+            return g.op(
+                "MatMulNBits",
+                inputs,
+                hint,
+                output=output,
+                domain=MS_DOMAIN,
+                K=weight.k,
+                N=weight.n,
+                bits=weight.bits,
+                block_size=weight.block_size,
+                accuracy_level=accuracy_level,
+            )
         w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
         return g.op("MatMul", [x, w], hint, output=output)
 
@@ -111,11 +123,24 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
         rows = table.n
         data = g.const("embed_q", table.codes.reshape(rows, -1))
         scales = g.const("embed_scales", table.scales)
-        h = g.op("GatherBlockQuantized", [data, "input_ids", scales], hint="embeddings", domain=MS_DOMAIN,
-                 bits=8, block_size=table.block_size, gather_axis=0, quantize_axis=1)
+        h = g.op(
+            "GatherBlockQuantized",
+            [data, "input_ids", scales],
+            hint="embeddings",
+            domain=MS_DOMAIN,
+            bits=8,
+            block_size=table.block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
         lm_head: Linear = table
     else:
-        h = g.op("Gather", [g.const("embed_tokens", weights.embed.astype(np.float32)), "input_ids"], hint="embeddings", axis=0)
+        h = g.op(
+            "Gather",
+            [g.const("embed_tokens", weights.embed.astype(np.float32)), "input_ids"],
+            hint="embeddings",
+            axis=0,
+        )
         lm_head = weights.embed
 
     # 2. RoPE tables for GroupQueryAttention: [max_position, head_dim / 2]
@@ -125,24 +150,52 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
 
     eps = float(c.rms_norm_eps)
     residual = h
-    x = g.op("SimplifiedLayerNormalization", [h, g.const("l0_attn_norm", weights.input_norms[0].astype(np.float32))],
-             hint="l0_attn_norm", axis=-1, epsilon=eps, stash_type=1)
+    x = g.op(
+        "SimplifiedLayerNormalization",
+        [h, g.const("l0_attn_norm", weights.input_norms[0].astype(np.float32))],
+        hint="l0_attn_norm",
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+    )
     for i in range(c.num_layers):
         # 3. attention: one projection for q/k/v, GQA appends to the cache and attends
         qkv = linear(x, weights.qkv[i], f"l{i}_qkv")
         attn = g.ops(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin,
-             "", "", "", "", "", "", "", "query_lengths"],
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_{i}",
+                f"past_value_{i}",
+                "seqlens_k",
+                "total_sequence_length",
+                cos,
+                sin,
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "query_lengths",
+            ],
             outputs=[g.name(f"l{i}_attn"), f"present_key_{i}", f"present_value_{i}"],
-            domain=MS_DOMAIN, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+            domain=MS_DOMAIN,
+            num_heads=c.num_heads,
+            kv_num_heads=c.num_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
         )[0]
         o = linear(attn, weights.o[i], f"l{i}_o")
         x, _, _, residual = g.ops(
             "SkipSimplifiedLayerNormalization",
             [o, residual, g.const(f"l{i}_mlp_norm", weights.post_norms[i].astype(np.float32))],
             outputs=[g.name(f"l{i}_mlp_norm"), "", "", g.name(f"l{i}_residual")],
-            domain=MS_DOMAIN, epsilon=eps,
+            domain=MS_DOMAIN,
+            epsilon=eps,
         )
         # 4. SwiGLU MLP: gate and up as two projections (measured faster than one and a Split)
         gate = linear(x, _rows(weights.gate_up[i], 0, c.intermediate_size), f"l{i}_gate")
@@ -154,7 +207,8 @@ def build_cpu_decoder(config: LlamaConfig, weights: CpuDecoderWeights, accuracy_
             "SkipSimplifiedLayerNormalization",
             [down, residual, g.const(f"l{i + 1}_norm", norm.astype(np.float32))],
             outputs=[g.name(f"l{i + 1}_norm"), "", "", g.name(f"l{i + 1}_residual")],
-            domain=MS_DOMAIN, epsilon=eps,
+            domain=MS_DOMAIN,
+            epsilon=eps,
         )
 
     # 5. only the requested tokens go through the (large) vocabulary projection

@@ -41,16 +41,35 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, *,
-           output: str | None = None, domain: str = "", **attrs: Any) -> str:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str | None = None,
+        *,
+        output: str | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str:
         """Adds a node with one output; returns that output's name (`output` names it)."""
         return self.ops(op_type, inputs, hint, outputs=[output] if output else None, domain=domain, **attrs)[0]
 
-    def ops(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, *,
-            outputs: list[str] | None = None, domain: str = "", **attrs: Any) -> list[str]:
+    def ops(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str | None = None,
+        n_out: int = 1,
+        *,
+        outputs: list[str] | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> list[str]:
         """Adds a node; returns the names of its outputs (`outputs` names them, else `n_out` are made)."""
         outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain or None, **attrs)
+        )
         return outs
 
 
@@ -84,7 +103,10 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
     # RoPE tables: cos/sin of position * inv_freq, duplicated for rotate-half, [batch, seq, 1, hd]
     inv_freq = rope_inv_freq(c)
     inv_freq_c = g.const("inv_freq", inv_freq.astype(np.float32).reshape(1, 1, -1))
-    pos_f = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const("ax", np.array([-1], dtype=np.int64))])
+    pos_f = g.op(
+        "Unsqueeze",
+        [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const("ax", np.array([-1], dtype=np.int64))],
+    )
     freqs = g.op("Mul", [pos_f, inv_freq_c])
     emb = g.op("Concat", [freqs, freqs], axis=-1)
     ax2 = g.const("ax2", np.array([2], dtype=np.int64))
@@ -142,10 +164,14 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
 
         for kind in ("key", "value"):
             graph_inputs_kv.append(
-                helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", c.num_kv_heads, "past", hd])
+                helper.make_tensor_value_info(
+                    f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", c.num_kv_heads, "past", hd]
+                )
             )
             graph_outputs_kv.append(
-                helper.make_tensor_value_info(f"new_{kind}_{i}", TensorProto.FLOAT, ["batch", c.num_kv_heads, "seq", hd])
+                helper.make_tensor_value_info(
+                    f"new_{kind}_{i}", TensorProto.FLOAT, ["batch", c.num_kv_heads, "seq", hd]
+                )
             )
 
     h = rms_norm(h, weights["model.norm.weight"], "final_norm")
@@ -154,7 +180,9 @@ def build_decoder(config: LlamaConfig, weights: dict[str, np.ndarray]) -> onnx.M
     idx = g.op("Expand", [idx, g.op("Concat", [shape_i64(1, 1), shape_i64(c.hidden_size)], axis=0)])
     selected = g.op("GatherElements", [h, idx], axis=1)
     lm_head = weights.get("lm_head.weight", embed)
-    g.nodes.append(helper.make_node("MatMul", [selected, g.const("lm_head", np.ascontiguousarray(lm_head.T))], ["logits"]))
+    g.nodes.append(
+        helper.make_node("MatMul", [selected, g.const("lm_head", np.ascontiguousarray(lm_head.T))], ["logits"])
+    )
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),

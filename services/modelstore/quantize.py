@@ -146,8 +146,9 @@ def quantize_8bit(weight: np.ndarray) -> NBitsWeight:
     return NBitsWeight(n, k, codes, scale.astype(np.float32), zero_point.astype(np.uint8))
 
 
-def quantize_4bit(weight: np.ndarray, block_size: int = BLOCK, symmetric: bool = False,
-                  importance: np.ndarray | None = None) -> NBitsWeight:
+def quantize_4bit(
+    weight: np.ndarray, block_size: int = BLOCK, symmetric: bool = False, importance: np.ndarray | None = None
+) -> NBitsWeight:
     """4-bit blocks of `block_size` along the input dimension of a float weight [n, k], each block's
     integer zero point and scale chosen to minimize its squared error, weighted per input channel
     by `importance` [k] when given (for example the mean square of the activations).
@@ -205,8 +206,15 @@ def quantize_4bit(weight: np.ndarray, block_size: int = BLOCK, symmetric: bool =
     # rounding at the chosen scale is the nearest code of every weight: no worse than the candidate's
     codes = (_codes_minus_zero(w, best_scale, best_zero, out=q) + best_zero[:, None]).astype(np.uint8)
     zero_points = None if symmetric else best_zero.astype(np.uint8).reshape(n, blocks)
-    return NBitsWeight(n, k, codes.reshape(n, blocks, block_size), best_scale.reshape(n, blocks), zero_points,
-                       bits=4, block_size=block_size)
+    return NBitsWeight(
+        n,
+        k,
+        codes.reshape(n, blocks, block_size),
+        best_scale.reshape(n, blocks),
+        zero_points,
+        bits=4,
+        block_size=block_size,
+    )
 
 
 def _nonzero(scale: np.ndarray) -> np.ndarray:
@@ -224,7 +232,9 @@ def _codes_minus_zero(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, out: n
     return out
 
 
-def gptq_4bit(weight: np.ndarray, hessian: np.ndarray, block_size: int = BLOCK, damping: float = GPTQ_DAMPING) -> NBitsWeight:
+def gptq_4bit(
+    weight: np.ndarray, hessian: np.ndarray, block_size: int = BLOCK, damping: float = GPTQ_DAMPING
+) -> NBitsWeight:
     """4-bit blocks of a float weight [n, k] by GPTQ (Frantar et al. 2022): the columns are quantized
     in order, and each one's rounding error is compensated in the columns not yet quantized, as the
     calibration inputs' `hessian` H = X^T X [k, k] says they can absorb it. That minimizes the
@@ -263,7 +273,9 @@ def gptq_4bit(weight: np.ndarray, hessian: np.ndarray, block_size: int = BLOCK, 
     return NBitsWeight(n, k, codes.reshape(n, blocks, block_size), scales, zero_points, bits=4, block_size=block_size)
 
 
-_SCALE_GRID = np.linspace(0.7, 1.15, 19, dtype=np.float32)  # r: from clipping the block's extremes to widening its range
+_SCALE_GRID = np.linspace(
+    0.7, 1.15, 19, dtype=np.float32
+)  # r: from clipping the block's extremes to widening its range
 
 
 def smoothing_factors(activation_max: np.ndarray, weight: np.ndarray, alpha: float = SMOOTHING_ALPHA) -> np.ndarray:
@@ -272,8 +284,13 @@ def smoothing_factors(activation_max: np.ndarray, weight: np.ndarray, alpha: flo
     return (s / np.exp(np.log(s).mean())).astype(np.float32)
 
 
-def smooth(config, weights, activation_max: dict[tuple[str, int], np.ndarray], alpha: float = SMOOTHING_ALPHA,
-           factors: dict[tuple[str, int], np.ndarray] | None = None):
+def smooth(
+    config,
+    weights,
+    activation_max: dict[tuple[str, int], np.ndarray],
+    alpha: float = SMOOTHING_ALPHA,
+    factors: dict[tuple[str, int], np.ndarray] | None = None,
+):
     """Float weights (CpuDecoderWeights.from_fp32) smoothed with the calibration's per-channel input
     maxima `activation_max[(kind, layer)]` (kinds qkv, o, gate_up, down): the same function, with the
     range of outlier activation channels moved into the weights. `factors`, when given, receives
@@ -283,8 +300,15 @@ def smooth(config, weights, activation_max: dict[tuple[str, int], np.ndarray], a
 
     hd, group, inter = config.head_dim, config.num_heads // config.num_kv_heads, config.intermediate_size
     v_rows = slice((config.num_heads + config.num_kv_heads) * hd, None)
-    out = replace(weights, input_norms=list(weights.input_norms), post_norms=list(weights.post_norms),
-                  qkv=[], o=[], gate_up=[], down=[])
+    out = replace(
+        weights,
+        input_norms=list(weights.input_norms),
+        post_norms=list(weights.post_norms),
+        qkv=[],
+        o=[],
+        gate_up=[],
+        down=[],
+    )
     for i in range(config.num_layers):
         qkv, o = weights.qkv[i].copy(), weights.o[i].copy()
         gate_up, down = weights.gate_up[i].copy(), weights.down[i].copy()
@@ -313,8 +337,9 @@ def smooth(config, weights, activation_max: dict[tuple[str, int], np.ndarray], a
     return out
 
 
-def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
-                        alpha: float = SMOOTHING_ALPHA):
+def smooth_and_quantize(
+    config, weights, activation_max: dict[tuple[str, int], np.ndarray], embed: Q80Blocks, alpha: float = SMOOTHING_ALPHA
+):
     """The int8 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed (see `smooth`),
     their projections quantized to 8-bit blocks; the embedding and lm_head are `embed` (the GGUF's Q8_0
     blocks, or NBitsWeight blocks)."""
@@ -322,12 +347,25 @@ def smooth_and_quantize(config, weights, activation_max: dict[tuple[str, int], n
     from dataclasses import replace
 
     smoothed = smooth(config, weights, activation_max, alpha)
-    return replace(smoothed, embed=embed, qkv=[quantize(w) for w in smoothed.qkv], o=[quantize(w) for w in smoothed.o],
-                   gate_up=[quantize(w) for w in smoothed.gate_up], down=[quantize(w) for w in smoothed.down])
+    return replace(
+        smoothed,
+        embed=embed,
+        qkv=[quantize(w) for w in smoothed.qkv],
+        o=[quantize(w) for w in smoothed.o],
+        gate_up=[quantize(w) for w in smoothed.gate_up],
+        down=[quantize(w) for w in smoothed.down],
+    )
 
 
-def smooth_and_gptq(config, weights, activations: dict[tuple[str, int], np.ndarray], embed: Q80Blocks,
-                    alpha: float = INT4_SMOOTHING_ALPHA, block_size: int = INT4_BLOCK, damping: float = GPTQ_DAMPING):
+def smooth_and_gptq(
+    config,
+    weights,
+    activations: dict[tuple[str, int], np.ndarray],
+    embed: Q80Blocks,
+    alpha: float = INT4_SMOOTHING_ALPHA,
+    block_size: int = INT4_BLOCK,
+    damping: float = GPTQ_DAMPING,
+):
     """The int4 CpuDecoderWeights: float weights (CpuDecoderWeights.from_fp32) smoothed with the
     maxima of the calibration's projection inputs `activations[(kind, layer)]` [tokens, channels],
     their projections quantized to 4-bit blocks by GPTQ against those inputs (as smoothed: x / s);
@@ -342,11 +380,14 @@ def smooth_and_gptq(config, weights, activations: dict[tuple[str, int], np.ndarr
         x = activations[(kind, layer)].astype(np.float64) / factors[(kind, layer)]
         return gptq_4bit(weight, x.T @ x, block_size, damping)
 
-    return replace(smoothed, embed=embed,
-                   qkv=[quantize("qkv", i, w) for i, w in enumerate(smoothed.qkv)],
-                   o=[quantize("o", i, w) for i, w in enumerate(smoothed.o)],
-                   gate_up=[quantize("gate_up", i, w) for i, w in enumerate(smoothed.gate_up)],
-                   down=[quantize("down", i, w) for i, w in enumerate(smoothed.down)])
+    return replace(
+        smoothed,
+        embed=embed,
+        qkv=[quantize("qkv", i, w) for i, w in enumerate(smoothed.qkv)],
+        o=[quantize("o", i, w) for i, w in enumerate(smoothed.o)],
+        gate_up=[quantize("gate_up", i, w) for i, w in enumerate(smoothed.gate_up)],
+        down=[quantize("down", i, w) for i, w in enumerate(smoothed.down)],
+    )
 
 
 def gguf_embedding_blocks(reader) -> Q80Blocks:

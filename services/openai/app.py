@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from meshserve.v1 import generation_service_pb2 as pb
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
@@ -24,6 +23,7 @@ from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from meshserve.v1 import generation_service_pb2 as pb
 from services.common.contract import MAX_PROMPT_BYTES
 from services.openai import core
 from services.openai.config import OpenAIConfig
@@ -39,8 +39,11 @@ _REQUESTS: Counter | None = None
 def _requests_counter() -> Counter:
     global _REQUESTS
     if _REQUESTS is None:  # one per process, however many apps (tests make several)
-        _REQUESTS = Counter("meshserve_openai_requests", "OpenAI-compatible API requests by endpoint and HTTP status.",
-                            ["model_name", "endpoint", "code"])
+        _REQUESTS = Counter(
+            "meshserve_openai_requests",
+            "OpenAI-compatible API requests by endpoint and HTTP status.",
+            ["model_name", "endpoint", "code"],
+        )
     return _REQUESTS
 
 
@@ -55,13 +58,15 @@ class OpenAIService:
     requests: Counter
 
     @classmethod
-    def create(cls, config: OpenAIConfig) -> "OpenAIService":
-        return cls(config, RouterClient(config), TokenTexts(config.tokenizer_target), int(time.time()), _requests_counter())
+    def create(cls, config: OpenAIConfig) -> OpenAIService:
+        return cls(
+            config, RouterClient(config), TokenTexts(config.tokenizer_target), int(time.time()), _requests_counter()
+        )
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         try:
             return await self.router.model_info()
-        except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
+        except Exception as error:
             raise core.to_openai_error(error, None) from None
 
     async def close(self) -> None:
@@ -100,8 +105,12 @@ class _Life:
         self.service = service
         self.endpoint = endpoint
         self.started = time.monotonic()
-        self.span = tracer.start_span(f"POST {request.url.path}", context=extract(request.headers), kind=SpanKind.SERVER,
-                                      attributes={"http.request.method": "POST", "url.path": request.url.path})
+        self.span = tracer.start_span(
+            f"POST {request.url.path}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "url.path": request.url.path},
+        )
         self.plan: core.Plan | None = None
         self.usage: dict[str, Any] = {}
         self.ended = False
@@ -126,10 +135,18 @@ class _Life:
         plan = self.plan
         self.service.requests.labels(plan.model if plan else "", self.endpoint, str(status)).inc()
         # ids and counts only: never prompt or generated text
-        log.info("%s %d choices=%d stream=%s prompt_tokens=%s completion_tokens=%s error=%s %.3fs", self.endpoint,
-                 status, len(plan.requests) if plan else 0, plan.stream if plan else None,
-                 self.usage.get("prompt_tokens"), self.usage.get("completion_tokens"), error.code if error else None,
-                 time.monotonic() - self.started, extra={"request_id": plan.id if plan else ""})
+        log.info(
+            "%s %d choices=%d stream=%s prompt_tokens=%s completion_tokens=%s error=%s %.3fs",
+            self.endpoint,
+            status,
+            len(plan.requests) if plan else 0,
+            plan.stream if plan else None,
+            self.usage.get("prompt_tokens"),
+            self.usage.get("completion_tokens"),
+            error.code if error else None,
+            time.monotonic() - self.started,
+            extra={"request_id": plan.id if plan else ""},
+        )
 
 
 class _EventStream(StreamingResponse):
@@ -137,7 +154,9 @@ class _EventStream(StreamingResponse):
     body starts never runs the body generator's own `finally`."""
 
     def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None], request_id: str) -> None:
-        super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-request-id": request_id})
+        super().__init__(
+            body, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-request-id": request_id}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -157,8 +176,13 @@ fields): refused while it is read, so the service never holds an unbounded body,
 
 
 async def _bounded_body(request: Request) -> bytes:
-    too_large = core.OpenAIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "invalid_request_error",
-                                 None, "request_too_large")
+    too_large = core.OpenAIError(
+        413,
+        f"the request body is larger than {MAX_BODY_BYTES} bytes",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise too_large
     chunks, size = [], 0
@@ -200,7 +224,7 @@ async def _generate(service: OpenAIService, request: Request, endpoint: core.End
     except ClientGone:
         life.end(499)
         return Response(status_code=499)  # nobody reads it
-    except Exception as error:  # noqa: BLE001 - every failure is answered in OpenAI's shape
+    except Exception as error:
         mapped = core.to_openai_error(error, life.plan)
         if mapped.status == 500:
             log.error("internal error", exc_info=error, extra={"request_id": life.plan.id if life.plan else ""})
@@ -216,29 +240,38 @@ async def _collect(generation: Generation, builder: core.ResponseBuilder) -> Non
         builder.add(*event)
 
 
-async def _answers(generation: Generation, first: list[tuple[int, pb.GenerateResponse]]
-                   ) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+async def _answers(
+    generation: Generation, first: list[tuple[int, pb.GenerateResponse]]
+) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
     for event in first:
         yield event
     while (more := await generation.next()) is not None:
         yield more
 
 
-async def _events(service: OpenAIService, life: _Life, answers: AsyncIterator[tuple[int, pb.GenerateResponse]],
-                  builder: core.ResponseBuilder) -> AsyncIterator[bytes]:
+async def _events(
+    service: OpenAIService,
+    life: _Life,
+    answers: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    builder: core.ResponseBuilder,
+) -> AsyncIterator[bytes]:
     """The server-sent events of a stream. A client that goes away makes Starlette cancel this generator
     at its current await; `_EventStream` then cancels the calls."""
     status, error = 499, None
     try:
         async for index, response in answers:
-            texts = await service.texts.lookup(core.logprob_token_ids(response)) if builder.plan.logprobs is not None else {}
+            texts = (
+                await service.texts.lookup(core.logprob_token_ids(response))
+                if builder.plan.logprobs is not None
+                else {}
+            )
             for chunk in builder.chunks(index, response, texts):
                 yield core.sse(chunk)
         for chunk in builder.final_chunks():
             yield core.sse(chunk)
         status = 200
         life.usage = builder.usage()
-    except Exception as failure:  # noqa: BLE001 - the status was sent already: the error becomes an event
+    except Exception as failure:
         error = core.to_openai_error(failure, builder.plan)
         status = error.status
         yield core.sse(error.body())
@@ -260,9 +293,14 @@ def create_app(config: OpenAIConfig) -> FastAPI:
 
     # FastAPI's own OpenTelemetry spans, metrics and logs are off: one span per request is ours (_Life),
     # with the status the client got, and no library records request bodies (prompts) anywhere.
-    app = FastAPI(title="meshserve OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+    app = FastAPI(
+        title="meshserve OpenAI-compatible API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
 
     @app.exception_handler(core.OpenAIError)
     async def openai_error(request: Request, error: core.OpenAIError) -> JSONResponse:
@@ -271,8 +309,15 @@ def create_app(config: OpenAIConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return _error_response(core.OpenAIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
-                                                kind, None, "not_found" if error.status_code == 404 else None))
+        return _error_response(
+            core.OpenAIError(
+                error.status_code,
+                f"{request.method} {request.url.path}: {error.detail}",
+                kind,
+                None,
+                "not_found" if error.status_code == 404 else None,
+            )
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -292,8 +337,9 @@ def create_app(config: OpenAIConfig) -> FastAPI:
         service: OpenAIService = request.app.state.service
         info = await service.model_info()
         if model.lower() != info.model.lower():
-            raise core.OpenAIError(404, f"The model '{model}' does not exist.", "invalid_request_error", "model",
-                                   "model_not_found")
+            raise core.OpenAIError(
+                404, f"The model '{model}' does not exist.", "invalid_request_error", "model", "model_not_found"
+            )
         return JSONResponse(core.model_card(info, service.started))
 
     @app.get("/health")

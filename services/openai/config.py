@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+
 def _is_ip_target(target: str) -> bool:
     host, _, port = target.rpartition(":")
     try:
@@ -33,8 +34,10 @@ class OpenAIConfig:
         if not self.router_targets:
             raise ValueError("at least one --router-target is needed")
         if len(self.router_targets) > 1 and not all(_is_ip_target(t) for t in self.router_targets):
-            raise ValueError("several --router-target values must all be IP:port; for host names pass one "
-                             "dns:///NAME:PORT target that resolves to every router")
+            raise ValueError(
+                "several --router-target values must all be IP:port; for host names pass one "
+                "dns:///NAME:PORT target that resolves to every router"
+            )
         if self.max_choices < 1:
             raise ValueError(f"max_choices must be >= 1, got {self.max_choices}")
 

@@ -19,10 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshserve.v1 import generation_service_pb2 as pb
 from pydantic import ValidationError
 
-from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from meshserve.v1 import generation_service_pb2 as pb
+from services.common.errors import (
+    DownstreamError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServingError,
+    UnavailableError,
+)
 from services.common.finish import from_public_proto
 from services.openai.schemas import FIELD_NAMES, ChatCompletionRequest, CompletionRequest, Endpoint, _Sampling
 
@@ -32,12 +38,18 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's (and vLLM's) default for /v1/completions; chat leaves it to the router's default."""
 
 
-
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,8 +65,10 @@ class OpenAIError(Exception):
         """Retry-After in whole seconds (the HTTP form) and retry-after-ms, which the openai SDKs prefer."""
         if self.retry_after_s is None:
             return {}
-        return {"retry-after": str(max(1, math.ceil(self.retry_after_s))),
-                "retry-after-ms": str(max(1, round(self.retry_after_s * 1000)))}
+        return {
+            "retry-after": str(max(1, math.ceil(self.retry_after_s))),
+            "retry-after-ms": str(max(1, round(self.retry_after_s * 1000))),
+        }
 
 
 def invalid(message: str, param: str | None, code: str = "invalid_value") -> OpenAIError:
@@ -87,7 +101,9 @@ def _parse(model: type[_Sampling], body: bytes) -> Any:
         same_field = [e for e in errors if e["loc"][:1] == first["loc"][:1]]
         first = max(same_field, key=lambda e: (len(_param_of(e["loc"])), not e["type"].endswith("_type")))
         if first["type"] == "json_invalid":
-            raise invalid(f"We could not parse the JSON body of your request: {first['msg']}", None, "invalid_json") from None
+            raise invalid(
+                f"We could not parse the JSON body of your request: {first['msg']}", None, "invalid_json"
+            ) from None
         if first["type"] == "model_type":
             raise invalid("The request body must be a JSON object.", None, "invalid_json") from None
         param = _param_of(first["loc"])
@@ -134,8 +150,15 @@ class Plan:
 
 def _sampling(request: _Sampling, max_tokens: int | None, logprobs: int | None) -> pb.SamplingParameters:
     sampling = pb.SamplingParameters()
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
-                 "min_tokens"):
+    for name in (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+    ):
         value = getattr(request, name)
         if value is not None:
             setattr(sampling, name, value)
@@ -163,12 +186,15 @@ def _choices(request: _Sampling, prompts: int, max_choices: int) -> int:
     if not 1 <= n <= MAX_N:
         raise invalid(f"Invalid 'n': {n} is not in [1, {MAX_N}].", "n")
     if prompts * n > max_choices:
-        raise invalid(f"At most {max_choices} generations per request: {prompts} prompts x n={n}.", "n" if n > 1 else "prompt")
+        raise invalid(
+            f"At most {max_choices} generations per request: {prompts} prompts x n={n}.", "n" if n > 1 else "prompt"
+        )
     return n
 
 
-def _fan_out(inputs: list[dict[str, Any]], n: int, request: _Sampling, sampling: pb.SamplingParameters, model: str,
-             base_id: str) -> list[pb.GenerateRequest]:
+def _fan_out(
+    inputs: list[dict[str, Any]], n: int, request: _Sampling, sampling: pb.SamplingParameters, model: str, base_id: str
+) -> list[pb.GenerateRequest]:
     """n requests per input. A seeded request's choices get seeds seed, seed+1, ... so they differ and
     each stays reproducible."""
     requests = []
@@ -180,7 +206,9 @@ def _fan_out(inputs: list[dict[str, Any]], n: int, request: _Sampling, sampling:
             if request.seed is not None:
                 choice_sampling.seed = (request.seed + j) % (1 << 64)
             request_id = base_id if len(inputs) * n == 1 else f"{base_id}-{index}"
-            requests.append(pb.GenerateRequest(model=model, sampling=choice_sampling, request_id=request_id, **input_fields))
+            requests.append(
+                pb.GenerateRequest(model=model, sampling=choice_sampling, request_id=request_id, **input_fields)
+            )
     return requests
 
 
@@ -190,8 +218,11 @@ def _message_content(content: Any, index: int) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise invalid(f"Invalid content part type '{part.type}': only text parts are supported.",
-                          f"messages[{index}].content[{j}].type", "unsupported_content")
+            raise invalid(
+                f"Invalid content part type '{part.type}': only text parts are supported.",
+                f"messages[{index}].content[{j}].type",
+                "unsupported_content",
+            )
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -210,15 +241,31 @@ def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int 
     if request.max_completion_tokens is not None:
         max_tokens, max_tokens_param = request.max_completion_tokens, "max_completion_tokens"
     # "developer" is OpenAI's newer name for the system role
-    messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=_message_content(m.content, i))
-                for i, m in enumerate(request.messages)]
+    messages = [
+        pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=_message_content(m.content, i))
+        for i, m in enumerate(request.messages)
+    ]
     n = _choices(request, 1, max_choices)
     plan_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = _fan_out([{"chat": pb.ChatMessages(messages=messages)}], n, request,
-                        _sampling(request, max_tokens, logprobs), request.model, plan_id)
-    return Plan("chat", plan_id, model_name, requests, n, bool(request.stream),
-                bool(request.stream and request.stream_options and request.stream_options.include_usage),
-                logprobs, max_tokens_param)
+    requests = _fan_out(
+        [{"chat": pb.ChatMessages(messages=messages)}],
+        n,
+        request,
+        _sampling(request, max_tokens, logprobs),
+        request.model,
+        plan_id,
+    )
+    return Plan(
+        "chat",
+        plan_id,
+        model_name,
+        requests,
+        n,
+        bool(request.stream),
+        bool(request.stream and request.stream_options and request.stream_options.include_usage),
+        logprobs,
+        max_tokens_param,
+    )
 
 
 def plan_completion(request: CompletionRequest, model_name: str, max_choices: int = MAX_N) -> Plan:
@@ -239,9 +286,17 @@ def plan_completion(request: CompletionRequest, model_name: str, max_choices: in
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     plan_id = f"cmpl-{uuid.uuid4().hex}"
     requests = _fan_out(inputs, n, request, _sampling(request, max_tokens, request.logprobs), request.model, plan_id)
-    return Plan("completion", plan_id, model_name, requests, n, bool(request.stream),
-                bool(request.stream and request.stream_options and request.stream_options.include_usage),
-                request.logprobs, "max_tokens")
+    return Plan(
+        "completion",
+        plan_id,
+        model_name,
+        requests,
+        n,
+        bool(request.stream),
+        bool(request.stream and request.stream_options and request.stream_options.include_usage),
+        request.logprobs,
+        "max_tokens",
+    )
 
 
 def plan(request: ChatCompletionRequest | CompletionRequest, model_name: str, max_choices: int = MAX_N) -> Plan:
@@ -293,23 +348,46 @@ def to_openai_error(error: Exception, plan: Plan | None) -> OpenAIError:
         param = openai_param(error.field, plan)
         if param == "model":
             # OpenAI (and vLLM) answer an unknown model with 404 model_not_found
-            return OpenAIError(404, f"The model does not exist: {error.description}", "invalid_request_error", "model",
-                               "model_not_found")
+            return OpenAIError(
+                404,
+                f"The model does not exist: {error.description}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
         return invalid(f"Invalid '{param}': {error.description}", param)
     if isinstance(error, ResourceExhaustedError):
-        return OpenAIError(429, f"The server is at capacity, retry later: {error}", "rate_limit_error", None,
-                           "server_overloaded", error.retry_after_s)
+        return OpenAIError(
+            429,
+            f"The server is at capacity, retry later: {error}",
+            "rate_limit_error",
+            None,
+            "server_overloaded",
+            error.retry_after_s,
+        )
     if isinstance(error, UnavailableError):
-        return OpenAIError(503, f"The service is unavailable, retry later: {error}", "server_error", None,
-                           "service_unavailable", error.retry_after_s)
+        return OpenAIError(
+            503,
+            f"The service is unavailable, retry later: {error}",
+            "server_error",
+            None,
+            "service_unavailable",
+            error.retry_after_s,
+        )
     if isinstance(error, DownstreamError) and error.code in _DOWNSTREAM:
         status, kind, code = _DOWNSTREAM[error.code]
         return OpenAIError(status, str(error) or error.code.lower().replace("_", " "), kind, None, code)
     if isinstance(error, ServingError):
-        return OpenAIError(500, f"The server had an error while processing your request: {error}", "server_error",
-                           None, "internal_error")
-    return OpenAIError(500, "The server had an error while processing your request.", "server_error", None,
-                       "internal_error")
+        return OpenAIError(
+            500,
+            f"The server had an error while processing your request: {error}",
+            "server_error",
+            None,
+            "internal_error",
+        )
+    return OpenAIError(
+        500, "The server had an error while processing your request.", "server_error", None, "internal_error"
+    )
 
 
 # 4. Deadlines
@@ -394,8 +472,12 @@ class ResponseBuilder:
 
     def logprob_token_ids(self) -> set[int]:
         """Every token id the collected logprobs name (whose text `body` needs)."""
-        return {token_id for choice in self.choices for item in choice.logprobs
-                for token_id in (item.token_id, *(a.token_id for a in item.alternatives))}
+        return {
+            token_id
+            for choice in self.choices
+            for item in choice.logprobs
+            for token_id in (item.token_id, *(a.token_id for a in item.alternatives))
+        }
 
     def add(self, index: int, response: pb.GenerateResponse) -> None:
         choice = self.choices[index]
@@ -416,8 +498,12 @@ class ResponseBuilder:
         firsts = self.choices[:: self.plan.n]
         prompt = sum(c.prompt_tokens for c in firsts)
         completion = sum(c.completion_tokens for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)},
+        }
 
     def body(self, texts: Mapping[int, str]) -> dict[str, Any]:
         """The whole response; `texts` names the tokens of logprobs."""
@@ -425,22 +511,32 @@ class ResponseBuilder:
         for choice in self.choices:
             text = "".join(choice.text)
             if self.plan.endpoint == "chat":
-                choices.append({
-                    "index": choice.index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": self._chat_logprobs(choice.logprobs, texts),
-                    "finish_reason": choice.finish_reason,
-                })
+                choices.append(
+                    {
+                        "index": choice.index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": self._chat_logprobs(choice.logprobs, texts),
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
             else:
-                choices.append({
-                    "index": choice.index,
-                    "text": text,
-                    "logprobs": self._completion_logprobs(choice.logprobs, texts, 0),
-                    "finish_reason": choice.finish_reason,
-                })
-        return {"id": self.plan.id, "object": "chat.completion" if self.plan.endpoint == "chat" else "text_completion",
-                "created": self.plan.created, "model": self.plan.model, "choices": choices, "usage": self.usage(),
-                "system_fingerprint": None}
+                choices.append(
+                    {
+                        "index": choice.index,
+                        "text": text,
+                        "logprobs": self._completion_logprobs(choice.logprobs, texts, 0),
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
+        return {
+            "id": self.plan.id,
+            "object": "chat.completion" if self.plan.endpoint == "chat" else "text_completion",
+            "created": self.plan.created,
+            "model": self.plan.model,
+            "choices": choices,
+            "usage": self.usage(),
+            "system_fingerprint": None,
+        }
 
     # logprobs in the two OpenAI formats
 
@@ -452,14 +548,20 @@ class ResponseBuilder:
             token = token_text(texts, token_id)
             return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode())}
 
-        return {"content": [
-            {**entry(item.token_id, item.logprob),
-             "top_logprobs": [entry(a.token_id, a.logprob) for a in item.alternatives[: self.plan.logprobs]]}
-            for item in items
-        ], "refusal": None}
+        return {
+            "content": [
+                {
+                    **entry(item.token_id, item.logprob),
+                    "top_logprobs": [entry(a.token_id, a.logprob) for a in item.alternatives[: self.plan.logprobs]],
+                }
+                for item in items
+            ],
+            "refusal": None,
+        }
 
-    def _completion_logprobs(self, items: list[pb.TokenLogprob], texts: Mapping[int, str], offset: int
-                             ) -> dict[str, Any] | None:
+    def _completion_logprobs(
+        self, items: list[pb.TokenLogprob], texts: Mapping[int, str], offset: int
+    ) -> dict[str, Any] | None:
         if self.plan.logprobs is None:
             return None
         tokens, token_logprobs, top, offsets = [], [], [], []
@@ -475,9 +577,14 @@ class ResponseBuilder:
     # streaming
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        chunk = {"id": self.plan.id,
-                 "object": "chat.completion.chunk" if self.plan.endpoint == "chat" else "text_completion",
-                 "created": self.plan.created, "model": self.plan.model, "choices": [choice], "system_fingerprint": None}
+        chunk = {
+            "id": self.plan.id,
+            "object": "chat.completion.chunk" if self.plan.endpoint == "chat" else "text_completion",
+            "created": self.plan.created,
+            "model": self.plan.model,
+            "choices": [choice],
+            "system_fingerprint": None,
+        }
         if self.plan.include_usage:
             chunk["usage"] = None  # every chunk but the last, as OpenAI sends them
         return chunk
@@ -487,39 +594,67 @@ class ResponseBuilder:
         choice = self.choices[index]
         out = []
         if self.plan.endpoint == "chat" and not choice.started:
-            out.append(self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}))
+            out.append(
+                self._chunk(
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                )
+            )
         choice.started = True
         if response.HasField("chunk"):
             chunk = response.chunk
             if not chunk.text and not (self.plan.logprobs is not None and chunk.logprobs):
                 return out  # nothing to show yet (a multi-byte character still incomplete)
             if self.plan.endpoint == "chat":
-                out.append(self._chunk({"index": index, "delta": {"content": chunk.text},
-                                        "logprobs": self._chat_logprobs(list(chunk.logprobs), texts),
-                                        "finish_reason": None}))
+                out.append(
+                    self._chunk(
+                        {
+                            "index": index,
+                            "delta": {"content": chunk.text},
+                            "logprobs": self._chat_logprobs(list(chunk.logprobs), texts),
+                            "finish_reason": None,
+                        }
+                    )
+                )
             else:
                 logprobs = self._completion_logprobs(list(chunk.logprobs), texts, choice.text_offset)
-                out.append(self._chunk({"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}))
+                out.append(
+                    self._chunk({"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None})
+                )
             if self.plan.logprobs is not None:
                 choice.text_offset += sum(len(token_text(texts, item.token_id)) for item in chunk.logprobs)
             choice.text.append(chunk.text)
             return out
         self._complete(choice, response.complete)
         if self.plan.endpoint == "chat":
-            out.append(self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}))
+            out.append(
+                self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason})
+            )
         else:
-            out.append(self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}))
+            out.append(
+                self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason})
+            )
         return out
 
     def final_chunks(self) -> list[dict[str, Any]]:
         """After every choice completed: the usage chunk (choices empty), when stream_options.include_usage."""
         if not self.plan.include_usage:
             return []
-        return [{"id": self.plan.id,
-                 "object": "chat.completion.chunk" if self.plan.endpoint == "chat" else "text_completion",
-                 "created": self.plan.created, "model": self.plan.model, "choices": [], "usage": self.usage(),
-                 "system_fingerprint": None}]
+        return [
+            {
+                "id": self.plan.id,
+                "object": "chat.completion.chunk" if self.plan.endpoint == "chat" else "text_completion",
+                "created": self.plan.created,
+                "model": self.plan.model,
+                "choices": [],
+                "usage": self.usage(),
+                "system_fingerprint": None,
+            }
+        ]
 
 
 def sse(event: Mapping[str, Any]) -> bytes:
@@ -536,5 +671,11 @@ def models_list(info: pb.GetModelInfoResponse, created: int) -> dict[str, Any]:
 
 def model_card(info: pb.GetModelInfoResponse, created: int) -> dict[str, Any]:
     """OpenAI's model object, with vLLM's max_model_len and the revision (the GGUF's sha256)."""
-    return {"id": info.model, "object": "model", "created": created, "owned_by": "meshserve",
-            "max_model_len": info.max_context_tokens, "revision": info.revision}
+    return {
+        "id": info.model,
+        "object": "model",
+        "created": created,
+        "owned_by": "meshserve",
+        "max_model_len": info.max_context_tokens,
+        "revision": info.revision,
+    }

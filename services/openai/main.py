@@ -19,12 +19,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--port", type=int, default=50054, help="HTTP port")
     parser.add_argument("--metrics-port", type=int, default=9104, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--shutdown-grace-s", type=float, default=30.0, help="drain time for in-flight requests")
-    parser.add_argument("--router-target", action="append", dest="router_targets",
-                        help="router host:port (repeat for several, IP:port each; or one dns:///NAME:PORT); "
-                             "default 127.0.0.1:50051")
-    parser.add_argument("--tokenizer-target",
-                        help="tokenizer host:port, asked for the text of tokens in logprobs (without it they "
-                             "read token_id:N)")
+    parser.add_argument(
+        "--router-target",
+        action="append",
+        dest="router_targets",
+        help="router host:port (repeat for several, IP:port each; or one dns:///NAME:PORT); default 127.0.0.1:50051",
+    )
+    parser.add_argument(
+        "--tokenizer-target",
+        help="tokenizer host:port, asked for the text of tokens in logprobs (without it they read token_id:N)",
+    )
     parser.add_argument("--max-choices", type=int, default=16, help="generations per request (n x prompts) at most")
     parser.set_defaults(func=run)
 
@@ -35,17 +39,33 @@ def run(args: argparse.Namespace) -> int:
     from services.openai.app import create_app
 
     try:
-        config = OpenAIConfig(tuple(args.router_targets or ["127.0.0.1:50051"]), args.tokenizer_target, args.max_choices,
-                              args.shutdown_grace_s)
+        config = OpenAIConfig(
+            tuple(args.router_targets or ["127.0.0.1:50051"]),
+            args.tokenizer_target,
+            args.max_choices,
+            args.shutdown_grace_s,
+        )
     except ValueError as error:
         raise SystemExit(f"serve-openai: {error}") from None
     setup_logging("meshserve-openai")
     provider = setup_tracing("meshserve-openai")
     start_metrics_server(args.metrics_port, args.host)
-    log.info("meshserve-openai listening on %s:%d (metrics %d), routers %s", args.host, args.port, args.metrics_port,
-             config.router_channel_target)
+    log.info(
+        "meshserve-openai listening on %s:%d (metrics %d), routers %s",
+        args.host,
+        args.port,
+        args.metrics_port,
+        config.router_channel_target,
+    )
     # uvicorn drains on SIGTERM/SIGINT: no new connections, in-flight requests get the grace period
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(args.shutdown_grace_s), lifespan="on")
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(args.shutdown_grace_s),
+        lifespan="on",
+    )
     provider.shutdown()
     return 0

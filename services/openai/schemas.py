@@ -71,7 +71,8 @@ class CompletionRequest(_Sampling):
 Endpoint = Literal["chat", "completion"]
 
 FIELD_NAMES = frozenset(
-    name for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions)
+    name
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions)
     for name in model.model_fields
 )
 """Every field name of the bodies: what tells a field apart from a union member's tag in a pydantic

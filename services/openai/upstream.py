@@ -11,11 +11,11 @@ import json
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 
 import grpc
+
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
 from services.common.grpc_status import from_rpc_error
 from services.common.telemetry import client_interceptors
@@ -29,15 +29,24 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 # Round robin over the routers a target resolves to, skipping those whose health is not SERVING (a draining
 # router), and retrying UNAVAILABLE before any response came (gRPC never retries a stream once a message
 # arrived, so nothing is generated twice).
-_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": _SERVICE},
-    "methodConfig": [{
-        "name": [{"service": _SERVICE}],
-        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-})
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": _SERVICE},
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 _CHANNEL_OPTIONS = [
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -52,8 +61,9 @@ class RouterClient:
     """Generate calls to the routers over one channel."""
 
     def __init__(self, config: OpenAIConfig) -> None:
-        self.channel = grpc.aio.insecure_channel(config.router_channel_target, options=_CHANNEL_OPTIONS,
-                                                 interceptors=client_interceptors())
+        self.channel = grpc.aio.insecure_channel(
+            config.router_channel_target, options=_CHANNEL_OPTIONS, interceptors=client_interceptors()
+        )
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         self._model_info: pb.GetModelInfoResponse | None = None
 
@@ -66,8 +76,9 @@ class RouterClient:
                 raise from_rpc_error(error) from None
         return self._model_info
 
-    async def generate(self, request: pb.GenerateRequest, metadata: list[tuple[str, str]], timeout_s: float | None
-                       ) -> AsyncGenerator[pb.GenerateResponse, None]:
+    async def generate(
+        self, request: pb.GenerateRequest, metadata: list[tuple[str, str]], timeout_s: float | None
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The Generate stream; a failed call raises the domain error its status carries (from_rpc_error).
         Closing the iterator early (the HTTP client went away) cancels the call, which frees the slot."""
         call = self.stub.Generate(request, metadata=metadata, timeout=timeout_s)
@@ -91,22 +102,29 @@ class Generation:
     """The Generate calls answering one OpenAI request (one per choice), started at once and read
     concurrently into one queue, so choices stream interleaved as their tokens come."""
 
-    def __init__(self, router: RouterClient, requests: Sequence[pb.GenerateRequest], metadata: list[tuple[str, str]],
-                 timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        router: RouterClient,
+        requests: Sequence[pb.GenerateRequest],
+        metadata: list[tuple[str, str]],
+        timeout_s: float | None,
+    ) -> None:
         self.router = router
         self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | Exception | _Ended]] = asyncio.Queue()
         self.running = len(requests)
-        self.tasks = [asyncio.create_task(self._read(i, request, metadata, timeout_s))
-                      for i, request in enumerate(requests)]
+        self.tasks = [
+            asyncio.create_task(self._read(i, request, metadata, timeout_s)) for i, request in enumerate(requests)
+        ]
 
-    async def _read(self, index: int, request: pb.GenerateRequest, metadata: list[tuple[str, str]],
-                    timeout_s: float | None) -> None:
+    async def _read(
+        self, index: int, request: pb.GenerateRequest, metadata: list[tuple[str, str]], timeout_s: float | None
+    ) -> None:
         stream = self.router.generate(request, metadata, timeout_s)
         try:
             async for response in stream:
                 self.queue.put_nowait((index, response))
             self.queue.put_nowait((index, _Ended()))
-        except Exception as error:  # noqa: BLE001 - handed to the reader, which answers it
+        except Exception as error:
             self.queue.put_nowait((index, error))
         finally:
             await stream.aclose()  # cancels the call if it is still running
@@ -159,7 +177,8 @@ class TokenTexts:
         try:
             async with self._slots:
                 response = await self.stub.Decode(
-                    tokenizer_pb.DecodeRequest(ids=[token_id], skip_special_tokens=False), timeout=timeout_s)
+                    tokenizer_pb.DecodeRequest(ids=[token_id], skip_special_tokens=False), timeout=timeout_s
+                )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
         finally:

@@ -8,7 +8,6 @@ priority keeps being admitted while any capacity is left.
 from __future__ import annotations
 
 from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
-
 from services.common.errors import ResourceExhaustedError, UnavailableError
 
 # share of capacity each class may fill (convert.py makes an unset priority NORMAL)

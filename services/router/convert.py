@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshserve.v1 import generation_service_pb2 as pb
-
 from services.common.contract import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
@@ -69,7 +68,9 @@ def to_tokenize_input(request: pb.TokenizeRequest, limits: ModelLimits) -> Gener
     return GenerationRequest(request_id_or_new(""), prompt, chat, None, SamplingParams(max_tokens=1))
 
 
-def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, default_max_tokens: int) -> GenerationRequest:
+def to_generation_request(
+    request: pb.GenerateRequest, limits: ModelLimits, default_max_tokens: int
+) -> GenerationRequest:
     """The domain request, or InvalidArgumentError naming the first field that breaks the contract."""
     request_id = request_id_or_new(request.request_id)
     validate_model_name(request.model, limits.model_name)
@@ -97,6 +98,13 @@ def to_generation_request(request: pb.GenerateRequest, limits: ModelLimits, defa
     validate_priority(request.priority)
     priority = request.priority or pb.PRIORITY_NORMAL
     return GenerationRequest(
-        request_id, prompt, chat, token_ids, sampling, priority, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+        request_id,
+        prompt,
+        chat,
+        token_ids,
+        sampling,
+        priority,
+        stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids),
         no_cache=request.no_cache,
     )

@@ -10,17 +10,18 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from meshserve.inference.v1 import inference_service_pb2 as inference_pb
-from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
-from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from opentelemetry import trace
 from prometheus_client import Counter
 
+from meshserve.inference.v1 import inference_service_pb2 as inference_pb
+from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
+from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from services.common.contract import check_fits_context, sampling_to_proto
 from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.finish import FinishReason, from_inference_proto
@@ -119,7 +120,9 @@ class Router:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                health = await health_pb2_grpc.HealthStub(self.tokenizer_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                health = await health_pb2_grpc.HealthStub(self.tokenizer_channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
                 await self.replicas.poll_once()
                 serving = self.replicas.healthy
                 if health.status != health_pb2.HealthCheckResponse.SERVING or not serving:
@@ -131,17 +134,25 @@ class Router:
             except (grpc.aio.AioRpcError, _NotServing) as error:
                 if time.monotonic() > deadline:
                     raise UnavailableError("dependencies did not become ready") from error
-                log.info("waiting for dependencies: %s", error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING")
+                log.info(
+                    "waiting for dependencies: %s",
+                    error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING",
+                )
                 await asyncio.sleep(0.5)
         # ids the model knows (older replicas do not report it) and the detokenizer can turn into text
         vocab_size = min(info.vocab_size or tok_info.vocab_size, tok_info.vocab_size)
-        self.limits = ModelLimits(info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision,
-                                  info.precision)
+        self.limits = ModelLimits(
+            info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision, info.precision
+        )
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.max_token_bytes = tok_info.max_token_bytes  # 0 from an older tokenizer: it checks alone
         if self.config.result_cache_mb:
-            self.result_cache = ResultCache(info.model, int(self.config.result_cache_mb * (1 << 20)),
-                                            self.config.result_cache_redis, self.config.result_cache_ttl_s)
+            self.result_cache = ResultCache(
+                info.model,
+                int(self.config.result_cache_mb * (1 << 20)),
+                self.config.result_cache_redis,
+                self.config.result_cache_ttl_s,
+            )
         self.replicas.start()
         if self.fallback is not None:
             self.fallback.start()
@@ -185,13 +196,17 @@ class Router:
         max_tokens = self.limits.max_context_tokens - 1
         if self.max_token_bytes:
             if request.chat is not None:
-                check_fits_context(sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat")
+                check_fits_context(
+                    sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat"
+                )
             else:
                 assert request.prompt is not None  # a request carries token ids, a chat or a prompt
                 check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
-                chat=tokenizer_pb.ChatMessages(messages=[tokenizer_pb.ChatMessage(role=r, content=c) for r, c in request.chat]),
+                chat=tokenizer_pb.ChatMessages(
+                    messages=[tokenizer_pb.ChatMessage(role=r, content=c) for r, c in request.chat]
+                ),
                 max_tokens=max_tokens,
             )
         else:
@@ -241,8 +256,15 @@ class Router:
                 for delta in answer.deltas:
                     yield TextDelta(delta.text, delta.token_ids, delta.logprobs)
                 # nothing was computed: the whole prompt counts as cached
-                yield Completed(answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, answer.prompt_logprobs,
-                                answer.prompt_tokens, cached=True, model=answer.model)
+                yield Completed(
+                    answer.finish_reason,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    answer.prompt_logprobs,
+                    answer.prompt_tokens,
+                    cached=True,
+                    model=answer.model,
+                )
                 return
         streamed: list[CachedDelta] = []  # what the client got, to store a complete answer
         key = prefix_key(prompt_ids)
@@ -280,21 +302,37 @@ class Router:
                                 streamed.append(CachedDelta(text, ids, logprobs))
                             yield TextDelta(text, ids, logprobs)
                             if stops.stopped:
-                                completed = Completed(FinishReason.STOP, len(prompt_ids), len(generated), prompt_logprobs,
-                                                      cached_prompt_tokens, model=variant.model_name)
+                                completed = Completed(
+                                    FinishReason.STOP,
+                                    len(prompt_ids),
+                                    len(generated),
+                                    prompt_logprobs,
+                                    cached_prompt_tokens,
+                                    model=variant.model_name,
+                                )
                                 break
                         if (finish := from_inference_proto(response.finish_reason)) is not None:
                             if held := stops.flush():
                                 if cache_as is not None:
                                     streamed.append(CachedDelta(held, [], []))
                                 yield TextDelta(held, [])
-                            completed = Completed(finish, len(prompt_ids), len(generated),
-                                                  prompt_logprobs, cached_prompt_tokens, model=variant.model_name)
+                            completed = Completed(
+                                finish,
+                                len(prompt_ids),
+                                len(generated),
+                                prompt_logprobs,
+                                cached_prompt_tokens,
+                                model=variant.model_name,
+                            )
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried, tier):
                         raise from_rpc_error(error) from None
                     record_call_error(replica, error.code())
-                    log.warning("inference replica %s refused or failed (%s); continuing on another", replica.target, error.code().name)
+                    log.warning(
+                        "inference replica %s refused or failed (%s); continuing on another",
+                        replica.target,
+                        error.code().name,
+                    )
                     continue
                 finally:
                     replica.in_flight -= 1
@@ -312,9 +350,17 @@ class Router:
         finally:
             detokenizer.cancel()
         if cache is not None and cache_as is not None:  # only a complete, successful answer gets here
-            await cache.put(cache_as, CachedAnswer(
-                streamed, completed.finish_reason, completed.prompt_tokens, completed.completion_tokens,
-                completed.prompt_logprobs, completed.model))
+            await cache.put(
+                cache_as,
+                CachedAnswer(
+                    streamed,
+                    completed.finish_reason,
+                    completed.prompt_tokens,
+                    completed.completion_tokens,
+                    completed.prompt_logprobs,
+                    completed.model,
+                ),
+            )
         yield completed
 
     def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
@@ -323,7 +369,9 @@ class Router:
         context = self.limits.max_context_tokens
         field = "prompt" if request.prompt is not None else "chat" if request.chat is not None else "token_ids"
         if prompt_tokens >= context:
-            raise InvalidArgumentError(field, f"the prompt has {prompt_tokens} tokens; the limit (max_context_tokens) is {context - 1}")
+            raise InvalidArgumentError(
+                field, f"the prompt has {prompt_tokens} tokens; the limit (max_context_tokens) is {context - 1}"
+            )
         if prompt_tokens + request.sampling.max_tokens > context:
             raise InvalidArgumentError(
                 "sampling.max_tokens",
@@ -340,23 +388,31 @@ class Router:
         others = any(r.target not in tried for r in tier.healthy)
         return retryable and others and len(tried) <= MAX_FAILOVERS
 
-    def _inference_request(self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]) -> inference_pb.GenerateRequest:
+    def _inference_request(
+        self, request: GenerationRequest, prompt_ids: list[int], generated: list[int]
+    ) -> inference_pb.GenerateRequest:
         """The inference request for an attempt; after a failover `generated` (what the client already
         has) is resumed: the replica replays those tokens and continues after them."""
         sampling = sampling_to_proto(request.sampling, inference_pb.SamplingParameters())
         if generated:  # a continuation after failover: the first attempt sent the prompt logprobs
             sampling.ClearField("prompt_logprobs")
         return inference_pb.GenerateRequest(
-            request_id=request.request_id, prompt_token_ids=prompt_ids, resumed_token_ids=generated, sampling=sampling,
-            stop_token_ids=sorted(self.eos_token_ids.union(request.stop_token_ids)), priority=request.priority,
+            request_id=request.request_id,
+            prompt_token_ids=prompt_ids,
+            resumed_token_ids=generated,
+            sampling=sampling,
+            stop_token_ids=sorted(self.eos_token_ids.union(request.stop_token_ids)),
+            priority=request.priority,
             tenant=request.tenant,
         )
 
     def server_info(self) -> ServerInfo:
         serving = self.replicas.healthy
         return ServerInfo(
-            replicas_serving=len(serving), replicas_total=len(self.replicas.replicas),
-            running=sum(r.running for r in serving), waiting=sum(r.waiting for r in serving),
+            replicas_serving=len(serving),
+            replicas_total=len(self.replicas.replicas),
+            running=sum(r.running for r in serving),
+            waiting=sum(r.waiting for r in serving),
             kv_cache_usage=sum(r.kv_cache_usage for r in serving) / len(serving) if serving else 0.0,
             max_running=sum(r.max_running for r in serving),
         )

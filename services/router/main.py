@@ -7,7 +7,6 @@ import asyncio
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.router.config import RouterConfig
 from services.router.core import Router
@@ -18,27 +17,65 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser("serve-router", help="run the public router service")
     add_server_args(parser, port=50051, metrics_port=9101)
     parser.add_argument("--tokenizer-target", default="127.0.0.1:50052", help="tokenizer service host:port")
-    parser.add_argument("--inference-target", action="append", dest="inference_targets",
-                        help="inference replica host:port (repeat for several)")
+    parser.add_argument(
+        "--inference-target",
+        action="append",
+        dest="inference_targets",
+        help="inference replica host:port (repeat for several)",
+    )
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it unset")
-    parser.add_argument("--max-streams-per-tenant", type=int, default=RouterConfig.max_streams_per_tenant,
-                        help="concurrent streams per tenant on this router (0: no limit); unauthenticated traffic is one tenant")
-    parser.add_argument("--max-stream-duration-s", type=float, default=RouterConfig.max_stream_duration_s,
-                        help="server-side limit on a stream's duration (DEADLINE_EXCEEDED past it)")
-    parser.add_argument("--fallback-target", action="append", dest="fallback_targets", default=[],
-                        help="inference replica of the lighter fallback tier, host:port (repeat for several)")
-    parser.add_argument("--shed-utilisation", type=float, default=RouterConfig.shed_utilisation,
-                        help="main-tier utilisation above which LOW requests are shed (after --shed-low-after-s)")
-    parser.add_argument("--shed-low-after-s", type=float, default=RouterConfig.shed_low_after_s,
-                        help="seconds of sustained utilisation above --shed-utilisation before LOW is shed (0: never)")
-    parser.add_argument("--result-cache-mb", type=float, default=RouterConfig.result_cache_mb,
-                        help="memory tier of the result cache for deterministic requests, in MiB (0: off)")
-    parser.add_argument("--result-cache-redis", metavar="URL",
-                        help="shared tier of the result cache, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--result-cache-ttl-s", type=int, default=RouterConfig.result_cache_ttl_s,
-                        help="seconds the shared tier keeps an answer")
-    parser.add_argument("--drain-notice-s", type=float, default=2.0,
-                        help="after SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING")
+    parser.add_argument(
+        "--max-streams-per-tenant",
+        type=int,
+        default=RouterConfig.max_streams_per_tenant,
+        help="concurrent streams per tenant on this router (0: no limit); unauthenticated traffic is one tenant",
+    )
+    parser.add_argument(
+        "--max-stream-duration-s",
+        type=float,
+        default=RouterConfig.max_stream_duration_s,
+        help="server-side limit on a stream's duration (DEADLINE_EXCEEDED past it)",
+    )
+    parser.add_argument(
+        "--fallback-target",
+        action="append",
+        dest="fallback_targets",
+        default=[],
+        help="inference replica of the lighter fallback tier, host:port (repeat for several)",
+    )
+    parser.add_argument(
+        "--shed-utilisation",
+        type=float,
+        default=RouterConfig.shed_utilisation,
+        help="main-tier utilisation above which LOW requests are shed (after --shed-low-after-s)",
+    )
+    parser.add_argument(
+        "--shed-low-after-s",
+        type=float,
+        default=RouterConfig.shed_low_after_s,
+        help="seconds of sustained utilisation above --shed-utilisation before LOW is shed (0: never)",
+    )
+    parser.add_argument(
+        "--result-cache-mb",
+        type=float,
+        default=RouterConfig.result_cache_mb,
+        help="memory tier of the result cache for deterministic requests, in MiB (0: off)",
+    )
+    parser.add_argument(
+        "--result-cache-redis", metavar="URL", help="shared tier of the result cache, e.g. redis://127.0.0.1:6379/0"
+    )
+    parser.add_argument(
+        "--result-cache-ttl-s",
+        type=int,
+        default=RouterConfig.result_cache_ttl_s,
+        help="seconds the shared tier keeps an answer",
+    )
+    parser.add_argument(
+        "--drain-notice-s",
+        type=float,
+        default=2.0,
+        help="after SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING",
+    )
     parser.set_defaults(func=run)
 
 

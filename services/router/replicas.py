@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-
 from services.common.telemetry import client_interceptors
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class ReplicaSet:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 replica.polls_load = True
             log.debug("load reports from %s ended: %s", replica.target, error.code().name)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("no load report from %s for %.0f s; reconnecting", replica.target, LOAD_REPORT_TIMEOUT_S)
         finally:
             reports.cancel()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from meshserve.v1.generation_service_pb2 import Priority
 from opentelemetry import trace
 
+from meshserve.v1.generation_service_pb2 import Priority
 from services.common.metrics import GEN_AI_PROVIDER, GenAiMetrics, ServingMetrics
 from services.router.convert import GenerationRequest
 
@@ -41,10 +41,15 @@ class RequestTelemetry:
         model = self.gen_ai.model_name
         s = request.sampling
         attributes: dict[str, str | int | float] = {
-            "gen_ai.operation.name": self.operation, "gen_ai.provider.name": GEN_AI_PROVIDER,
-            "gen_ai.request.model": model, "gen_ai.request.max_tokens": s.max_tokens,
-            "gen_ai.request.temperature": s.temperature, "gen_ai.request.top_p": s.top_p, "gen_ai.request.top_k": s.top_k,
-            "gen_ai.request.id": request.request_id, "meshserve.priority": Priority.Name(request.priority),
+            "gen_ai.operation.name": self.operation,
+            "gen_ai.provider.name": GEN_AI_PROVIDER,
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": s.max_tokens,
+            "gen_ai.request.temperature": s.temperature,
+            "gen_ai.request.top_p": s.top_p,
+            "gen_ai.request.top_k": s.top_k,
+            "gen_ai.request.id": request.request_id,
+            "meshserve.priority": Priority.Name(request.priority),
         }
         if s.seed is not None:
             attributes["gen_ai.request.seed"] = s.seed
@@ -61,26 +66,38 @@ class RequestTelemetry:
                 self.metrics.inter_token_latency.observe((now - self.last_token_at) / count)
         self.last_token_at = now
 
-    def completed(self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                  cached_prompt_tokens: int) -> None:
+    def completed(
+        self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int
+    ) -> None:
         self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(completion_tokens)
         self.metrics.e2e_request_latency.observe(time.monotonic() - self.started, self.exemplar)
         if self.span is not None:
-            self.span.set_attributes({
-                "gen_ai.response.id": request_id, "gen_ai.response.model": self.gen_ai.model_name,
-                "gen_ai.response.finish_reasons": [finish_reason], "gen_ai.usage.input_tokens": prompt_tokens,
-                "gen_ai.usage.output_tokens": completion_tokens,
-                "gen_ai.usage.cache_read.input_tokens": cached_prompt_tokens,
-            })
+            self.span.set_attributes(
+                {
+                    "gen_ai.response.id": request_id,
+                    "gen_ai.response.model": self.gen_ai.model_name,
+                    "gen_ai.response.finish_reasons": [finish_reason],
+                    "gen_ai.usage.input_tokens": prompt_tokens,
+                    "gen_ai.usage.output_tokens": completion_tokens,
+                    "gen_ai.usage.cache_read.input_tokens": cached_prompt_tokens,
+                }
+            )
 
     def finished(self, code: str) -> None:
         """The call's status (a gRPC code name): counted, and the span ended (an error unless OK)."""
         self.metrics.count_request(code)
         error_type = "" if code == "OK" else code
-        self.gen_ai.finished(self.operation, time.monotonic() - self.started, error_type, self.exemplar,
-                             self.prompt_tokens, self.completion_tokens, self.first_token_s)
+        self.gen_ai.finished(
+            self.operation,
+            time.monotonic() - self.started,
+            error_type,
+            self.exemplar,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.first_token_s,
+        )
         if self.span is not None:
             if error_type:
                 self.span.set_attribute("error.type", error_type)

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf import json_format
-from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from prometheus_client import Counter, Gauge
 
+from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
 
@@ -58,12 +58,19 @@ class CachedAnswer:
         def logprobs(items: list[inference_pb.TokenLogprob]) -> list[dict[str, Any]]:
             return [json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items]
 
-        return json.dumps({
-            "deltas": [{"text": d.text, "token_ids": d.token_ids, "logprobs": logprobs(d.logprobs)} for d in self.deltas],
-            "finish_reason": self.finish_reason.value, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "prompt_logprobs": logprobs(self.prompt_logprobs),
-            "model": self.model,
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "deltas": [
+                    {"text": d.text, "token_ids": d.token_ids, "logprobs": logprobs(d.logprobs)} for d in self.deltas
+                ],
+                "finish_reason": self.finish_reason.value,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "prompt_logprobs": logprobs(self.prompt_logprobs),
+                "model": self.model,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> CachedAnswer:
@@ -74,8 +81,11 @@ class CachedAnswer:
 
         return cls(
             [CachedDelta(d["text"], d["token_ids"], logprobs(d["logprobs"])) for d in value["deltas"]],
-            FinishReason(value["finish_reason"]), value["prompt_tokens"], value["completion_tokens"],
-            logprobs(value["prompt_logprobs"]), value["model"],
+            FinishReason(value["finish_reason"]),
+            value["prompt_tokens"],
+            value["completion_tokens"],
+            logprobs(value["prompt_logprobs"]),
+            value["model"],
         )
 
 
@@ -86,9 +96,14 @@ def cache_key(request: GenerationRequest, prompt_ids: list[int], limits: ModelLi
     if request.no_cache or (not s.greedy and s.seed is None):
         return None
     described = {
-        "tenant": request.tenant, "model": limits.model_name, "revision": limits.revision,
-        "precision": limits.precision, "prompt": prompt_ids, "sampling": dataclasses.asdict(s),
-        "stop": request.stop, "stop_token_ids": request.stop_token_ids,
+        "tenant": request.tenant,
+        "model": limits.model_name,
+        "revision": limits.revision,
+        "precision": limits.precision,
+        "prompt": prompt_ids,
+        "sampling": dataclasses.asdict(s),
+        "stop": request.stop,
+        "stop_token_ids": request.stop_token_ids,
     }
     return KEY_PREFIX + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -107,15 +122,22 @@ class ResultCache:
             import redis.asyncio
 
             self._redis = redis.asyncio.Redis.from_url(
-                redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                redis_url,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
                 retry_on_timeout=False,
             )
         labels = ["model_name"]
         self.hits = Counter("meshserve_result_cache_hits", "Answers served from the result cache.", labels + ["tier"])
-        self.misses = Counter("meshserve_result_cache_misses", "Cacheable requests not in the result cache.", labels).labels(model_name)
-        self.evictions = Counter("meshserve_result_cache_evictions", "Answers evicted from the memory tier.", labels).labels(model_name)
-        Gauge("meshserve_result_cache_bytes", "Bytes of answers in the memory tier.", labels).labels(model_name).set_function(
-            lambda: self.bytes)
+        self.misses = Counter(
+            "meshserve_result_cache_misses", "Cacheable requests not in the result cache.", labels
+        ).labels(model_name)
+        self.evictions = Counter(
+            "meshserve_result_cache_evictions", "Answers evicted from the memory tier.", labels
+        ).labels(model_name)
+        Gauge("meshserve_result_cache_bytes", "Bytes of answers in the memory tier.", labels).labels(
+            model_name
+        ).set_function(lambda: self.bytes)
         self._model_name = model_name
 
     async def get(self, key: str) -> tuple[CachedAnswer, str] | None:
@@ -157,10 +179,14 @@ class ResultCache:
             return None
         try:
             return await call(self._redis)
-        except Exception as error:  # noqa: BLE001 - any Redis failure degrades to the memory tier
+        except Exception as error:
             self._redis_down_until = time.monotonic() + REDIS_RETRY_AFTER_S
-            log.warning("result cache: Redis %s failed (%s); using the memory tier alone for %.0f s",
-                        command, type(error).__name__, REDIS_RETRY_AFTER_S)
+            log.warning(
+                "result cache: Redis %s failed (%s); using the memory tier alone for %.0f s",
+                command,
+                type(error).__name__,
+                REDIS_RETRY_AFTER_S,
+            )
             return None
 
     async def close(self) -> None:

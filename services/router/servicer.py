@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
+
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
+from services.common.contract import request_id_or_new
 from services.common.errors import InvalidArgumentError, ServingError, UnavailableError
 from services.common.finish import to_public_proto
-from services.common.grpc_status import abort, abort_internal, to_grpc_status
+from services.common.grpc_status import abort, abort_internal, grpc_errors, to_grpc_status
 from services.common.metrics import GenAiMetrics, ServingMetrics, serving_replicas_gauge
 from services.router.config import RouterConfig
-from services.common.contract import request_id_or_new
-from services.common.grpc_status import grpc_errors
 from services.router.convert import ModelLimits, to_generation_request, to_tokenize_input
 from services.router.core import CacheLookup, Completed, Router, TextDelta
 from services.router.request_telemetry import RequestTelemetry
 from services.router.tenancy import Caller, TenantStreams
+
 
 def _logprobs(items: list[inference_pb.TokenLogprob]) -> list[pb.TokenLogprob]:
     # the inference and public TokenLogprob messages have the same fields and numbers
@@ -44,9 +44,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.metrics.num_requests_running.set_function(lambda: self.in_flight)
         serving_replicas_gauge(self.router.limits.model_name, lambda: len(self.router.replicas.healthy))
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         if self.metrics is None or self.gen_ai is None or self.router.limits is None:
-            await abort(context, UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0))
+            await abort(
+                context, UnavailableError("the router is still connecting to its dependencies", retry_after_s=2.0)
+            )
         telemetry = RequestTelemetry(self.metrics, self.gen_ai)
         remaining = context.time_remaining()
         # the server's own limit on a stream's life holds whatever deadline the client set, or none
@@ -58,7 +62,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         counted_stream = False
         try:
             generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens)
-            generation = dataclasses.replace(generation, priority=caller.priority(generation.priority), tenant=caller.tenant)
+            generation = dataclasses.replace(
+                generation, priority=caller.priority(generation.priority), tenant=caller.tenant
+            )
             telemetry.accepted(generation)
             self.tenant_streams.acquire(caller.tenant)
             counted_stream = True
@@ -68,11 +74,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 elif isinstance(event, TextDelta):
                     telemetry.tokens(len(event.token_ids))
                     yield pb.GenerateResponse(
-                        chunk=pb.GenerateChunk(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
+                        chunk=pb.GenerateChunk(
+                            text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs)
+                        )
                     )
                 elif isinstance(event, Completed):
-                    telemetry.completed(generation.request_id, event.finish_reason.value, event.prompt_tokens,
-                                        event.completion_tokens, event.cached_prompt_tokens)
+                    telemetry.completed(
+                        generation.request_id,
+                        event.finish_reason.value,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        event.cached_prompt_tokens,
+                    )
                     yield pb.GenerateResponse(
                         complete=pb.GenerateComplete(
                             finish_reason=to_public_proto(event.finish_reason),
@@ -109,20 +122,32 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return self.router.limits
 
     @grpc_errors
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         limits = self._limits()
         return pb.GetModelInfoResponse(
-            model=limits.model_name, revision=limits.revision, precision=limits.precision,
-            max_context_tokens=limits.max_context_tokens, vocab_size=limits.vocab_size, max_new_tokens=limits.max_new_tokens,
+            model=limits.model_name,
+            revision=limits.revision,
+            precision=limits.precision,
+            max_context_tokens=limits.max_context_tokens,
+            vocab_size=limits.vocab_size,
+            max_new_tokens=limits.max_new_tokens,
         )
 
     @grpc_errors
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
         self._limits()
         info = self.router.server_info()
         return pb.GetServerInfoResponse(
-            replicas_serving=info.replicas_serving, replicas_total=info.replicas_total, running=info.running,
-            waiting=info.waiting, kv_cache_usage=info.kv_cache_usage, max_running=info.max_running,
+            replicas_serving=info.replicas_serving,
+            replicas_total=info.replicas_total,
+            running=info.running,
+            waiting=info.waiting,
+            kv_cache_usage=info.kv_cache_usage,
+            max_running=info.max_running,
         )
 
     @grpc_errors

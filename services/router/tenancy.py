@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
-
 from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
 from services.common.errors import ResourceExhaustedError
 

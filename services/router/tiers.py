@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW
-
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.router.admission import admit
 
@@ -45,8 +44,9 @@ def queue_wait_estimate(main: TierLoad, mean_service_s: float) -> float:
     return 0.0 if ahead <= 0 else ahead / main.max_running * mean_service_s
 
 
-def choose_tier(priority: int, main: TierLoad, fallback: TierLoad | None, remaining_s: float | None,
-                mean_service_s: float) -> TierChoice:
+def choose_tier(
+    priority: int, main: TierLoad, fallback: TierLoad | None, remaining_s: float | None, mean_service_s: float
+) -> TierChoice:
     """Where a request of `priority` runs, or the error that refuses it (RESOURCE_EXHAUSTED with
     RetryInfo when both tiers are full, UNAVAILABLE when none serves)."""
     try:
@@ -56,8 +56,12 @@ def choose_tier(priority: int, main: TierLoad, fallback: TierLoad | None, remain
             raise
         admit(priority, fallback.load, fallback.capacity)  # raises when the fallback is full too
         return TierChoice(True, "main_at_capacity")
-    if (priority != PRIORITY_HIGH and fallback is not None and remaining_s is not None
-            and remaining_s < queue_wait_estimate(main, mean_service_s)):
+    if (
+        priority != PRIORITY_HIGH
+        and fallback is not None
+        and remaining_s is not None
+        and remaining_s < queue_wait_estimate(main, mean_service_s)
+    ):
         try:
             admit(priority, fallback.load, fallback.capacity)
             return TierChoice(True, "deadline")

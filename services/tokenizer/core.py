@@ -25,7 +25,9 @@ class TokenizerCore:
     def __init__(self, model: ModelDirectory) -> None:
         self.tokenizer = Tokenizer.from_file(str(model.tokenizer_path))
         # the same sandbox Hugging Face uses for chat templates: templates are data, not code
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(model.chat_template)
+        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+            model.chat_template
+        )
         self.eos_token_ids = model.eos_token_ids
         self.bos_token_id = model.bos_token_id
         # no token covers more bytes than this, so text of n bytes has at least n / max_token_bytes tokens
@@ -70,7 +72,7 @@ class TokenizerCore:
         self._check_ids(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def incremental_decoder(self) -> "IncrementalDecoder":
+    def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 
     def _check_ids(self, ids: list[int]) -> None:

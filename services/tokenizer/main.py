@@ -7,7 +7,6 @@ import asyncio
 
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as pb_grpc
-
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.modelstore.layout import add_models_root_arg, find_model
 from services.tokenizer.core import TokenizerCore

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
+
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as pb_grpc
-
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_status import grpc_errors
 from services.tokenizer.core import ChatMessage, TokenizerCore
@@ -47,6 +47,8 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     @grpc_errors
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         return pb.GetInfoResponse(
-            vocab_size=self.core.vocab_size, eos_token_ids=self.core.eos_token_ids, bos_token_id=self.core.bos_token_id,
+            vocab_size=self.core.vocab_size,
+            eos_token_ids=self.core.eos_token_ids,
+            bos_token_id=self.core.bos_token_id,
             max_token_bytes=self.core.max_token_bytes,
         )

@@ -66,7 +66,7 @@ def conventions_processes() -> dict[str, Process]:
 def conventions_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every metric name, the histograms among them) from the Metrics bullet of conventions.md."""
     text = CONVENTIONS.read_text()
-    section = text[text.index("Metrics (Prometheus"):]
+    section = text[text.index("Metrics (Prometheus") :]
     section = section[: section.index("(gauges)")]
     histograms_part = section[: section.index("(histograms)")]
     names = frozenset(re.findall(r"`(meshserve_[a-z0-9_]+)", section))
@@ -82,8 +82,20 @@ def allowed_series_names() -> frozenset[str]:
 
 
 _PROMQL_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-    "offset", "atan2", "inf", "nan",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "atan2",
+    "inf",
+    "nan",
 }
 
 
@@ -98,7 +110,7 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", expr):
         word = match.group(0)
-        if expr[match.end():].lstrip().startswith("(") or word.lower() in _PROMQL_KEYWORDS:
+        if expr[match.end() :].lstrip().startswith("(") or word.lower() in _PROMQL_KEYWORDS:
             continue
         names.add(word)
     return names

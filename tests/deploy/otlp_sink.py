@@ -31,11 +31,17 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         received = []
         for resource_spans in request.resource_spans:
             service = next(
-                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), "")
+                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+            )
             for scope_spans in resource_spans.scope_spans:
                 received += [
-                    {"service": service, "name": span.name, "trace_id": span.trace_id.hex(),
-                     "span_id": span.span_id.hex(), "parent_span_id": span.parent_span_id.hex()}
+                    {
+                        "service": service,
+                        "name": span.name,
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex(),
+                    }
                     for span in scope_spans.spans
                 ]
         with self.lock:

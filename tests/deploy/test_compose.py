@@ -66,9 +66,11 @@ def test_schema_is_the_compose_specification():
 
 @pytest.mark.parametrize(
     "document",
-    [pytest.param(lambda: _load(COMPOSE), id="compose.yaml"),
-     pytest.param(lambda: _load(GPU_OVERRIDE), id="compose.gpu.yaml"),
-     pytest.param(lambda: _merge(_load(COMPOSE), _load(GPU_OVERRIDE)), id="compose.yaml+compose.gpu.yaml")],
+    [
+        pytest.param(lambda: _load(COMPOSE), id="compose.yaml"),
+        pytest.param(lambda: _load(GPU_OVERRIDE), id="compose.gpu.yaml"),
+        pytest.param(lambda: _merge(_load(COMPOSE), _load(GPU_OVERRIDE)), id="compose.yaml+compose.gpu.yaml"),
+    ],
 )
 def test_compose_files_validate_against_the_specification(document):
     assert _errors(document()) == []
@@ -104,11 +106,17 @@ def test_services_and_commands_follow_the_conventions():
     assert _flag(router, "--tokenizer-target") == [f"tokenizer:{processes['tokenizer'].grpc_port}"]
     assert _flag(router, "--inference-target") == [f"inference:{processes['inference'].grpc_port}"]
     envoy = services["envoy"]
-    wrapper, envoy_command = envoy["command"][: envoy["command"].index("--")], envoy["command"][envoy["command"].index("--") + 1:]
+    wrapper, envoy_command = (
+        envoy["command"][: envoy["command"].index("--")],
+        envoy["command"][envoy["command"].index("--") + 1 :],
+    )
     assert wrapper[:2] == ["python", "/opt/meshserve/envoy-entrypoint.py"], "SIGTERM must drain Envoy, not cut streams"
     assert _seconds(envoy["stop_grace_period"]) > float(_flag(wrapper, "--drain-timeout-s")[0])
     assert envoy_command[:3] == ["envoy", "-c", "/etc/envoy/envoy.yaml"]
-    assert f"127.0.0.1:${{MESHSERVE_PORT:-{processes['envoy'].grpc_port}}}:{processes['envoy'].grpc_port}" in envoy["ports"]
+    assert (
+        f"127.0.0.1:${{MESHSERVE_PORT:-{processes['envoy'].grpc_port}}}:{processes['envoy'].grpc_port}"
+        in envoy["ports"]
+    )
     assert "4317" in services["jaeger"]["expose"]
 
 
@@ -118,8 +126,10 @@ def _seconds(duration: str) -> float:
 
 def _published(service: dict) -> list[str]:
     """Published ports as written, long syntax folded into host_ip:published:target."""
-    return [p if isinstance(p, str) else f"{p.get('host_ip', '')}:{p['published']}:{p['target']}"
-            for p in service.get("ports", [])]
+    return [
+        p if isinstance(p, str) else f"{p.get('host_ip', '')}:{p['published']}:{p['target']}"
+        for p in service.get("ports", [])
+    ]
 
 
 def test_every_published_port_is_on_loopback_and_admin_ports_are_not_published():
@@ -133,7 +143,8 @@ def test_every_published_port_is_on_loopback_and_admin_ports_are_not_published()
     envoy_config = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
     hcm = envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert "envoy.filters.http.jwt_authn" not in {f["name"] for f in hcm["http_filters"]}, (
-        "compose's listener authenticates now: this test's reason to insist on loopback is gone; revisit it")
+        "compose's listener authenticates now: this test's reason to insist on loopback is gone; revisit it"
+    )
 
 
 def test_prometheus_and_grafana_have_no_open_admin():
@@ -153,8 +164,10 @@ def test_inference_serves_the_precision_the_image_prepares():
     container exits at start-up with 'no prepared model'."""
     from services.cli.main import build_parser
 
-    for document, dockerfile in [(_load(COMPOSE), "Dockerfile"),
-                                 (_merge(_load(COMPOSE), _load(GPU_OVERRIDE)), "Dockerfile.gpu")]:
+    for document, dockerfile in [
+        (_load(COMPOSE), "Dockerfile"),
+        (_merge(_load(COMPOSE), _load(GPU_OVERRIDE)), "Dockerfile.gpu"),
+    ]:
         inference = document["services"]["inference"]
         assert inference["build"]["dockerfile"] == f"deploy/docker/{dockerfile}"
         args = build_parser().parse_args(inference["command"][1:])
@@ -230,7 +243,9 @@ def test_grpc_healthcheck_command_follows_the_health_status(name: str):
     assert healthcheck[4] == f"localhost:{conventions_processes()[name].grpc_port}"
 
     def check(target: str) -> int:
-        return subprocess.run([sys.executable, "-c", healthcheck[3], target], capture_output=True, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, "-c", healthcheck[3], target], capture_output=True, timeout=30
+        ).returncode
 
     server = _HealthServer()
     try:

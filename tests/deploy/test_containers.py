@@ -44,9 +44,9 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.conftest import free_port
 from tests.deploy.conftest import DEPLOY, REPO
 
@@ -98,9 +98,14 @@ def build(dockerfile: Path, tag: str, timings: dict) -> None:
     started = time.monotonic()
     with log.open("w") as out:
         # the classic builder: BuildKit needs the buildx plugin with newer clients, and nothing here needs it
-        result = subprocess.run(["docker", "build", "-f", str(dockerfile.relative_to(REPO)), "-t", tag, "."],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=1500,
-                                env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        result = subprocess.run(
+            ["docker", "build", "-f", str(dockerfile.relative_to(REPO)), "-t", tag, "."],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=1500,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
     if result.returncode != 0:
         pytest.fail(f"docker build -f {dockerfile.name} failed:\n{log.read_text()[-4000:]}")
     timings[f"build {dockerfile.name}"] = round(time.monotonic() - started, 1)
@@ -121,11 +126,18 @@ class Stack:
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         files = [arg for path in COMPOSE_FILES for arg in ("-f", str(path))]
-        result = subprocess.run([*self.compose, "-p", self.project, *files, *args], cwd=REPO, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [*self.compose, "-p", self.project, *files, *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            pytest.fail(f"compose {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}\n"
-                        f"{self.logs()[-6000:]}")
+            pytest.fail(
+                f"compose {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}\n{self.logs()[-6000:]}"
+            )
         return result
 
     def logs(self) -> str:
@@ -150,28 +162,48 @@ def remove_old_images(keep: set[str], max_age_s: float = 86400) -> None:
     """Content tags of earlier runs, and the build stages their builds left untagged (labelled
     org.meshserve.stage), once a day old: otherwise every code change would leave ~200 MB behind. Images that
     a container still uses stay (docker refuses), and so does the layer cache of anything built since."""
-    rows = docker("images", "--filter", "reference=meshserve*:ct-*", "--format",
-                  "{{.Repository}}:{{.Tag}}\t{{.CreatedAt}}").stdout.splitlines()
+    rows = docker(
+        "images", "--filter", "reference=meshserve*:ct-*", "--format", "{{.Repository}}:{{.Tag}}\t{{.CreatedAt}}"
+    ).stdout.splitlines()
     for row in rows:
         tag, created = row.split("\t")
         age = time.time() - datetime.strptime(created[:25], "%Y-%m-%d %H:%M:%S %z").timestamp()  # "... +0000 UTC"
         if tag not in keep and age > max_age_s:
             docker("rmi", tag, check=False)
-    docker("image", "prune", "-f", "--filter", "label=org.meshserve.stage", "--filter", f"until={int(max_age_s)}s",
-           check=False)
+    docker(
+        "image",
+        "prune",
+        "-f",
+        "--filter",
+        "label=org.meshserve.stage",
+        "--filter",
+        f"until={int(max_age_s)}s",
+        check=False,
+    )
 
 
 def remove_abandoned_projects(compose: list[str]) -> None:
     """Projects of earlier runs whose test process is gone (killed with its machine session, say)."""
-    listed = docker("ps", "-a", "--filter", "label=com.docker.compose.project",
-                    "--format", '{{.Label "com.docker.compose.project"}}').stdout.split()
+    listed = docker(
+        "ps",
+        "-a",
+        "--filter",
+        "label=com.docker.compose.project",
+        "--format",
+        '{{.Label "com.docker.compose.project"}}',
+    ).stdout.split()
     for project in sorted(set(listed)):
         match = re.fullmatch(re.escape(PROJECT_PREFIX) + r"(\d+)-\w+", project)
         if match and not Path(f"/proc/{match.group(1)}").exists():
             files = [arg for path in COMPOSE_FILES for arg in ("-f", str(path))]
             env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "unused"}
-            subprocess.run([*compose, "-p", project, *files, "down", "-v", "-t", "5"], cwd=REPO, env=env,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [*compose, "-p", project, *files, "down", "-v", "-t", "5"],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                timeout=120,
+            )
 
 
 def wait_serving(target: str, timeout_s: float) -> None:
@@ -195,8 +227,9 @@ def stack():
         pytest.skip(f"{SKIP_VARIABLE}=1: the container test (images, compose) is skipped")
     timings: dict = {}
     started = time.monotonic()
-    engine = subprocess.run(["bash", str(DEPLOY / "tools" / "docker.sh"), "base"], capture_output=True, text=True,
-                            timeout=900)
+    engine = subprocess.run(
+        ["bash", str(DEPLOY / "tools" / "docker.sh"), "base"], capture_output=True, text=True, timeout=900
+    )
     if engine.returncode != 0:
         pytest.fail(f"no Docker engine or base image (deploy/tools/docker.sh base):\n{engine.stderr[-3000:]}")
     timings["engine and base image"] = round(time.monotonic() - started, 1)
@@ -213,8 +246,14 @@ def stack():
     remove_old_images(keep={image, prometheus, redis})
 
     ports = {name: free_port() for name in ("MESHSERVE_PORT", "JAEGER_UI_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "MESHSERVE_IMAGE": image,
-           "MESHSERVE_PROMETHEUS_IMAGE": prometheus, "MESHSERVE_REDIS_IMAGE": redis, "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16)}
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "MESHSERVE_IMAGE": image,
+        "MESHSERVE_PROMETHEUS_IMAGE": prometheus,
+        "MESHSERVE_REDIS_IMAGE": redis,
+        "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16),
+    }
     project = f"{PROJECT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     stack = Stack(project, env, ports, image, compose, timings)
     try:
@@ -247,7 +286,8 @@ def test_image_is_small_runs_as_non_root_and_carries_the_served_model(stack):
     assert size < MAX_IMAGE_BYTES, f"{stack.image} is {size / 1e6:.0f} MB"
     probe = (
         "import importlib.util as u, json, os, pathlib, shutil;"
-        "m = [json.loads(p.read_text()) | {'dir': str(p.parent)} for p in pathlib.Path('/models').glob('*/*/manifest.json')];"
+        "m = [json.loads(p.read_text()) | {'dir': str(p.parent)}"
+        " for p in pathlib.Path('/models').glob('*/*/manifest.json')];"
         "print(json.dumps({'uid': os.getuid(), 'models': m,"
         " 'absent': [n for n in ('torch', 'pytest', 'transformers') if u.find_spec(n) is None],"
         " 'tools': [t for t in ('gcc', 'cc', 'c++', 'make', 'protoc') if shutil.which(t)]}))"
@@ -262,8 +302,11 @@ def test_image_is_small_runs_as_non_root_and_carries_the_served_model(stack):
 
 def test_greedy_chat_answers_paris_through_envoy(stack):
     with grpc.insecure_channel(stack.target) as channel:
-        responses = list(pb_grpc.GenerationServiceStub(channel).Generate(
-            chat_request("What is the capital of France?", 48), timeout=120))
+        responses = list(
+            pb_grpc.GenerationServiceStub(channel).Generate(
+                chat_request("What is the capital of France?", 48), timeout=120
+            )
+        )
     assert "Paris" in "".join(r.chunk.text for r in responses if r.HasField("chunk"))
     assert responses[-1].HasField("complete")
 
@@ -272,13 +315,16 @@ def test_one_trace_holds_the_spans_of_all_four_services(stack):
     trace_id = os.urandom(16).hex()
     traceparent = f"00-{trace_id}-{os.urandom(8).hex()}-01"
     with grpc.insecure_channel(stack.target) as channel:  # a prompt of its own: never a result-cache replay
-        list(pb_grpc.GenerationServiceStub(channel).Generate(
-            chat_request(f"Hi! I am {trace_id[:8]}.", 4), timeout=120, metadata=[("traceparent", traceparent)]))
+        list(
+            pb_grpc.GenerationServiceStub(channel).Generate(
+                chat_request(f"Hi! I am {trace_id[:8]}.", 4), timeout=120, metadata=[("traceparent", traceparent)]
+            )
+        )
     deadline = time.monotonic() + 60  # the services' exporters send every 5 s
     while True:
         spans = [s for s in stack.http_json("JAEGER_UI_PORT", "/spans") if s["trace_id"] == trace_id]
         services = {s["service"] for s in spans}
-        if TRACED_SERVICES <= services:
+        if services >= TRACED_SERVICES:
             break
         assert time.monotonic() < deadline, f"trace {trace_id} has spans of {services} only"
         time.sleep(1)
@@ -292,8 +338,11 @@ def test_openai_sdk_chat_answers_paris_through_envoy(stack):
     client = openai.OpenAI(base_url=f"http://{stack.target}/v1", api_key="unused", timeout=120, max_retries=2)
     [model] = client.models.list().data
     reply = client.chat.completions.create(
-        model=model.id, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0, max_tokens=48)
+        model=model.id,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=48,
+    )
     assert "Paris" in reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
 
@@ -326,8 +375,12 @@ def test_a_repeated_greedy_request_is_answered_from_the_result_cache(stack):
 
 def test_rest_generate_streams_newline_delimited_json(stack):
     body = json.dumps({"prompt": "The capital of France is", "sampling": {"max_tokens": 4, "temperature": 0}})
-    request = urllib.request.Request(f"http://{stack.target}/v1/generate", data=body.encode(), method="POST",
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{stack.target}/v1/generate",
+        data=body.encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.status == 200
         lines = [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
@@ -381,7 +434,8 @@ def test_compose_stop_drains_a_running_stream(stack):
     stopper.join(timeout=300)
     assert outcome in ("complete", grpc.StatusCode.UNAVAILABLE), "the stream ended without a status"
     assert events["stream ended"] > events["stop started"] + 1, (
-        "the stream was over before the stop began: nothing was drained (make the request longer)")
+        "the stream was over before the stop began: nothing was drained (make the request longer)"
+    )
     assert stopped["result"].returncode == 0, stopped["result"].stderr[-2000:]
     stack.timings["compose stop (s)"] = round(events["stop finished"] - events["stop started"], 1)
     stack.timings["stream during stop"] = f"{outcome} after {chunks} chunks"
@@ -390,7 +444,8 @@ def test_compose_stop_drains_a_running_stream(stack):
     for service in (*MESHSERVE_SERVICES, "openai", "redis", "prometheus"):
         state = json.loads(docker("inspect", "-f", "{{json .State}}", stack.container(service)).stdout)
         assert state["Status"] == "exited" and state["ExitCode"] == 0, (
-            f"{service}: {state['Status']} with {state['ExitCode']} (137: killed at the end of the grace period)")
+            f"{service}: {state['Status']} with {state['ExitCode']} (137: killed at the end of the grace period)"
+        )
 
 
 def test_compose_down_leaves_nothing_behind(stack):

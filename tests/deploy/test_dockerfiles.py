@@ -79,7 +79,12 @@ def runs(stages: list[Stage]) -> str:
 
 
 def test_the_four_images_are_there():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.gpu", "Dockerfile.prometheus", "Dockerfile.redis"]
+    assert [p.name for p in DOCKERFILES] == [
+        "Dockerfile",
+        "Dockerfile.gpu",
+        "Dockerfile.prometheus",
+        "Dockerfile.redis",
+    ]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -129,7 +134,9 @@ def test_a_root_final_stage_is_caught(tmp_path: Path):
 def test_images_install_the_repo_generate_stubs_and_prepare_the_model(path: Path):
     _, stages = parse(path)
     commands = runs(stages)
-    assert re.search(r"pip install( --[\w-]+( /\S+)?)* \.( |$)", commands, re.M), "installs the repo with `pip install .`"
+    assert re.search(r"pip install( --[\w-]+( /\S+)?)* \.( |$)", commands, re.M), (
+        "installs the repo with `pip install .`"
+    )
     protoc = next(line for line in commands.splitlines() if "grpc_tools.protoc" in line)
     for option in ("-Iprotos", "--python_out=", "--pyi_out=", "--grpc_python_out="):
         assert option in protoc
@@ -202,7 +209,8 @@ def build_context() -> list[str]:
         relative_folder = Path(folder).relative_to(REPO).as_posix()
         prefix = "" if relative_folder == "." else relative_folder + "/"
         subfolders[:] = [
-            d for d in subfolders
+            d
+            for d in subfolders
             if not _ignored(prefix + d, rules) or any(p.startswith(prefix + d + "/") for p in negated)
         ]
         files += [prefix + n for n in names if not _ignored(prefix + n, rules)]
@@ -241,8 +249,22 @@ def test_context_builds_the_package_and_the_dockerfile_generates_importable_stub
     for relative in build_context():
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / relative, context / relative)
-    result = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                  "--disable-pip-version-check", "-w", str(tmp_path / "wheel"), str(context)], timeout=300)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--disable-pip-version-check",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(context),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     [wheel] = (tmp_path / "wheel").glob("meshserve-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -263,7 +285,12 @@ def test_context_builds_the_package_and_the_dockerfile_generates_importable_stub
         "import meshserve.v1.generation_service_pb2_grpc as m, meshserve.inference.v1.inference_service_pb2_grpc;"
         " print(m.__file__)"
     )
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(out / "gen" / "python")})
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(out / "gen" / "python")},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(out)), result.stdout

@@ -62,7 +62,8 @@ def test_every_envoy_config_under_deploy_is_a_generated_one():
 def test_committed_config_is_its_rendering(config):
     """Fails when services/gateway/envoy.yaml.j2, the flags or the file changed without `make envoy-configs`."""
     assert (REPO / config.path).read_text() == render_deploy_config(config), (
-        f"{config.path} drifted from services/gateway/envoy.yaml.j2: run `make envoy-configs`")
+        f"{config.path} drifted from services/gateway/envoy.yaml.j2: run `make envoy-configs`"
+    )
 
 
 def test_render_envoy_check_catches_drift(tmp_path: Path):
@@ -112,15 +113,21 @@ def test_envoy_config_shape(path: Path):
     config = yaml.safe_load(path.read_text())
     ports = conventions_processes()
     # inside the container network: Prometheus scrapes the admin port from another container (never published)
-    assert config["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": ports["envoy"].metrics_port}
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "0.0.0.0",
+        "port_value": ports["envoy"].metrics_port,
+    }
     [listener] = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["port_value"] == ports["envoy"].grpc_port
     hcm = _hcm(config)
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     openai_paths = {"/v1/chat/completions", "/v1/completions", "/v1/models"}
     # the OpenAI-compatible paths go to the openai service (services/openai), everything else to the routers
-    assert {r["match"].get("path") or r["match"].get("path_separated_prefix")
-            for r in routes if r["route"]["cluster"] == "openai"} == openai_paths
+    assert {
+        r["match"].get("path") or r["match"].get("path_separated_prefix")
+        for r in routes
+        if r["route"]["cluster"] == "openai"
+    } == openai_paths
     assert routes and all(r["route"]["cluster"] == "router" for r in routes if r["route"]["cluster"] != "openai")
     filters = [f["name"] for f in hcm["http_filters"]]
     assert "envoy.filters.http.grpc_json_transcoder" in filters, "REST (POST /v1/generate)"
@@ -156,11 +163,32 @@ def test_every_option_of_the_template_renders_and_validates_for_containers(tmp_p
 
     tls = ensure_dev_tls(tmp_path / "tls")
     jwks = ensure_signing_key(tmp_path / "credentials").jwks
-    text = render(render_args([
-        "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--auth", "jwt", "--jwks", str(jwks),
-        "--jwt-issuer", "https://issuer.example", "--jwt-audience", "meshserve", "--rate-limit-per-tenant", "10",
-        "--rest-descriptor", str(descriptor), "--router", "router-a:50051", "--router", "router-b:50051",
-    ]))
+    text = render(
+        render_args(
+            [
+                "--tls-cert",
+                str(tls.cert),
+                "--tls-key",
+                str(tls.key),
+                "--auth",
+                "jwt",
+                "--jwks",
+                str(jwks),
+                "--jwt-issuer",
+                "https://issuer.example",
+                "--jwt-audience",
+                "meshserve",
+                "--rate-limit-per-tenant",
+                "10",
+                "--rest-descriptor",
+                str(descriptor),
+                "--router",
+                "router-a:50051",
+                "--router",
+                "router-b:50051",
+            ]
+        )
+    )
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     result = _validate(path)
@@ -169,18 +197,24 @@ def test_every_option_of_the_template_renders_and_validates_for_containers(tmp_p
     filters = [f["name"] for f in _hcm(config)["http_filters"]]
     assert {"envoy.filters.http.jwt_authn", "envoy.filters.http.local_ratelimit"} <= set(filters)
     assert config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]["name"] == (
-        "envoy.transport_sockets.tls")
-    hosts = [e["endpoint"]["address"]["socket_address"]["address"]
-             for e in _clusters(config)["router"]["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+        "envoy.transport_sockets.tls"
+    )
+    hosts = [
+        e["endpoint"]["address"]["socket_address"]["address"]
+        for e in _clusters(config)["router"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
     assert hosts == ["router-a", "router-b"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--router-discovery", "static", "--router", "router:50051"], "needs IP addresses"),
-    (["--auth", "jwt", "--jwks", "/jwks.json"], "--jwt-issuer"),
-    (["--rate-limit-per-tenant", "5"], "needs --auth jwt"),
-    (["--tls-cert", "/cert.pem"], "go together"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--router-discovery", "static", "--router", "router:50051"], "needs IP addresses"),
+        (["--auth", "jwt", "--jwks", "/jwks.json"], "--jwt-issuer"),
+        (["--rate-limit-per-tenant", "5"], "needs --auth jwt"),
+        (["--tls-cert", "/cert.pem"], "go together"),
+    ],
+)
 def test_inconsistent_flags_are_refused(argv: list[str], message: str):
     with pytest.raises(SystemExit) as raised:
         render(render_args(argv))
@@ -194,7 +228,10 @@ def test_compose_envoy_runs_and_passes_its_healthcheck(tmp_path: Path, descripto
     config = yaml.safe_load(local_copy(DEPLOY / "compose" / "envoy.yaml", tmp_path, descriptor).read_text())
     admin_port, listen_port = free_port(), free_port()
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-    config["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
+    config["static_resources"]["listeners"][0]["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": listen_port,
+    }
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
@@ -204,7 +241,9 @@ def test_compose_envoy_runs_and_passes_its_healthcheck(tmp_path: Path, descripto
 
     process = subprocess.Popen(
         [tool("envoy"), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 20

@@ -37,8 +37,12 @@ def test_there_is_a_dashboard():
 
 
 def test_the_extractor_sees_foreign_metric_names():
-    assert promql_metric_names('sum by (code) (rate(vllm:num_requests_waiting{a="b"}[5m]))') == {"vllm:num_requests_waiting"}
-    assert promql_metric_names('histogram_quantile(0.9, sum by (le) (rate(x_bucket[$__rate_interval])))') == {"x_bucket"}
+    assert promql_metric_names('sum by (code) (rate(vllm:num_requests_waiting{a="b"}[5m]))') == {
+        "vllm:num_requests_waiting"
+    }
+    assert promql_metric_names("histogram_quantile(0.9, sum by (le) (rate(x_bucket[$__rate_interval])))") == {
+        "x_bucket"
+    }
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -82,7 +86,9 @@ def test_dashboard_queries_are_valid_promql(path: Path, tmp_path: Path):
     result = run([tool("promtool"), "check", "rules", str(rule_file)])
     assert result.returncode == 0, result.stdout + result.stderr
     # and the check is not vacuous: a broken expression fails it
-    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": [{"record": "a:b", "expr": "sum by (job ("}]}]}))
+    rule_file.write_text(
+        yaml.safe_dump({"groups": [{"name": "d", "rules": [{"record": "a:b", "expr": "sum by (job ("}]}]})
+    )
     assert run([tool("promtool"), "check", "rules", str(rule_file)]).returncode != 0
 
 
@@ -107,7 +113,9 @@ def test_provisioning_points_at_the_dashboards_and_prometheus():
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "meshserve.yaml").read_text())["providers"][0]
     dashboards_mount = provider["options"]["path"]
     assert (DEPLOY / "compose" / mounts_inverse(mounts, dashboards_mount)).resolve() == (GRAFANA / "dashboards")
-    assert (DEPLOY / "compose" / mounts_inverse(mounts, "/etc/grafana/provisioning")).resolve() == GRAFANA / "provisioning"
+    assert (
+        DEPLOY / "compose" / mounts_inverse(mounts, "/etc/grafana/provisioning")
+    ).resolve() == GRAFANA / "provisioning"
     [prometheus] = _datasources()
     assert prometheus["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
 

@@ -60,8 +60,15 @@ def test_kubectl_has_kustomize_v5():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_builds_and_validates(overlay: str, version: str):
     documents = build(overlay)
-    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap", "HorizontalPodAutoscaler",
-            "PodDisruptionBudget"} <= {d["kind"] for d in documents}
+    assert {
+        "Namespace",
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    } <= {d["kind"] for d in documents}
     failures = []
     for document in documents:
         try:
@@ -161,7 +168,9 @@ def test_cpu_overlay_runs_onnxruntime_without_gpus():
         assert "nvidia.com/gpu" not in container(workload)["resources"]["limits"], name
     inference = container(workloads("cpu")["inference"])
     assert flag(inference["args"], "--backend") == ["onnxruntime"]
-    assert {container(w)["image"] for n, w in workloads("cpu").items() if n not in ("jaeger", "redis")} == {"meshserve:0.1.0"}
+    assert {container(w)["image"] for n, w in workloads("cpu").items() if n not in ("jaeger", "redis")} == {
+        "meshserve:0.1.0"
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -237,8 +246,12 @@ def test_base_is_not_an_overlay():
     """The base leaves images unpinned (`meshserve`): only overlays set the tags that get deployed."""
     result = run([tool("kubectl"), "kustomize", str(K8S / "base")])
     assert result.returncode == 0, result.stderr
-    images = {c["image"] for d in load_yaml_documents(result.stdout) if d["kind"] in {"Deployment", "StatefulSet"}
-              for c in d["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for d in load_yaml_documents(result.stdout)
+        if d["kind"] in {"Deployment", "StatefulSet"}
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
     assert "meshserve" in images
 
 
@@ -284,15 +297,17 @@ def reachable(policies: list[dict], workload: dict, port_name: str, source: tupl
     pod = workload["spec"]["template"]["metadata"]["labels"]
     ports = {p["name"]: p["containerPort"] for p in container(workload)["ports"]}
     labels, namespace = source
-    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], pod) and "Ingress" in p["spec"]["policyTypes"]]
+    selecting = [
+        p for p in policies if _selects(p["spec"]["podSelector"], pod) and "Ingress" in p["spec"]["policyTypes"]
+    ]
     if not selecting:
         return True
     for policy in selecting:
         for rule in policy["spec"].get("ingress", []):
             peers_ok = not rule.get("from") or any(
-                _peer_matches(peer, policy["metadata"]["namespace"], labels, namespace) for peer in rule["from"])
-            ports_ok = not rule.get("ports") or any(
-                p["port"] in (port_name, ports[port_name]) for p in rule["ports"])
+                _peer_matches(peer, policy["metadata"]["namespace"], labels, namespace) for peer in rule["from"]
+            )
+            ports_ok = not rule.get("ports") or any(p["port"] in (port_name, ports[port_name]) for p in rule["ports"])
             if peers_ok and ports_ok:
                 return True
     return False
@@ -306,9 +321,18 @@ def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inferen
     def pod(name: str) -> tuple[dict, str]:
         return pods[name]["spec"]["template"]["metadata"]["labels"], "meshserve"
 
-    everyone = {"envoy": pod("envoy"), "openai": pod("openai"), "router": pod("router"), "tokenizer": pod("tokenizer"),
-                "inference": pod("inference"), "redis": pod("redis"), "jaeger": pod("jaeger"), "stranger": STRANGER,
-                "outside": OUTSIDE, "prometheus": PROMETHEUS}
+    everyone = {
+        "envoy": pod("envoy"),
+        "openai": pod("openai"),
+        "router": pod("router"),
+        "tokenizer": pod("tokenizer"),
+        "inference": pod("inference"),
+        "redis": pod("redis"),
+        "jaeger": pod("jaeger"),
+        "stranger": STRANGER,
+        "outside": OUTSIDE,
+        "prometheus": PROMETHEUS,
+    }
     allowed = {  # (target, port name): the sources that may connect
         ("envoy", "grpc"): set(everyone),  # the public endpoint
         ("envoy", "admin"): {"prometheus"},
@@ -326,14 +350,17 @@ def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inferen
     for (target, port), sources in allowed.items():
         for source, identity in everyone.items():
             assert reachable(policies, pods[target], port, identity) == (source in sources), (
-                f"{source} -> {target}:{port} should be {'allowed' if source in sources else 'refused'}")
+                f"{source} -> {target}:{port} should be {'allowed' if source in sources else 'refused'}"
+            )
 
 
 def test_the_reachability_check_sees_an_open_namespace():
     """Without the policies every pod reaches the routers: the matrix above is the policies' doing."""
     pods = workloads("cpu")
     assert reachable([], pods["router"], "grpc", STRANGER)
-    assert reachable([], pods["inference"], "grpc", (pods["envoy"]["spec"]["template"]["metadata"]["labels"], "meshserve"))
+    assert reachable(
+        [], pods["inference"], "grpc", (pods["envoy"]["spec"]["template"]["metadata"]["labels"], "meshserve")
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -341,9 +368,12 @@ def test_openai_service_reaches_only_routers_jaeger_and_dns(overlay: str):
     """Egress of the OpenAI-compatible service: the routers' gRPC port, Jaeger's OTLP ports and DNS, nothing else
     (not the tokenizer, inference or Redis directly)."""
     pods = workloads(overlay)
-    selecting = [p for p in objects(overlay, "NetworkPolicy").values()
-                 if "Egress" in p["spec"]["policyTypes"]
-                 and _selects(p["spec"]["podSelector"], pods["openai"]["spec"]["template"]["metadata"]["labels"])]
+    selecting = [
+        p
+        for p in objects(overlay, "NetworkPolicy").values()
+        if "Egress" in p["spec"]["policyTypes"]
+        and _selects(p["spec"]["podSelector"], pods["openai"]["spec"]["template"]["metadata"]["labels"])
+    ]
     assert selecting, "no egress policy selects the openai pods: they could reach anything"
     allowed: set[tuple[str, int]] = set()
     for policy in selecting:
@@ -354,7 +384,9 @@ def test_openai_service_reaches_only_routers_jaeger_and_dns(overlay: str):
                 continue
             for peer in rule["to"]:
                 for name, workload in pods.items():
-                    if _peer_matches(peer, "meshserve", workload["spec"]["template"]["metadata"]["labels"], "meshserve"):
+                    if _peer_matches(
+                        peer, "meshserve", workload["spec"]["template"]["metadata"]["labels"], "meshserve"
+                    ):
                         allowed |= {(name, port) for port in ports}
     router_port = {p["name"]: p["containerPort"] for p in container(pods["router"])["ports"]}["grpc"]
     assert allowed == {("router", router_port), ("jaeger", 4317), ("jaeger", 4318)}, allowed

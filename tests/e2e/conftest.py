@@ -106,26 +106,61 @@ def otlp_receiver():
 
 
 @contextlib.contextmanager
-def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router_replicas: int = 1, inference_args=(),
-                router_args=(), up_args=()):
+def launch_mesh(
+    receiver: OtlpTraceReceiver,
+    inference_replicas: int = 1,
+    router_replicas: int = 1,
+    inference_args=(),
+    router_args=(),
+    up_args=(),
+):
     """Runs `meshserve up` on free ports until the block exits."""
     port = free_port()
     ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin", "openai")}
     metrics_base = 20000 + (port % 20000)
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="200")
+    env = dict(
+        os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="200"
+    )
     run_dir = REPO / ".run"
     log_path = str(run_dir / f"e2e-{port}.log")
     os.makedirs(run_dir, exist_ok=True)
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--admin-port", str(ports["admin"]),
-         "--router-port", str(ports["router"]), "--tokenizer-port", str(ports["tokenizer"]),
-         "--inference-port", str(ports["inference"]), "--openai-port", str(ports["openai"]),
-         "--metrics-port-base", str(metrics_base),
-         "--inference-replicas", str(inference_replicas), "--router-replicas", str(router_replicas),
-         "--models-root", str(MODELS_ROOT), "--run-dir", str(run_dir),
-         *[f"--inference-arg={a}" for a in inference_args], *[f"--router-arg={a}" for a in router_args], *up_args],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "up",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(ports["admin"]),
+            "--router-port",
+            str(ports["router"]),
+            "--tokenizer-port",
+            str(ports["tokenizer"]),
+            "--inference-port",
+            str(ports["inference"]),
+            "--openai-port",
+            str(ports["openai"]),
+            "--metrics-port-base",
+            str(metrics_base),
+            "--inference-replicas",
+            str(inference_replicas),
+            "--router-replicas",
+            str(router_replicas),
+            "--models-root",
+            str(MODELS_ROOT),
+            "--run-dir",
+            str(run_dir),
+            *[f"--inference-arg={a}" for a in inference_args],
+            *[f"--router-arg={a}" for a in router_args],
+            *up_args,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
     )
     deadline = time.monotonic() + 240
     while "meshserve is serving" not in open(log_path).read():
@@ -141,8 +176,16 @@ def launch_mesh(receiver: OtlpTraceReceiver, inference_replicas: int = 1, router
         metrics_ports[f"fallback-{i}"] = metrics_base + 5 + 10 * i  # when --fallback-replicas asks for them
     metrics_ports["router"], metrics_ports["inference"] = metrics_ports["router-0"], metrics_ports["inference-0"]
     try:
-        yield Mesh(port=port, router_port=ports["router"], metrics_ports=metrics_ports, receiver=receiver,
-                   process=process, log_path=log_path, run_dir=run_dir / f"mesh-{port}", openai_port=ports["openai"])
+        yield Mesh(
+            port=port,
+            router_port=ports["router"],
+            metrics_ports=metrics_ports,
+            receiver=receiver,
+            process=process,
+            log_path=log_path,
+            run_dir=run_dir / f"mesh-{port}",
+            openai_port=ports["openai"],
+        )
     finally:
         stop_process(process, signal.SIGINT, timeout=60)
         log.close()
@@ -162,8 +205,9 @@ def running_envoy(config: str, directory: Path, port: int, tls: TlsFiles | None)
     validated = validate_envoy_config(path)
     assert validated.returncode == 0, validated.stderr[-3000:]
     log = directory / "envoy.log"
-    process = subprocess.Popen([envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn",
-                                "--log-path", str(log)])
+    process = subprocess.Popen(
+        [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn", "--log-path", str(log)]
+    )
     try:
         with public_channel(f"127.0.0.1:{port}", tls) as channel:
             health = health_pb2_grpc.HealthStub(channel)

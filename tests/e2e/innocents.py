@@ -10,9 +10,9 @@ import threading
 import time
 
 import grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 
 # each answers with 200 tokens or more when greedy, so max_tokens, not the model, ends the stream
 PROMPTS = [
@@ -79,7 +79,6 @@ def run_together(target: str, requests: list[pb.GenerateRequest]) -> list[Greedy
     return streams
 
 
-
 class ContinuousInnocents:
     """Each prompt's greedy stream run again and again in its own thread until `stop()`: every run is
     compared with the prompt's undisturbed text. `stop()` lets the runs in progress finish."""
@@ -101,8 +100,9 @@ class ContinuousInnocents:
                 if stream.error is not None:
                     self.failures.append(f"{prompt[:30]!r}: {stream.outcome()}")
                 elif stream.text != self.undisturbed[prompt]:
-                    self.failures.append(f"{prompt[:30]!r}: text differs from its undisturbed run "
-                                         f"({len(stream.tokens)} tokens)")
+                    self.failures.append(
+                        f"{prompt[:30]!r}: text differs from its undisturbed run ({len(stream.tokens)} tokens)"
+                    )
 
     def start(self) -> None:
         for t in self._threads:

@@ -19,8 +19,9 @@ CLIENT_DIR = REPO / "clients" / "cpp"
 @pytest.fixture(scope="module")
 def cpp_client() -> Path:
     """Built with Debian's protoc and gRPC C++, which make test installs (clients/cpp/install.sh)."""
-    built = subprocess.run(["make", "-C", str(CLIENT_DIR), "-j2", f"PYTHON={sys.executable}"],
-                           capture_output=True, text=True, timeout=900)
+    built = subprocess.run(
+        ["make", "-C", str(CLIENT_DIR), "-j2", f"PYTHON={sys.executable}"], capture_output=True, text=True, timeout=900
+    )
     assert built.returncode == 0, built.stderr[-4000:]
     return CLIENT_DIR / "build" / "meshserve_client"
 
@@ -30,8 +31,17 @@ def run(client: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cpp_client_streams_a_greedy_chat_answer_through_envoy(cpp_client, mesh):
-    result = run(cpp_client, "--target", mesh.target, "--chat", "--temperature", "0", "--max-tokens", "32",
-                 "What is the capital of France?")
+    result = run(
+        cpp_client,
+        "--target",
+        mesh.target,
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "What is the capital of France?",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     summary = re.search(r"\[(stop|length): (\d+) prompt \+ (\d+) completion tokens in (\d+) chunks", result.stderr)

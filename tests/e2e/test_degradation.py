@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
-from services.gateway.credentials import ensure_signing_key, mint_token
 from services.gateway.config import Endpoint, JwtAuth, render_envoy_config
+from services.gateway.credentials import ensure_signing_key, mint_token
 from tests.conftest import free_port
 from tests.e2e.conftest import launch_mesh, metric_value, running_envoy
 
@@ -24,16 +24,27 @@ SHED_AFTER_S = 3
 def tiered(model_dir, otlp_receiver, tmp_path_factory):
     """Main tier: one replica of 2 slots; fallback tier: one replica of 4 slots; neither queues. A JWT
     Envoy in front of the router, so a tenant can be allowed HIGH."""
-    up = ["--fallback-replicas=1", "--fallback-precision=int8", "--fallback-arg=--num-slots=4",
-          "--fallback-arg=--max-waiting=0"]
+    up = [
+        "--fallback-replicas=1",
+        "--fallback-precision=int8",
+        "--fallback-arg=--num-slots=4",
+        "--fallback-arg=--max-waiting=0",
+    ]
     router = [f"--shed-low-after-s={SHED_AFTER_S}", "--shed-utilisation=0.9"]
-    with launch_mesh(otlp_receiver, inference_args=["--num-slots=2", "--max-waiting=0"], router_args=router,
-                     up_args=up) as mesh:
+    with launch_mesh(
+        otlp_receiver, inference_args=["--num-slots=2", "--max-waiting=0"], router_args=router, up_args=up
+    ) as mesh:
         directory = tmp_path_factory.mktemp("tiers")
         credentials = directory / "credentials"
         port = free_port()
-        config = render_envoy_config(port, free_port(), [Endpoint("127.0.0.1", mesh.router_port)], None, "127.0.0.1",
-                                     jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)))
+        config = render_envoy_config(
+            port,
+            free_port(),
+            [Endpoint("127.0.0.1", mesh.router_port)],
+            None,
+            "127.0.0.1",
+            jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
+        )
         with running_envoy(config, directory, port, None):
             yield mesh, f"127.0.0.1:{port}", credentials
 
@@ -43,8 +54,11 @@ def auth(credentials, tenant: str, **claims):
 
 
 def request(priority: int, max_tokens: int = 16, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt="Write about the sea.", priority=priority,
-                              sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, **sampling))
+    return pb.GenerateRequest(
+        prompt="Write about the sea.",
+        priority=priority,
+        sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, **sampling),
+    )
 
 
 def test_normal_goes_to_the_fallback_high_stays_on_main_and_low_is_shed_under_sustained_load(tiered):
@@ -59,10 +73,18 @@ def test_normal_goes_to_the_fallback_high_stays_on_main_and_low_is_shed_under_su
                 assert next(call).HasField("chunk")
             # 2. NORMAL requests meanwhile: all served, by the fallback tier
             with ThreadPoolExecutor(3) as pool:
-                answers = list(pool.map(lambda _: list(stub.Generate(request(pb.PRIORITY_NORMAL), metadata=plain,
-                                                                     timeout=60))[-1].complete, range(3)))
+                answers = list(
+                    pool.map(
+                        lambda _: (
+                            list(stub.Generate(request(pb.PRIORITY_NORMAL), metadata=plain, timeout=60))[-1].complete
+                        ),
+                        range(3),
+                    )
+                )
             assert [a.model for a in answers] == [f"{MODEL}:int8"] * 3
-            reason = metric_value(mesh.metrics("router"), "meshserve_fallback_requests_total", reason="main_at_capacity")
+            reason = metric_value(
+                mesh.metrics("router"), "meshserve_fallback_requests_total", reason="main_at_capacity"
+            )
             assert reason >= 3
             # 3. HIGH is never degraded: with the main tier full it is refused, with retry advice
             with pytest.raises(grpc.RpcError) as caught:

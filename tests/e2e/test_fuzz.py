@@ -27,8 +27,8 @@ from collections import Counter
 import grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-from meshserve.v1 import generation_service_pb2 as pb
 
+from meshserve.v1 import generation_service_pb2 as pb
 from tests.e2e.innocents import PROMPTS, ContinuousInnocents, greedy_request, run_together
 from tests.fuzzing import (
     Outcome,
@@ -53,21 +53,28 @@ REFUSAL_P99_S = 0.100
 CONFIRMATIONS = 2
 SERVICE = "/meshserve.v1.GenerationService/"
 # method: (request class, response class, oracle)
-UNARY = {"Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, tokenize_expectation),
-         "Abort": (pb.AbortRequest, pb.AbortResponse, abort_expectation)}
+UNARY = {
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, tokenize_expectation),
+    "Abort": (pb.AbortRequest, pb.AbortResponse, abort_expectation),
+}
 CALLS = st.sampled_from(["Generate"] * 8 + ["Tokenize", "Abort"]).flatmap(
-    lambda method: (public_requests() if method == "Generate" else tokenize_requests() if method == "Tokenize"
-                    else abort_requests()).map(lambda wire: (method, wire)))
+    lambda method: (
+        public_requests() if method == "Generate" else tokenize_requests() if method == "Tokenize" else abort_requests()
+    ).map(lambda wire: (method, wire))
+)
 
 
 def raw_generate(channel: grpc.Channel):
     """Generate taking wire bytes, so a request can carry what the generated classes cannot write."""
-    return channel.unary_stream(SERVICE + "Generate", request_serializer=None,
-                                response_deserializer=pb.GenerateResponse.FromString)
+    return channel.unary_stream(
+        SERVICE + "Generate", request_serializer=None, response_deserializer=pb.GenerateResponse.FromString
+    )
 
 
 def send_unary(channel: grpc.Channel, method: str, wire: bytes) -> Outcome:
-    call = channel.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=UNARY[method][1].FromString)
+    call = channel.unary_unary(
+        SERVICE + method, request_serializer=None, response_deserializer=UNARY[method][1].FromString
+    )
     sent = time.monotonic()
     try:
         call(wire, timeout=120)
@@ -111,11 +118,17 @@ def test_fuzzed_requests_end_ok_invalid_or_exhausted_and_hurt_no_one(mesh):
         generate = raw_generate(channel)
 
         @seed(SEED)
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(CALLS)
         def fuzz(call: tuple[str, bytes]) -> None:
             method, wire = call
+
             def once() -> Outcome:
                 return send(generate, wire) if method == "Generate" else send_unary(channel, method, wire)
 
@@ -134,7 +147,9 @@ def test_fuzzed_requests_end_ok_invalid_or_exhausted_and_hurt_no_one(mesh):
                     again = once()
                     if again.code == outcome.code:
                         fastest = min(fastest, again.latency_s)
-                refusal_latencies.append((fastest, f"{method} {outcome.code.name} {describe(wire, request_class)[:160]}"))
+                refusal_latencies.append(
+                    (fastest, f"{method} {outcome.code.name} {describe(wire, request_class)[:160]}")
+                )
             found = problems(expect, outcome)
             if found:
                 failures.append(f"{method} {describe(wire, request_class)}\n    -> " + "\n    -> ".join(found))
@@ -147,9 +162,11 @@ def test_fuzzed_requests_end_ok_invalid_or_exhausted_and_hurt_no_one(mesh):
 
     latencies = [latency for latency, _ in refusal_latencies]
     p50, p99 = percentile_ms(latencies, 50), percentile_ms(latencies, 99)
-    print(f"\nfuzz: seed {SEED}, {sum(codes.values())} requests: {dict(codes)}; {innocents.runs} innocent runs; "
-          f"{time.monotonic() - started:.0f} s\nrefusals: p50 {p50:.1f} ms, p99 {p99:.1f} ms (first tries: p50 "
-          f"{percentile_ms(first_latencies, 50):.1f} ms, p99 {percentile_ms(first_latencies, 99):.1f} ms); slowest:")
+    print(
+        f"\nfuzz: seed {SEED}, {sum(codes.values())} requests: {dict(codes)}; {innocents.runs} innocent runs; "
+        f"{time.monotonic() - started:.0f} s\nrefusals: p50 {p50:.1f} ms, p99 {p99:.1f} ms (first tries: p50 "
+        f"{percentile_ms(first_latencies, 50):.1f} ms, p99 {percentile_ms(first_latencies, 99):.1f} ms); slowest:"
+    )
     for latency, what in sorted(refusal_latencies, reverse=True)[:5]:
         print(f"  {latency * 1000:6.1f} ms {what}")
     broken = []

@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 import grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.e2e.conftest import metric_value
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -25,9 +25,13 @@ def generate(mesh, request: pb.GenerateRequest) -> pb.GenerateComplete:
 def spans_named(mesh, name: str, request_id: str, timeout_s: float = 15.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = [span for service, span in list(mesh.receiver.spans)
-                 if service == "meshserve-router" and span.name == name
-                 and any(kv.key == "gen_ai.request.id" and kv.value.string_value == request_id for kv in span.attributes)]
+        found = [
+            span
+            for service, span in list(mesh.receiver.spans)
+            if service == "meshserve-router"
+            and span.name == name
+            and any(kv.key == "gen_ai.request.id" and kv.value.string_value == request_id for kv in span.attributes)
+        ]
         if found:
             return found
         time.sleep(0.2)
@@ -60,14 +64,22 @@ def test_the_router_span_follows_the_gen_ai_conventions_without_any_text(mesh):
 
 
 def test_a_plain_prompt_is_a_text_completion(mesh):
-    generate(mesh, pb.GenerateRequest(prompt="Once upon a time", request_id="gen-ai-span-2",
-                                      sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2)))
+    generate(
+        mesh,
+        pb.GenerateRequest(
+            prompt="Once upon a time",
+            request_id="gen-ai-span-2",
+            sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2),
+        ),
+    )
     spans_named(mesh, f"text_completion {MODEL}", "gen-ai-span-2")
 
 
 def openmetrics(mesh, service: str) -> str:
-    request = urllib.request.Request(f"http://127.0.0.1:{mesh.metrics_ports[service]}/metrics",
-                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{mesh.metrics_ports[service]}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         return response.read().decode()
 
@@ -75,24 +87,48 @@ def openmetrics(mesh, service: str) -> str:
 def test_gen_ai_metrics_have_the_conventions_names_and_buckets(mesh):
     generate(mesh, pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(temperature=0.0, max_tokens=3)))
     text = mesh.metrics("router")
-    labels = {"gen_ai_operation_name": "text_completion", "gen_ai_provider_name": "meshserve",
-              "gen_ai_request_model": MODEL}
+    labels = {
+        "gen_ai_operation_name": "text_completion",
+        "gen_ai_provider_name": "meshserve",
+        "gen_ai_request_model": MODEL,
+    }
     assert metric_value(text, "gen_ai_server_time_to_first_token_seconds_count", **labels) >= 1
     assert metric_value(text, "gen_ai_server_time_per_output_token_seconds_count", **labels) >= 1
     assert metric_value(text, "gen_ai_server_request_duration_seconds_count", **labels, error_type="") >= 1
     assert metric_value(text, "gen_ai_client_token_usage_count", **labels, gen_ai_token_type="output") >= 1
     ttft_buckets = re.findall(r'gen_ai_server_time_to_first_token_seconds_bucket\{[^}]*le="([^"]+)"', text)
-    assert ttft_buckets[:16] == ["0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5",
-                                 "0.75", "1.0", "2.5", "5.0", "7.5", "10.0"]
+    assert ttft_buckets[:16] == [
+        "0.001",
+        "0.005",
+        "0.01",
+        "0.02",
+        "0.04",
+        "0.06",
+        "0.08",
+        "0.1",
+        "0.25",
+        "0.5",
+        "0.75",
+        "1.0",
+        "2.5",
+        "5.0",
+        "7.5",
+        "10.0",
+    ]
 
 
 def test_an_exemplar_in_the_ttft_histogram_leads_to_its_trace(mesh):
-    generate(mesh, pb.GenerateRequest(prompt="The sky is", sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2)))
+    generate(
+        mesh, pb.GenerateRequest(prompt="The sky is", sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2))
+    )
     text = openmetrics(mesh, "router")
-    exemplars = re.findall(r'^meshserve_time_to_first_token_seconds_bucket\{.*\} \S+ # \{trace_id="([0-9a-f]{32})"\}',
-                           text, re.MULTILINE)
+    exemplars = re.findall(
+        r'^meshserve_time_to_first_token_seconds_bucket\{.*\} \S+ # \{trace_id="([0-9a-f]{32})"\}', text, re.MULTILINE
+    )
     assert exemplars, "no exemplar in the TTFT histogram"
-    assert re.search(r'^meshserve_e2e_request_latency_seconds_bucket\{.*# \{trace_id="[0-9a-f]{32}"\}', text, re.MULTILINE)
+    assert re.search(
+        r'^meshserve_e2e_request_latency_seconds_bucket\{.*# \{trace_id="[0-9a-f]{32}"\}', text, re.MULTILINE
+    )
     trace_id = bytes.fromhex(exemplars[-1])
     deadline = time.monotonic() + 15
     while not {s for s, _ in mesh.receiver.spans_of_trace(trace_id)} >= {"meshserve-router", "meshserve-inference"}:

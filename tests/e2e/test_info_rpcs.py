@@ -8,9 +8,9 @@ import urllib.request
 
 import grpc
 import pytest
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.modelstore.prepare import GGUF_SHA256
 
 SYSTEM = "You are a helpful assistant who answers questions about geography in one short sentence. " * 3
@@ -21,8 +21,10 @@ def stub(mesh) -> pb_grpc.GenerationServiceStub:
 
 
 def chat(*turns: str) -> pb.ChatMessages:
-    return pb.ChatMessages(messages=[pb.ChatMessage(role="system", content=SYSTEM)]
-                           + [pb.ChatMessage(role="user", content=t) for t in turns])
+    return pb.ChatMessages(
+        messages=[pb.ChatMessage(role="system", content=SYSTEM)]
+        + [pb.ChatMessage(role="user", content=t) for t in turns]
+    )
 
 
 def test_model_info_names_the_model_its_revision_and_limits(mesh):
@@ -42,8 +44,9 @@ def test_tokenize_counts_what_generate_sees(mesh):
     client = stub(mesh)
     counted = client.Tokenize(pb.TokenizeRequest(chat=chat("What is the capital of Peru?")), timeout=10)
     assert counted.count == len(counted.token_ids) > 20 and counted.max_context_tokens == 2048
-    request = pb.GenerateRequest(chat=chat("What is the capital of Peru?"),
-                                 sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2))
+    request = pb.GenerateRequest(
+        chat=chat("What is the capital of Peru?"), sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2)
+    )
     complete = list(client.Generate(request, timeout=60))[-1].complete
     assert complete.prompt_tokens == counted.count
     with pytest.raises(grpc.RpcError) as caught:
@@ -64,8 +67,11 @@ def test_a_repeated_conversation_reports_its_prefix_cache_hit(mesh):
 
 def test_abort_ends_a_running_stream_with_cancelled(mesh):
     client = stub(mesh)
-    request = pb.GenerateRequest(prompt="Tell me a long story.", request_id="abort-me-grpc",
-                                 sampling=pb.SamplingParameters(temperature=0.0, max_tokens=1000, min_tokens=1000))
+    request = pb.GenerateRequest(
+        prompt="Tell me a long story.",
+        request_id="abort-me-grpc",
+        sampling=pb.SamplingParameters(temperature=0.0, max_tokens=1000, min_tokens=1000),
+    )
     stream = client.Generate(request, timeout=120)
     assert next(stream).HasField("chunk")
     assert client.Abort(pb.AbortRequest(request_id="abort-me-grpc"), timeout=10).aborted
@@ -83,13 +89,23 @@ def test_rest_clients_read_model_info_and_abort_their_stream(mesh):
     base = f"http://{mesh.target}"
     with urllib.request.urlopen(f"{base}/v1/model_info", timeout=10) as response:
         assert json.loads(response.read())["vocab_size"] == 49152
-    body = json.dumps({"prompt": "Tell me a long story.", "request_id": "abort-me-rest",
-                       "sampling": {"temperature": 0, "max_tokens": 1000, "min_tokens": 1000}}).encode()
-    stream = urllib.request.urlopen(urllib.request.Request(f"{base}/v1/generate", data=body,
-                                                           headers={"content-type": "application/json"}), timeout=120)
+    body = json.dumps(
+        {
+            "prompt": "Tell me a long story.",
+            "request_id": "abort-me-rest",
+            "sampling": {"temperature": 0, "max_tokens": 1000, "min_tokens": 1000},
+        }
+    ).encode()
+    stream = urllib.request.urlopen(
+        urllib.request.Request(f"{base}/v1/generate", data=body, headers={"content-type": "application/json"}),
+        timeout=120,
+    )
     assert "chunk" in json.loads(stream.readline())
-    abort = urllib.request.Request(f"{base}/v1/abort", data=json.dumps({"request_id": "abort-me-rest"}).encode(),
-                                   headers={"content-type": "application/json"})
+    abort = urllib.request.Request(
+        f"{base}/v1/abort",
+        data=json.dumps({"request_id": "abort-me-rest"}).encode(),
+        headers={"content-type": "application/json"},
+    )
     with urllib.request.urlopen(abort, timeout=10) as response:
         assert json.loads(response.read())["aborted"] is True
     rest = stream.read().decode()  # the stream ends soon after, with the status in its last line

@@ -12,9 +12,9 @@ import math
 import time
 
 import grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.conftest import wait_until
 from tests.e2e.innocents import PROMPTS, GreedyStream, greedy_request, run_together
 from tests.fuzzing import HOST_PORT, outcome_of_error
@@ -22,18 +22,29 @@ from tests.fuzzing import HOST_PORT, outcome_of_error
 MAX_TOKENS = 180
 
 POISONS = [
-    ("out-of-vocabulary stop id with min_tokens",
-     pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(stop_token_ids=[4_000_000_000], min_tokens=2)),
-     "sampling.stop_token_ids"),
-    ("temperature=inf with min_tokens",
-     pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(temperature=math.inf, min_tokens=2)),
-     "sampling.temperature"),
-    ("temperature=inf", pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(temperature=math.inf)),
-     "sampling.temperature"),
+    (
+        "out-of-vocabulary stop id with min_tokens",
+        pb.GenerateRequest(
+            prompt="Hello", sampling=pb.SamplingParameters(stop_token_ids=[4_000_000_000], min_tokens=2)
+        ),
+        "sampling.stop_token_ids",
+    ),
+    (
+        "temperature=inf with min_tokens",
+        pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(temperature=math.inf, min_tokens=2)),
+        "sampling.temperature",
+    ),
+    (
+        "temperature=inf",
+        pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(temperature=math.inf)),
+        "sampling.temperature",
+    ),
     ("a 100 kB request_id", pb.GenerateRequest(prompt="Hello", request_id="r" * 100_000), "request_id"),
-    ("a 20,000-message chat",
-     pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")] * 20_000)),
-     "chat.messages"),
+    (
+        "a 20,000-message chat",
+        pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")] * 20_000)),
+        "chat.messages",
+    ),
 ]
 
 
@@ -67,11 +78,15 @@ def test_poison_requests_fail_alone_while_four_greedy_streams_run(mesh):
             problems.append(f"poison {name!r} was {accepted}")
             report.append(f"  {name}: {accepted}")
             continue
-        report.append(f"  {name}: {outcome.code.name} field={outcome.field!r} in {outcome.latency_s * 1000:.0f} ms "
-                      f"({outcome.details[:100]!r})")
+        report.append(
+            f"  {name}: {outcome.code.name} field={outcome.field!r} in {outcome.latency_s * 1000:.0f} ms "
+            f"({outcome.details[:100]!r})"
+        )
         if outcome.code != grpc.StatusCode.INVALID_ARGUMENT or outcome.field != field:
-            problems.append(f"poison {name!r} ended {outcome.code.name} naming {outcome.field!r}; expected "
-                            f"INVALID_ARGUMENT naming {field!r}")
+            problems.append(
+                f"poison {name!r} ended {outcome.code.name} naming {outcome.field!r}; expected "
+                f"INVALID_ARGUMENT naming {field!r}"
+            )
         if HOST_PORT.search(outcome.details):
             problems.append(f"poison {name!r}: the message names an internal address: {outcome.details!r}")
     for before, after in zip(undisturbed, streams):

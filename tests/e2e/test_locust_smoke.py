@@ -16,10 +16,33 @@ def test_the_locust_user_runs_headless_without_failures(mesh, tmp_path):
     locust = Path(sys.executable).with_name("locust")
     prefix = tmp_path / "locust"
     result = subprocess.run(
-        [str(locust), "-f", str(REPO / "bench" / "locustfile.py"), "--host", f"http://{mesh.target}", "--headless",
-         "--users", "2", "--spawn-rate", "2", "--run-time", "10s", "--stop-timeout", "120", "--only-summary",
-         "--csv", str(prefix), "--exit-code-on-error", "1"],
-        env=dict(os.environ, MESHSERVE_MAX_TOKENS="8"), capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            str(locust),
+            "-f",
+            str(REPO / "bench" / "locustfile.py"),
+            "--host",
+            f"http://{mesh.target}",
+            "--headless",
+            "--users",
+            "2",
+            "--spawn-rate",
+            "2",
+            "--run-time",
+            "10s",
+            "--stop-timeout",
+            "120",
+            "--only-summary",
+            "--csv",
+            str(prefix),
+            "--exit-code-on-error",
+            "1",
+        ],
+        env=dict(os.environ, MESHSERVE_MAX_TOKENS="8"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(open(f"{prefix}_stats.csv"))}
     stream = rows[("POST", "/v1/chat/completions (stream)")]

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.conftest import REPO
 from tests.e2e.conftest import metric_value
 
@@ -34,9 +34,23 @@ def chat_request(text: str, max_tokens: int = 64, **sampling) -> pb.GenerateRequ
 
 def test_chat_cli_answers_paris_through_envoy(mesh):
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "chat", "What is the capital of France?",
-         "--target", mesh.target, "--temperature", "0", "--max-tokens", "48"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "chat",
+            "What is the capital of France?",
+            "--target",
+            mesh.target,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
@@ -45,9 +59,29 @@ def test_chat_cli_answers_paris_through_envoy(mesh):
 
 def test_generate_cli_continues_a_plain_prompt_with_the_asked_length(mesh):
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "generate", "Once upon a time", "--target", mesh.target,
-         "--temperature", "0.8", "--top-p", "0.95", "--seed", "7", "--max-tokens", "12", "--priority", "high"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "generate",
+            "Once upon a time",
+            "--target",
+            mesh.target,
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "7",
+            "--max-tokens",
+            "12",
+            "--priority",
+            "high",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
@@ -58,9 +92,27 @@ def test_bench_cli_reports_every_request_as_json(mesh):
     import json
 
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "bench", "--target", mesh.target, "--concurrency", "2",
-         "--requests", "3", "--warmup", "1", "--max-tokens", "4", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "bench",
+            "--target",
+            mesh.target,
+            "--concurrency",
+            "2",
+            "--requests",
+            "3",
+            "--warmup",
+            "1",
+            "--max-tokens",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -73,8 +125,14 @@ def test_bench_cli_reports_every_request_as_json(mesh):
 def test_generate_streams_chunks_then_completion(mesh):
     channel, stub = stub_for(mesh)
     with channel:
-        responses = list(stub.Generate(pb.GenerateRequest(
-            prompt="Once upon a time", sampling=pb.SamplingParameters(max_tokens=12, temperature=0.8, seed=7)), timeout=60))
+        responses = list(
+            stub.Generate(
+                pb.GenerateRequest(
+                    prompt="Once upon a time", sampling=pb.SamplingParameters(max_tokens=12, temperature=0.8, seed=7)
+                ),
+                timeout=60,
+            )
+        )
     chunks = [r.chunk for r in responses if r.HasField("chunk")]
     assert len(chunks) >= 2, "tokens must stream as they are generated, not in one message"
     assert responses[-1].HasField("complete")
@@ -86,7 +144,10 @@ def test_generate_streams_chunks_then_completion(mesh):
 
 def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
     channel, stub = stub_for(mesh)
-    request = pb.GenerateRequest(prompt="The weather today", sampling=pb.SamplingParameters(max_tokens=16, min_tokens=16, temperature=1.0, seed=1234))
+    request = pb.GenerateRequest(
+        prompt="The weather today",
+        sampling=pb.SamplingParameters(max_tokens=16, min_tokens=16, temperature=1.0, seed=1234),
+    )
     with channel:
         first = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
         second = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
@@ -105,14 +166,23 @@ def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=0.0)), "sampling.top_p"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_p=1.5)), "sampling.top_p"),
         (pb.GenerateRequest(prompt="hi", model="gpt-4"), "model"),
-        (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
+        (
+            pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])),
+            "chat.messages[0].role",
+        ),
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(top_k=-1)), "sampling.top_k"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(min_p=2.0)), "sampling.min_p"),
-        (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(repetition_penalty=0.0)), "sampling.repetition_penalty"),
+        (
+            pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(repetition_penalty=0.0)),
+            "sampling.repetition_penalty",
+        ),
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(logprobs=100)), "sampling.logprobs"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParameters(stop=["x"] * 9)), "sampling.stop"),
         (pb.GenerateRequest(prompt="hello " * 2100), "prompt"),  # over the 2048-token context
-        (pb.GenerateRequest(prompt="hello " * 1500, sampling=pb.SamplingParameters(max_tokens=1000)), "sampling.max_tokens"),
+        (
+            pb.GenerateRequest(prompt="hello " * 1500, sampling=pb.SamplingParameters(max_tokens=1000)),
+            "sampling.max_tokens",
+        ),
     ],
 )
 def test_bad_requests_get_invalid_argument_naming_the_field(mesh, request_, field):
@@ -136,7 +206,12 @@ def test_bad_requests_get_invalid_argument_naming_the_field(mesh, request_, fiel
 def test_the_served_model_name_is_accepted(mesh):
     channel, stub = stub_for(mesh)
     with channel:
-        responses = list(stub.Generate(pb.GenerateRequest(model=MODEL, prompt="Hello", sampling=pb.SamplingParameters(max_tokens=2)), timeout=30))
+        responses = list(
+            stub.Generate(
+                pb.GenerateRequest(model=MODEL, prompt="Hello", sampling=pb.SamplingParameters(max_tokens=2)),
+                timeout=30,
+            )
+        )
     assert responses[-1].complete.completion_tokens == 2
 
 
@@ -145,15 +220,25 @@ def test_metrics_count_the_traffic(mesh):
     before_inference = mesh.metrics("inference")
     channel, stub = stub_for(mesh)
     with channel:
-        completes = [list(stub.Generate(chat_request(f"Count to {n}", max_tokens=5), timeout=60))[-1].complete for n in range(3)]
+        completes = [
+            list(stub.Generate(chat_request(f"Count to {n}", max_tokens=5), timeout=60))[-1].complete for n in range(3)
+        ]
     after_router = mesh.metrics("router")
     after_inference = mesh.metrics("inference")
     generated = sum(c.completion_tokens for c in completes)
     prompt = sum(c.prompt_tokens for c in completes)
     labels = {"model_name": MODEL}
     for before, after in ((before_router, after_router), (before_inference, after_inference)):
-        assert metric_value(after, "meshserve_generation_tokens_total", **labels) - metric_value(before, "meshserve_generation_tokens_total", **labels) == generated
-        assert metric_value(after, "meshserve_prompt_tokens_total", **labels) - metric_value(before, "meshserve_prompt_tokens_total", **labels) == prompt
+        assert (
+            metric_value(after, "meshserve_generation_tokens_total", **labels)
+            - metric_value(before, "meshserve_generation_tokens_total", **labels)
+            == generated
+        )
+        assert (
+            metric_value(after, "meshserve_prompt_tokens_total", **labels)
+            - metric_value(before, "meshserve_prompt_tokens_total", **labels)
+            == prompt
+        )
         ttft = "meshserve_time_to_first_token_seconds_count"
         assert metric_value(after, ttft, **labels) - metric_value(before, ttft, **labels) == 3
         e2e = "meshserve_e2e_request_latency_seconds_count"
@@ -205,11 +290,16 @@ def test_concurrent_streams_share_the_batch_and_match_solo_runs(mesh):
     prompts = ["What is 2+2?", "Name a color.", "Say hello in French."]
     channel, stub = stub_for(mesh)
     with channel:
-        solo = {p: [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids] for p in prompts}
+        solo = {
+            p: [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids]
+            for p in prompts
+        }
         together: dict[str, list[int]] = {}
 
         def run(p: str) -> None:
-            together[p] = [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids]
+            together[p] = [
+                t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids
+            ]
 
         threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
         for t in threads:
@@ -225,7 +315,9 @@ def test_stop_strings_logprobs_and_prompt_logprobs_through_the_mesh(mesh):
         plain = list(stub.Generate(chat_request("What is the capital of France?", max_tokens=24), timeout=60))
         full_text = "".join(r.chunk.text for r in plain if r.HasField("chunk"))
         assert "Paris" in full_text
-        request = chat_request("What is the capital of France?", max_tokens=24, stop=["Paris"], logprobs=2, prompt_logprobs=1)
+        request = chat_request(
+            "What is the capital of France?", max_tokens=24, stop=["Paris"], logprobs=2, prompt_logprobs=1
+        )
         responses = list(stub.Generate(request, timeout=60))
     chunks = [r.chunk for r in responses if r.HasField("chunk")]
     complete = responses[-1].complete
@@ -245,7 +337,9 @@ def test_min_tokens_and_stop_token_ids(mesh):
     with channel:
         short = list(stub.Generate(chat_request("Say hi.", max_tokens=64), timeout=60))[-1].complete
         assert short.finish_reason == pb.FINISH_REASON_STOP
-        longer = list(stub.Generate(chat_request("Say hi.", max_tokens=64, min_tokens=short.completion_tokens + 4), timeout=60))
+        longer = list(
+            stub.Generate(chat_request("Say hi.", max_tokens=64, min_tokens=short.completion_tokens + 4), timeout=60)
+        )
         assert longer[-1].complete.completion_tokens >= short.completion_tokens + 4
         first = [t for r in stub.Generate(chat_request("Say hi.", max_tokens=8), timeout=60) for t in r.chunk.token_ids]
         cut = list(stub.Generate(chat_request("Say hi.", max_tokens=8, stop_token_ids=[first[2]]), timeout=60))

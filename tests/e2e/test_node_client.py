@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
 from services.gateway.config import Endpoint, JwtAuth, TlsFiles, render_envoy_config
+from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
 from tests.conftest import REPO, free_port
 from tests.e2e.conftest import running_envoy
 
@@ -23,8 +23,9 @@ CLIENT = REPO / "clients" / "node" / "client.js"
 def node() -> str:
     executable = shutil.which("node")
     assert executable, "Node.js is needed for clients/node (apt-get install nodejs)"
-    assert (CLIENT.parent / "node_modules" / "@grpc" / "grpc-js").is_dir(), \
+    assert (CLIENT.parent / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
         "clients/node has no node_modules: run `npm ci --prefix clients/node` (make install does)"
+    )
     return executable
 
 
@@ -35,7 +36,11 @@ def secured(mesh, tmp_path_factory) -> Iterator[dict]:
     port = free_port()
     tls_files = TlsFiles(tls.cert, tls.key, tls.ca)
     config = render_envoy_config(
-        port, free_port(), [Endpoint("127.0.0.1", mesh.router_port)], None, "127.0.0.1",
+        port,
+        free_port(),
+        [Endpoint("127.0.0.1", mesh.router_port)],
+        None,
+        "127.0.0.1",
         tls=tls_files,
         jwt=JwtAuth(ensure_signing_key(directory / "credentials").jwks, "meshserve-dev", ("meshserve",)),
     )
@@ -48,8 +53,21 @@ def run_client(node: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_node_client_streams_a_generation_through_envoy(node, secured):
-    result = run_client(node, "--target", secured["target"], "--ca", str(secured["ca"]), "--token", secured["token"],
-                        "--max-tokens", "6", "--temperature", "0", "--json", "The capital of France is")
+    result = run_client(
+        node,
+        "--target",
+        secured["target"],
+        "--ca",
+        str(secured["ca"]),
+        "--token",
+        secured["token"],
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+        "The capital of France is",
+    )
     assert result.returncode == 0, result.stderr
     responses = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = [r["response"] for r in responses]
@@ -60,8 +78,20 @@ def test_node_client_streams_a_generation_through_envoy(node, secured):
     assert complete["completion_tokens"] == 6
 
     # the plain text mode prints the text and a summary
-    result = run_client(node, "--target", secured["target"], "--ca", str(secured["ca"]), "--token", secured["token"],
-                        "--max-tokens", "4", "--temperature", "0", "The capital of France is")
+    result = run_client(
+        node,
+        "--target",
+        secured["target"],
+        "--ca",
+        str(secured["ca"]),
+        "--token",
+        secured["token"],
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "The capital of France is",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "FINISH_REASON_LENGTH" in result.stderr
 

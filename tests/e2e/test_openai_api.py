@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from services.gateway.credentials import ensure_signing_key, mint_token
 from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config
+from services.gateway.credentials import ensure_signing_key, mint_token
 from tests.conftest import free_port
 from tests.e2e.conftest import metric_value, running_envoy
 
@@ -76,8 +76,16 @@ def test_chat_greedy_answer_and_usage(client):
 
 
 def test_chat_stream_is_the_same_answer_in_chunks_with_usage_last(client):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=31)
     assert chunks[0].choices[0].delta.role == "assistant"
     contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
@@ -88,15 +96,22 @@ def test_chat_stream_is_the_same_answer_in_chunks_with_usage_last(client):
     assert finish in ("stop", "length") and all(c.usage is None for c in chunks[:-1])
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage.prompt_tokens == whole.usage.prompt_tokens
-    assert usage.completion_tokens == 30 if finish == "length" else usage.completion_tokens == whole.usage.completion_tokens
+    assert (
+        usage.completion_tokens == 30
+        if finish == "length"
+        else usage.completion_tokens == whole.usage.completion_tokens
+    )
 
 
 def test_completions_streamed_and_not(client):
     whole = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
     (choice,) = whole.choices
     assert "Paris" in choice.text and choice.finish_reason == "length" and whole.usage.completion_tokens == 8
-    streamed = list(client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0,
-                                              max_tokens=7, stream=True))
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=7, stream=True
+        )
+    )
     text = "".join(c.choices[0].text for c in streamed)
     assert text and choice.text.startswith(text)
     assert streamed[-1].choices[0].finish_reason == "length"
@@ -104,8 +119,9 @@ def test_completions_streamed_and_not(client):
 
 def test_n_choices_are_parallel_seeded_generations(client):
     def ask(max_tokens: int = 12, **fields):
-        return client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=1.0, max_tokens=max_tokens,
-                                              logprobs=True, **fields)
+        return client.chat.completions.create(
+            model=MODEL, messages=QUESTION, temperature=1.0, max_tokens=max_tokens, logprobs=True, **fields
+        )
 
     pair = ask(n=2, seed=7)
     assert [c.index for c in pair.choices] == [0, 1]
@@ -115,8 +131,9 @@ def test_n_choices_are_parallel_seeded_generations(client):
 
 
 def test_chat_logprobs_name_the_tokens_and_their_alternatives(client):
-    response = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16,
-                                              logprobs=True, top_logprobs=3)
+    response = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=16, logprobs=True, top_logprobs=3
+    )
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
     # the end-of-sequence token that ended the answer is a generated token (counted in usage), not text
@@ -131,7 +148,9 @@ def test_chat_logprobs_name_the_tokens_and_their_alternatives(client):
 
 
 def test_completion_logprobs_in_the_legacy_format(client):
-    response = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=6, logprobs=2)
+    response = client.completions.create(
+        model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=6, logprobs=2
+    )
     (choice,) = response.choices
     logprobs = choice.logprobs
     assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == 6
@@ -142,13 +161,20 @@ def test_completion_logprobs_in_the_legacy_format(client):
 def test_a_request_is_one_trace_from_envoy_through_the_openai_service_to_inference(client, mesh):
     trace_id, parent = os.urandom(16), os.urandom(8)
     # sampled without a seed, so the router's result cache cannot answer it without inference
-    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0.7, max_tokens=4,
-                                   extra_headers={"traceparent": f"00-{trace_id.hex()}-{parent.hex()}-01"})
+    client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0.7,
+        max_tokens=4,
+        extra_headers={"traceparent": f"00-{trace_id.hex()}-{parent.hex()}-01"},
+    )
     deadline = time.monotonic() + 20
     while True:
         spans = mesh.receiver.spans_of_trace(trace_id)
         by_id = {span.span_id: (service, span) for service, span in spans}
-        openai_spans = [span for service, span in spans if service == "meshserve-openai" and span.name.startswith("POST")]
+        openai_spans = [
+            span for service, span in spans if service == "meshserve-openai" and span.name.startswith("POST")
+        ]
         if openai_spans and {"meshserve-envoy", "meshserve-router", "meshserve-inference"} <= {s for s, _ in spans}:
             break
         assert time.monotonic() < deadline, f"trace incomplete: {sorted({s for s, _ in spans})}"
@@ -157,22 +183,28 @@ def test_a_request_is_one_trace_from_envoy_through_the_openai_service_to_inferen
     assert server_span.name == "POST /v1/chat/completions"
     assert by_id[server_span.parent_span_id][0] == "meshserve-envoy"  # Envoy's span, which continues the client's
     # the router's Generate span hangs off the openai service's gRPC call, a child of its request span
-    (router_span,) = [span for service, span in spans
-                      if service == "meshserve-router" and span.name.endswith("GenerationService/Generate")]
+    (router_span,) = [
+        span
+        for service, span in spans
+        if service == "meshserve-router" and span.name.endswith("GenerationService/Generate")
+    ]
     service, call = by_id[router_span.parent_span_id]
     assert service == "meshserve-openai" and call.parent_span_id == server_span.span_id
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"temperature": -1}, "temperature"),          # the router's field violation sampling.temperature
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 100000}, "max_tokens"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),  # the tokenizer's
-    ({"temperature": "warm"}, "temperature"),      # a wrong JSON type, refused by the service itself
-    ({"n": 5}, "n"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": -1}, "temperature"),  # the router's field violation sampling.temperature
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),  # the tokenizer's
+        ({"temperature": "warm"}, "temperature"),  # a wrong JSON type, refused by the service itself
+        ({"n": 5}, "n"),
+    ],
+)
 def test_bad_requests_are_bad_request_errors_naming_the_param(client, mesh, fields, param):
     request = {"model": MODEL, "messages": QUESTION, "max_tokens": 4, **fields}
     with pytest.raises(openai.BadRequestError) as raised:
@@ -190,8 +222,9 @@ def test_an_unknown_model_is_not_found(client):
 
 def test_a_deadline_that_passes_is_a_504_and_frees_the_slot(client, mesh):
     with pytest.raises(openai.InternalServerError) as raised:
-        client.completions.create(model=MODEL, prompt="Once upon a time", extra_headers={"x-meshserve-timeout-s": "0.5"},
-                                  **LONG)
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", extra_headers={"x-meshserve-timeout-s": "0.5"}, **LONG
+        )
     assert raised.value.status_code == 504 and raised.value.code == "deadline_exceeded"
     wait_until_idle(mesh, within_s=5)
 
@@ -246,9 +279,14 @@ def secured(mesh, tmp_path_factory) -> Iterator[SecuredEndpoint]:
     credentials = directory / "credentials"
     port = free_port()
     config = render_envoy_config(
-        port, free_port(), [Endpoint("127.0.0.1", mesh.router_port)], None, "127.0.0.1",
+        port,
+        free_port(),
+        [Endpoint("127.0.0.1", mesh.router_port)],
+        None,
+        "127.0.0.1",
         jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
-        rate_limit=TenantRateLimit(RATE_LIMIT, 60), max_request_bytes=64 * 1024,
+        rate_limit=TenantRateLimit(RATE_LIMIT, 60),
+        max_request_bytes=64 * 1024,
         rest_descriptor=build_descriptor_set(directory / "generation_service.pb"),
         openai_endpoints=[Endpoint("127.0.0.1", mesh.openai_port)],
     )
@@ -268,8 +306,11 @@ def test_no_valid_token_is_an_authentication_error(secured):
 def test_the_tenant_rate_limit_is_a_rate_limit_error_with_retry_after(secured):
     client = secured.client("openai-busy")
     for _ in range(RATE_LIMIT):
-        assert client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0,
-                                         max_tokens=4).choices[0].text
+        assert (
+            client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=4)
+            .choices[0]
+            .text
+        )
     with pytest.raises(openai.RateLimitError) as raised:
         client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
     error = raised.value
@@ -288,10 +329,16 @@ def test_an_oversize_body_is_refused_at_envoy_in_openai_shape(secured):
 
 def test_rest_generate_still_transcodes_beside_the_openai_routes(secured):
     request = urllib.request.Request(
-        f"http://127.0.0.1:{secured.port}/v1/generate", method="POST",
-        data=json.dumps({"prompt": "The capital of France is", "sampling": {"max_tokens": 4, "temperature": 0}}).encode(),
-        headers={"content-type": "application/json",
-                 "authorization": f"Bearer {mint_token(secured.credentials, 'openai-rest')}"})
+        f"http://127.0.0.1:{secured.port}/v1/generate",
+        method="POST",
+        data=json.dumps(
+            {"prompt": "The capital of France is", "sampling": {"max_tokens": 4, "temperature": 0}}
+        ).encode(),
+        headers={
+            "content-type": "application/json",
+            "authorization": f"Bearer {mint_token(secured.credentials, 'openai-rest')}",
+        },
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         lines = [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
     assert "Paris" in "".join(line["chunk"]["text"] for line in lines[:-1])

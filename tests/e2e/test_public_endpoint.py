@@ -18,11 +18,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
+from services.gateway.config import (
+    Endpoint,
+    JwtAuth,
+    TenantRateLimit,
+    TlsFiles,
+    build_descriptor_set,
+    render_envoy_config,
+)
 from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
-from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, TlsFiles, build_descriptor_set, render_envoy_config
 from tests.conftest import free_port
 from tests.e2e.conftest import running_envoy
 
@@ -60,7 +67,11 @@ def endpoint(mesh, tmp_path_factory) -> Iterator[PublicEndpoint]:
     port = free_port()
     tls_files = TlsFiles(tls.cert, tls.key, tls.ca)
     config = render_envoy_config(
-        port, free_port(), [Endpoint("127.0.0.1", mesh.router_port)], None, "127.0.0.1",
+        port,
+        free_port(),
+        [Endpoint("127.0.0.1", mesh.router_port)],
+        None,
+        "127.0.0.1",
         tls=tls_files,
         jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
         rate_limit=TenantRateLimit(RATE_LIMIT, 60),
@@ -114,9 +125,11 @@ def test_tls_handshake_verifies_against_the_generated_ca(endpoint):
             assert tls.selected_alpn_protocol() == "h2"  # what gRPC needs
             assert ("DNS", "localhost") in tls.getpeercert()["subjectAltName"]
     # a client that does not trust the development CA refuses the certificate
-    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError):
-            ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
+    with (
+        socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
     # and plaintext gRPC gets nowhere
     with grpc.insecure_channel(endpoint.target) as channel:
         error = rpc_error(lambda: list(pb_grpc.GenerationServiceStub(channel).Generate(small_request(), timeout=5)))
@@ -129,7 +142,7 @@ def test_requests_without_valid_credentials_are_refused_at_envoy(endpoint, mesh,
     expired = mint_token(endpoint.credentials, "acme", ttl_s=60, now=time.time() - 3600)
     wrong_audience = mint_token(endpoint.credentials, "acme", audience="someone-else")
     for metadata in [(), bearer("not-a-jwt"), bearer(foreign_key_token), bearer(expired), bearer(wrong_audience)]:
-        error = rpc_error(lambda: generate(endpoint, small_request(), metadata))
+        error = rpc_error(lambda metadata=metadata: generate(endpoint, small_request(), metadata))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (metadata, error.details())
     assert "Jwt" in error.details()
     assert router_requests(mesh) == before, "a refused request reached the router"
@@ -158,8 +171,11 @@ def test_rate_limit_is_per_tenant_and_keyed_by_the_verified_claim(endpoint):
 def test_rest_generate_streams_newline_delimited_json(endpoint):
     body = json.dumps({"prompt": "The capital of France is", "sampling": {"max_tokens": 4, "temperature": 0}})
     request = urllib.request.Request(
-        f"https://localhost:{endpoint.port}/v1/generate", data=body.encode(), method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('rest')}"})
+        f"https://localhost:{endpoint.port}/v1/generate",
+        data=body.encode(),
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('rest')}"},
+    )
     with urllib.request.urlopen(request, context=endpoint.ssl_context(), timeout=60) as response:
         assert response.status == 200
         assert response.headers["transfer-encoding"] == "chunked"  # streamed, not one buffered document
@@ -171,8 +187,11 @@ def test_rest_generate_streams_newline_delimited_json(endpoint):
 
     # a refused request comes back as an HTTP status with the google.rpc.Status as JSON
     bad = urllib.request.Request(
-        f"https://localhost:{endpoint.port}/v1/generate", data=b'{"prompt": ""}', method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('rest')}"})
+        f"https://localhost:{endpoint.port}/v1/generate",
+        data=b'{"prompt": ""}',
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('rest')}"},
+    )
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(bad, context=endpoint.ssl_context(), timeout=60)
     assert raised.value.code == 400
@@ -181,8 +200,9 @@ def test_rest_generate_streams_newline_delimited_json(endpoint):
     assert status["details"][0]["field_violations"][0]["field"] == "prompt"
 
 
-def grpc_web_call(endpoint: PublicEndpoint, request: pb.GenerateRequest, token: str | None
-                  ) -> tuple[http.client.HTTPResponse, list[tuple[int, bytes]]]:
+def grpc_web_call(
+    endpoint: PublicEndpoint, request: pb.GenerateRequest, token: str | None
+) -> tuple[http.client.HTTPResponse, list[tuple[int, bytes]]]:
     """One gRPC-Web call as a browser makes it: a plain HTTP/1.1 POST of length-prefixed frames."""
     message = request.SerializeToString()
     headers = {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"}
@@ -197,8 +217,8 @@ def grpc_web_call(endpoint: PublicEndpoint, request: pb.GenerateRequest, token: 
         connection.close()
     frames, offset = [], 0
     while offset < len(data):
-        flags, length = data[offset], struct.unpack(">I", data[offset + 1:offset + 5])[0]
-        frames.append((flags, data[offset + 5:offset + 5 + length]))
+        flags, length = data[offset], struct.unpack(">I", data[offset + 1 : offset + 5])[0]
+        frames.append((flags, data[offset + 5 : offset + 5 + length]))
         offset += 5 + length
     return response, frames
 
@@ -225,8 +245,11 @@ def test_an_oversize_message_is_refused_naming_the_limit(endpoint, mesh):
 
     body = json.dumps({"prompt": "x" * (MAX_REQUEST_BYTES + 1)}).encode()
     request = urllib.request.Request(
-        f"https://localhost:{endpoint.port}/v1/generate", data=body, method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('huge-rest')}"})
+        f"https://localhost:{endpoint.port}/v1/generate",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {endpoint.token('huge-rest')}"},
+    )
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, context=endpoint.ssl_context(), timeout=60)
     assert raised.value.code == 413

@@ -34,7 +34,10 @@ def reference_perplexity(model) -> float:
 def test_perplexity_through_the_api_is_within_3_percent_of_fp32(mesh, model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "services.cli.main", "perplexity", str(TEXT), "--target", mesh.target],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -45,4 +48,7 @@ def test_perplexity_through_the_api_is_within_3_percent_of_fp32(mesh, model_dir)
     fp32 = reference_perplexity(prepare_model(MODELS_ROOT, "fp32"))
     assert 5 < fp32 < 40, f"fp32 perplexity {fp32:.2f}: the text or the model is not what this test expects"
     assert served <= fp32 * 1.03, (served, fp32)
-    print(f"perplexity through the API: served {served:.3f}, fp32 reference {fp32:.3f} ({(served / fp32 - 1) * 100:+.2f}%)")
+    print(
+        f"perplexity through the API: served {served:.3f}, fp32 reference {fp32:.3f} "
+        f"({(served / fp32 - 1) * 100:+.2f}%)"
+    )

@@ -11,27 +11,37 @@ import time
 
 import grpc
 import pytest
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.conftest import wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
-PROMPTS = ["Describe the ocean in detail.", "Explain how a bicycle works.", "Write about the history of Rome.",
-           "Tell me about the planets of the solar system."]
+PROMPTS = [
+    "Describe the ocean in detail.",
+    "Explain how a bicycle works.",
+    "Write about the history of Rome.",
+    "Tell me about the planets of the solar system.",
+]
 
 
 @pytest.fixture(scope="module")
 def mesh2(model_dir, otlp_receiver):
-    with launch_mesh(otlp_receiver, inference_replicas=2, router_replicas=2,
-                     inference_args=["--num-slots=4", "--max-waiting=2"]) as mesh:
+    with launch_mesh(
+        otlp_receiver, inference_replicas=2, router_replicas=2, inference_args=["--num-slots=4", "--max-waiting=2"]
+    ) as mesh:
         yield mesh
 
 
-def request(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL, min_tokens: int = 0) -> pb.GenerateRequest:
-    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
-                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, min_tokens=min_tokens),
-                              priority=priority, no_cache=True)  # every request must reach a replica
+def request(
+    prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL, min_tokens: int = 0
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
+        sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, min_tokens=min_tokens),
+        priority=priority,
+        no_cache=True,
+    )  # every request must reach a replica
 
 
 class Stream(threading.Thread):
@@ -76,7 +86,10 @@ def run_streams(target: str, reqs: list[pb.GenerateRequest]) -> list[Stream]:
 
 def busiest_inference(mesh) -> tuple[str, float]:
     """The inference replica running the most requests, and how many."""
-    running = {name: metric_value(mesh.metrics(name), "meshserve_num_requests_running") for name in ("inference-0", "inference-1")}
+    running = {
+        name: metric_value(mesh.metrics(name), "meshserve_num_requests_running")
+        for name in ("inference-0", "inference-1")
+    }
     victim = max(running, key=running.get)
     return victim, running[victim]
 
@@ -108,7 +121,11 @@ def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clien
 def _serving(mesh, name: str) -> bool:
     """Warm, not just started: these metrics are registered once the model is loaded (inference)
     or the router has connected to its dependencies."""
-    ready = "meshserve_prefix_cache_queries_total" if name.startswith("inference") else "meshserve_time_to_first_token_seconds"
+    ready = (
+        "meshserve_prefix_cache_queries_total"
+        if name.startswith("inference")
+        else "meshserve_time_to_first_token_seconds"
+    )
     try:
         return ready in mesh.metrics(name)
     except OSError:
@@ -120,9 +137,12 @@ def all_replicas_serving(mesh2):
     """Each test starts from the whole mesh, as the routers see it (an earlier test may have
     killed a replica that the launcher restarted)."""
     for name in ("inference-0", "inference-1", "router-0", "router-1"):
-        wait_until(lambda: _serving(mesh2, name), timeout_s=120)
+        wait_until(lambda name=name: _serving(mesh2, name), timeout_s=120)
     for name in ("router-0", "router-1"):
-        wait_until(lambda: metric_value(mesh2.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout_s=30)
+        wait_until(
+            lambda name=name: metric_value(mesh2.metrics(name), "meshserve_router_inference_replicas_serving") == 2,
+            timeout_s=30,
+        )
 
 
 def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
@@ -147,7 +167,9 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 3 for s in streams))
-    on_router = {name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")}
+    on_router = {
+        name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")
+    }
     victim = max(on_router, key=on_router.get)
     assert on_router[victim] >= 1
     os.kill(mesh2.pids()[victim], signal.SIGKILL)
@@ -162,7 +184,8 @@ def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mes
     # reset the stream"), which gRPC clients report as INTERNAL; before headers it is UNAVAILABLE.
     for s in failed:
         assert s.error.code() == grpc.StatusCode.UNAVAILABLE or (
-            s.error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in s.error.details()), s.error
+            s.error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in s.error.details()
+        ), s.error
     wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
 
@@ -174,7 +197,9 @@ def test_sigterm_of_a_router_finishes_its_streams_while_envoy_moves_new_ones(mes
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 3 for s in streams))
-    on_router = {name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")}
+    on_router = {
+        name: metric_value(mesh2.metrics(name), "meshserve_num_requests_running") for name in ("router-0", "router-1")
+    }
     victim = max(on_router, key=on_router.get)
     assert on_router[victim] >= 1
     pid = mesh2.pids()[victim]
@@ -193,10 +218,14 @@ def test_sigterm_of_a_router_finishes_its_streams_while_envoy_moves_new_ones(mes
 def latency_mesh(model_dir, otlp_receiver):
     """Replicas configured for latency over queueing: no engine queue, so the capacity the routers
     admit up to is the running slots, and an accepted request starts at the next engine step."""
-    with launch_mesh(otlp_receiver, inference_replicas=2, router_replicas=2,
-                     inference_args=["--num-slots=4", "--max-waiting=0"]) as mesh:
+    with launch_mesh(
+        otlp_receiver, inference_replicas=2, router_replicas=2, inference_args=["--num-slots=4", "--max-waiting=0"]
+    ) as mesh:
         for name in ("router-0", "router-1"):
-            wait_until(lambda: metric_value(mesh.metrics(name), "meshserve_router_inference_replicas_serving") == 2, timeout_s=120)
+            wait_until(
+                lambda name=name: metric_value(mesh.metrics(name), "meshserve_router_inference_replicas_serving") == 2,
+                timeout_s=120,
+            )
         yield mesh
 
 
@@ -267,17 +296,19 @@ def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(laten
 
     def ttft(results):
         firsts = [r[1] for r in results if r[0] == "OK"]
-        return f"p50={p(firsts, .5):.0f}ms p99={p(firsts, .99):.0f}ms" if firsts else "n/a"
+        return f"p50={p(firsts, 0.5):.0f}ms p99={p(firsts, 0.99):.0f}ms" if firsts else "n/a"
 
     # below capacity nothing should be refused; a few may, when a load report is a few ms behind
     capacity_ok = sum(1 for r in result["at_capacity"] if r[0] == "OK")
     assert capacity_ok >= 0.8 * len(result["at_capacity"]), [r[0] for r in result["at_capacity"]]
-    print(f"overload: offered={len(offered)} at {result['rate']:.0f}/s for 5 s accepted={len(accepted)} "
-          f"refused={len(refused)} refusal p50={p([r[2] for r in refused], .5):.0f}ms "
-          f"p99={p([r[2] for r in refused], .99):.0f}ms max={p([r[2] for r in refused], 1):.0f}ms "
-          f"ttft_unloaded {ttft(result['unloaded'])} "
-          f"ttft_at_capacity {ttft(result['at_capacity'])} ({capacity_ok} of {len(result['at_capacity'])} ok) "
-          f"ttft_overloaded {ttft(accepted)}")
+    print(
+        f"overload: offered={len(offered)} at {result['rate']:.0f}/s for 5 s accepted={len(accepted)} "
+        f"refused={len(refused)} refusal p50={p([r[2] for r in refused], 0.5):.0f}ms "
+        f"p99={p([r[2] for r in refused], 0.99):.0f}ms max={p([r[2] for r in refused], 1):.0f}ms "
+        f"ttft_unloaded {ttft(result['unloaded'])} "
+        f"ttft_at_capacity {ttft(result['at_capacity'])} ({capacity_ok} of {len(result['at_capacity'])} ok) "
+        f"ttft_overloaded {ttft(accepted)}"
+    )
 
 
 def routers_see_running(mesh, count: int) -> bool:

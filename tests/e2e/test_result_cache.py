@@ -11,9 +11,9 @@ import urllib.request
 
 import grpc
 import pytest
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from tests.conftest import free_port, stop_process
 from tests.e2e.conftest import launch_mesh, metric_value
 
@@ -23,10 +23,26 @@ def redis_server(tmp_path_factory):
     binary = shutil.which("redis-server")
     assert binary, "redis-server not found: make test installs Debian's redis-server (deploy/tools/install-redis.sh)"
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
-    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
+    while (
+        subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG"
+    ):
         assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
         time.sleep(0.1)
     yield port, process
@@ -37,14 +53,20 @@ def redis_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cached_mesh(model_dir, otlp_receiver, redis_server):
     port, _ = redis_server
-    with launch_mesh(otlp_receiver, router_replicas=2, inference_args=["--num-slots=4"],
-                     router_args=[f"--result-cache-redis=redis://127.0.0.1:{port}/0"]) as mesh:
+    with launch_mesh(
+        otlp_receiver,
+        router_replicas=2,
+        inference_args=["--num-slots=4"],
+        router_args=[f"--result-cache-redis=redis://127.0.0.1:{port}/0"],
+    ) as mesh:
         yield mesh
 
 
 def question(text: str, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)]),
-                              sampling=pb.SamplingParameters(max_tokens=24, **sampling))
+    return pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)]),
+        sampling=pb.SamplingParameters(max_tokens=24, **sampling),
+    )
 
 
 def run(target: str, request: pb.GenerateRequest) -> tuple[list[pb.GenerateResponse], float, tuple]:
@@ -84,8 +106,9 @@ def test_rest_clients_see_the_hit_in_a_header(cached_mesh):
     body = json.dumps({"prompt": "The largest planet is", "sampling": {"temperature": 0, "max_tokens": 8}}).encode()
     headers = []
     for _ in range(2):
-        request = urllib.request.Request(f"http://{cached_mesh.target}/v1/generate", data=body,
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            f"http://{cached_mesh.target}/v1/generate", data=body, headers={"content-type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             headers.append(response.headers.get("x-meshserve-cache"))
             lines = [json.loads(line) for line in response.read().splitlines() if line.strip()]
@@ -101,11 +124,15 @@ def test_the_redis_tier_shares_answers_between_routers(cached_mesh):
     shared, _, _ = run(second_router, request)
     assert not fresh[-1].complete.cached and shared[-1].complete.cached
     assert content(shared) == content(fresh)
-    assert metric_value(cached_mesh.metrics("router-1"), "meshserve_result_cache_hits_total", tier="redis") == before + 1
+    assert (
+        metric_value(cached_mesh.metrics("router-1"), "meshserve_result_cache_hits_total", tier="redis") == before + 1
+    )
 
 
 def test_sampled_unseeded_no_cache_and_unfinished_requests_are_never_answered_from_it(cached_mesh):
-    bypass = pb.GenerateRequest(prompt="A joke:", no_cache=True, sampling=pb.SamplingParameters(temperature=0.0, max_tokens=8))
+    bypass = pb.GenerateRequest(
+        prompt="A joke:", no_cache=True, sampling=pb.SamplingParameters(temperature=0.0, max_tokens=8)
+    )
     for request in (question("Tell me a joke.", temperature=0.9), bypass):
         for _ in range(2):
             responses, _, _ = run(cached_mesh.target, request)

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
-from services.gateway.credentials import ensure_signing_key, mint_token
 from services.gateway.config import Endpoint, JwtAuth, render_envoy_config
+from services.gateway.credentials import ensure_signing_key, mint_token
 from tests.conftest import free_port
 from tests.e2e.conftest import launch_mesh, metric_value, running_envoy
 
@@ -35,15 +35,25 @@ def jwt_endpoint(policed, tmp_path_factory) -> Iterator[tuple[str, object]]:
     directory = tmp_path_factory.mktemp("tenancy")
     credentials = directory / "credentials"
     port = free_port()
-    config = render_envoy_config(port, free_port(), [Endpoint("127.0.0.1", policed.router_port)], None, "127.0.0.1",
-                                 jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)))
+    config = render_envoy_config(
+        port,
+        free_port(),
+        [Endpoint("127.0.0.1", policed.router_port)],
+        None,
+        "127.0.0.1",
+        jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
+    )
     with running_envoy(config, directory, port, None):
         yield f"127.0.0.1:{port}", credentials
 
 
 def long_request(request_id: str = "", priority: int = pb.PRIORITY_NORMAL) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt="Write a very long story about the sea.", request_id=request_id, priority=priority,
-                              sampling=pb.SamplingParameters(temperature=0.0, max_tokens=1000, min_tokens=1000))
+    return pb.GenerateRequest(
+        prompt="Write a very long story about the sea.",
+        request_id=request_id,
+        priority=priority,
+        sampling=pb.SamplingParameters(temperature=0.0, max_tokens=1000, min_tokens=1000),
+    )
 
 
 def start_stream(stub, metadata=()) -> grpc.Future:
@@ -108,14 +118,23 @@ def router_priority(mesh, request_id: str) -> str:
 
 def test_high_priority_is_honoured_only_for_tenants_whose_token_allows_it(jwt_endpoint, policed):
     target, credentials = jwt_endpoint
-    cases = {"prio-vip": bearer(credentials, "vip", max_priority="high"), "prio-plain": bearer(credentials, "plain"),
-             "prio-anonymous": ()}
+    cases = {
+        "prio-vip": bearer(credentials, "vip", max_priority="high"),
+        "prio-plain": bearer(credentials, "plain"),
+        "prio-anonymous": (),
+    }
     with grpc.insecure_channel(target) as channel, grpc.insecure_channel(policed.target) as open_channel:
         for request_id, metadata in cases.items():
             stub = pb_grpc.GenerationServiceStub(open_channel if not metadata else channel)
-            request = pb.GenerateRequest(prompt="Hi", request_id=request_id, priority=pb.PRIORITY_HIGH,
-                                         sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2))
-            assert list(stub.Generate(request, metadata=metadata + (("x-meshserve-max-priority", "high"),)))[-1].HasField("complete")
+            request = pb.GenerateRequest(
+                prompt="Hi",
+                request_id=request_id,
+                priority=pb.PRIORITY_HIGH,
+                sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2),
+            )
+            assert list(stub.Generate(request, metadata=metadata + (("x-meshserve-max-priority", "high"),)))[
+                -1
+            ].HasField("complete")
     assert router_priority(policed, "prio-vip") == "PRIORITY_HIGH"
     assert router_priority(policed, "prio-plain") == "PRIORITY_NORMAL"
     assert router_priority(policed, "prio-anonymous") == "PRIORITY_NORMAL"

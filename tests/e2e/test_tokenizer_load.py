@@ -27,11 +27,10 @@ import time
 
 import grpc
 import numpy as np
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
-from tests.conftest import REPO
-from tests.conftest import wait_until
+from tests.conftest import REPO, wait_until
 from tests.e2e.innocents import GreedyStream, greedy_request
 from tests.fuzzing import ENVOY_MAX_REQUEST_BYTES, outcome_of_error
 
@@ -50,27 +49,35 @@ SLACK_S = 0.008
 def _text(size: int, offset: int) -> str:
     """`size` bytes of natural English (tokenizing it costs what real text costs), rotated by `offset`."""
     base = (REPO / "tests" / "data" / "perplexity_text.txt").read_text(encoding="utf-8")
-    base = base[offset % len(base):] + base[: offset % len(base)]
+    base = base[offset % len(base) :] + base[: offset % len(base)]
     return (base * (size // len(base.encode()) + 1)).encode()[:size].decode("utf-8", "ignore")
 
 
 def _huge_prompts() -> list[pb.GenerateRequest]:
-    return [pb.GenerateRequest(prompt=_text(PROMPT_BYTES, 97 * i), sampling=pb.SamplingParameters(max_tokens=16))
-            for i in range(10)]
+    return [
+        pb.GenerateRequest(prompt=_text(PROMPT_BYTES, 97 * i), sampling=pb.SamplingParameters(max_tokens=16))
+        for i in range(10)
+    ]
 
 
 def _controls() -> list[pb.GenerateRequest]:
     """The huge prompts, refused for their temperature before they are tokenized."""
-    return [pb.GenerateRequest(prompt=r.prompt, sampling=pb.SamplingParameters(max_tokens=16, temperature=math.inf))
-            for r in _huge_prompts()]
+    return [
+        pb.GenerateRequest(prompt=r.prompt, sampling=pb.SamplingParameters(max_tokens=16, temperature=math.inf))
+        for r in _huge_prompts()
+    ]
 
 
 def _huge_chats() -> list[pb.GenerateRequest]:
     requests = []
     for i in range(10):
-        messages = [pb.ChatMessage(role=("user", "assistant")[j % 2], content=_text(MESSAGE_BYTES, 131 * i + 7 * j))
-                    for j in range(CHAT_MESSAGES)]
-        requests.append(pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=pb.SamplingParameters(max_tokens=16)))
+        messages = [
+            pb.ChatMessage(role=("user", "assistant")[j % 2], content=_text(MESSAGE_BYTES, 131 * i + 7 * j))
+            for j in range(CHAT_MESSAGES)
+        ]
+        requests.append(
+            pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=pb.SamplingParameters(max_tokens=16))
+        )
     return requests
 
 
@@ -82,8 +89,13 @@ class _Sender:
     process) and how each request ended."""
 
     def __init__(self, target: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.e2e.test_tokenizer_load", target], cwd=REPO,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.test_tokenizer_load", target],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.process.stdout.readline().strip() == "ready"
 
     def wave(self, kind: str) -> dict:
@@ -171,16 +183,21 @@ def test_a_running_stream_keeps_its_pace_while_huge_inputs_arrive(mesh):
             wave = sender.wave(kind)
             if loaded.running:  # only waves the stream outlasted: their stalls are all in its gaps
                 spans.append((wave["began"], wave["ended"]))
-            refusals += [f"{kind}: {code} {field} {details}" for code, field, details in wave["outcomes"]
-                         if code != "INVALID_ARGUMENT"]
+            refusals += [
+                f"{kind}: {code} {field} {details}"
+                for code, field, details in wave["outcomes"]
+                if code != "INVALID_ARGUMENT"
+            ]
             time.sleep(0.3)
     sender.close()
     loaded.join(300)
     assert loaded.error is None, loaded.outcome()
     assert loaded.text == unloaded.text
 
-    report = [f"unloaded ITL: p50 {np.percentile(unloaded_itl, 50) * 1000:.1f} ms, "
-              + f"p99 {unloaded_p99 * 1000:.1f} ms ({len(unloaded_itl)} gaps)"]
+    report = [
+        f"unloaded ITL: p50 {np.percentile(unloaded_itl, 50) * 1000:.1f} ms, "
+        + f"p99 {unloaded_p99 * 1000:.1f} ms ({len(unloaded_itl)} gaps)"
+    ]
     too_slow, p99s = [], {}
     for kind, spans in windows.items():
         if not spans:
@@ -189,8 +206,10 @@ def test_a_running_stream_keeps_its_pace_while_huge_inputs_arrive(mesh):
         itl = _overlapping(_gaps(loaded), spans)
         p99s[kind] = float(np.percentile(itl, 99))
         lasted = ", ".join(f"{(e - b) * 1000:.0f}" for b, e in spans)
-        report.append(f"while ten huge {kind} arrive (waves of {lasted} ms): p50 {np.percentile(itl, 50) * 1000:.1f} ms, "
-                      f"p99 {p99s[kind] * 1000:.1f} ms, max {itl.max() * 1000:.1f} ms ({len(itl)} gaps)")
+        report.append(
+            f"while ten huge {kind} arrive (waves of {lasted} ms): p50 {np.percentile(itl, 50) * 1000:.1f} ms, "
+            f"p99 {p99s[kind] * 1000:.1f} ms, max {itl.max() * 1000:.1f} ms ({len(itl)} gaps)"
+        )
     # The bound: 2x the unloaded p99 (the issue's), or, where merely moving the same megabytes through Envoy
     # and the router costs more than that (the control wave: on a quiet 2-core machine, unloaded 27 ms,
     # control 99 ms), at most 1.5x what the control cost: tokenizing adds no stall of its own. A tokenization
@@ -200,8 +219,10 @@ def test_a_running_stream_keeps_its_pace_while_huge_inputs_arrive(mesh):
             continue
         bound = max(2 * unloaded_p99, 1.5 * p99s.get("control", 0.0)) + SLACK_S
         if p99s[kind] > bound:
-            too_slow.append(f"{kind}: ITL p99 {p99s[kind] * 1000:.1f} ms > {bound * 1000:.1f} ms "
-                            f"(2 x unloaded {unloaded_p99 * 1000:.1f} ms, or 1.5 x the control, + {SLACK_S * 1000:.0f} ms)")
+            too_slow.append(
+                f"{kind}: ITL p99 {p99s[kind] * 1000:.1f} ms > {bound * 1000:.1f} ms "
+                f"(2 x unloaded {unloaded_p99 * 1000:.1f} ms, or 1.5 x the control, + {SLACK_S * 1000:.0f} ms)"
+            )
     print("\n" + "\n".join(report))
     assert not refusals, "huge inputs must be refused with INVALID_ARGUMENT:\n" + "\n".join(refusals[:6])
     control = f"{p99s['control'] * 1000:.1f} ms" if "control" in p99s else "not measured"

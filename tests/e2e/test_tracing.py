@@ -6,6 +6,7 @@ import os
 import time
 
 import grpc
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 
@@ -32,9 +33,11 @@ def test_one_request_one_trace_through_all_four_services(mesh):
         # every span's parent is in the trace (spans arrive in batches), except the client's own span
         span_ids = {span.span_id for _, span in spans} | {parent_span_id}
         orphans = [(service, span.name) for service, span in spans if span.parent_span_id not in span_ids]
-        if SERVICES <= services and {"tokenize", "queue_wait", "prefill", "decode"} <= names and not orphans:
+        if services >= SERVICES and {"tokenize", "queue_wait", "prefill", "decode"} <= names and not orphans:
             break
-        assert time.monotonic() < deadline, f"trace incomplete: services={services} spans={sorted(names)} orphans={orphans}"
+        assert time.monotonic() < deadline, (
+            f"trace incomplete: services={services} spans={sorted(names)} orphans={orphans}"
+        )
         time.sleep(0.2)
 
     # the client's incoming trace is continued, not replaced: Envoy's span hangs off the client's span
@@ -48,11 +51,18 @@ def test_one_request_one_trace_through_all_four_services(mesh):
     assert prefill.end_time_unix_nano <= decode.start_time_unix_nano + 1
 
     # the inference replica's Generate span carries the request's id and latencies
-    generate = [span for service, span in spans if service == "meshserve-inference" and span.name.endswith("InferenceService/Generate")]
+    generate = [
+        span
+        for service, span in spans
+        if service == "meshserve-inference" and span.name.endswith("InferenceService/Generate")
+    ]
     assert len(generate) == 1
     attributes = {kv.key: kv.value for kv in generate[0].attributes}
     assert attributes["gen_ai.request.id"].string_value
-    ttft, e2e = attributes["gen_ai.latency.time_to_first_token"].double_value, attributes["gen_ai.latency.e2e"].double_value
+    ttft, e2e = (
+        attributes["gen_ai.latency.time_to_first_token"].double_value,
+        attributes["gen_ai.latency.e2e"].double_value,
+    )
     assert 0 < ttft <= e2e
     assert attributes["gen_ai.latency.time_in_queue"].double_value <= ttft
 
@@ -66,4 +76,6 @@ def test_health_checks_and_load_polling_are_not_traced(mesh):
     assert "/meshserve.v1.GenerationService/Generate" in names
     # the public API's own info RPCs (GenerationService/GetModelInfo) are client calls, traced like Generate
     internal = {n for n in names if not n.startswith("/meshserve.v1.")}
-    assert not {n for n in internal if n.endswith(("/GetLoad", "/WatchLoad", "/GetModelInfo", "/Check", "/Watch"))}, names
+    assert not {n for n in internal if n.endswith(("/GetLoad", "/WatchLoad", "/GetModelInfo", "/Check", "/Watch"))}, (
+        names
+    )

@@ -37,7 +37,9 @@ def ort(model_dir):
 def _trt(model_dir, engine_dir, precision):
     from services.inference.backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(model_dir, NUM_SLOTS, MAX_CONTEXT, max_prefill=MAX_PREFILL, precision=precision, cache_dir=engine_dir)
+    return TensorRTBackend(
+        model_dir, NUM_SLOTS, MAX_CONTEXT, max_prefill=MAX_PREFILL, precision=precision, cache_dir=engine_dir
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_reduced_precision_engine_agrees_with_onnxruntime(model_dir, engine_dir,
     try:
         assert backend.precision in ("bf16", "fp16")
         assert backend.engine_path.name.startswith(f"decoder-{backend.precision}-")
-        expected, expected_logits = _greedy(ort, PROMPT, GREEDY_STEPS)
+        expected, _ = _greedy(ort, PROMPT, GREEDY_STEPS)
         # teacher-forced on ONNX Runtime's tokens so one near-tie cannot derail the rest
         got = [backend.forward(_step(0, PROMPT, 0))[0, 0]]
         for i, token in enumerate(expected[:-1]):

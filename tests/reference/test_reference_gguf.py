@@ -15,7 +15,6 @@ from services.inference.backends.base import StepBatch
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.tokenizer.core import ChatMessage, TokenizerCore
 
-
 TOLERANCE = 1e-2
 TEXT = "<|im_start|>user\nWhat is the capital of France? 12345 héllo 😀 世界<|im_end|>\n"
 
@@ -35,7 +34,9 @@ def reference(model_dir):
     from tests.conftest import MODELS_ROOT
 
     gguf = MODELS_ROOT / ".cache" / GGUF_MEMBER.split("/")[-1]
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model.eval(), tokenizer
 
@@ -43,9 +44,14 @@ def reference(model_dir):
 def test_tokenizer_matches_transformers_gguf_tokenizer(model_dir, reference):
     _, hf_tokenizer = reference
     core = TokenizerCore(model_dir)
-    assert core.tokenizer.encode(TEXT, add_special_tokens=False).ids == hf_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert (
+        core.tokenizer.encode(TEXT, add_special_tokens=False).ids
+        == hf_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    )
     chat = [ChatMessage("user", "What is the capital of France?")]
-    rendered = hf_tokenizer.apply_chat_template([{"role": "user", "content": chat[0].content}], tokenize=False, add_generation_prompt=True)
+    rendered = hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": chat[0].content}], tokenize=False, add_generation_prompt=True
+    )
     assert core.render_chat(chat) == rendered
 
 

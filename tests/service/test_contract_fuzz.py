@@ -25,9 +25,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
-
 from tests.conftest import MODELS_ROOT, REPO, free_port, stop_process
 from tests.fuzzing import (
     LONGEST_TOKEN_BYTES,
@@ -53,8 +53,15 @@ REFERENCE_TEXT = "Streaming 😀 text, 世界!\n" + " " * 80 + "end"
 
 
 def _settings(function):
-    return seed(SEED)(settings(max_examples=EXAMPLES, deadline=None, database=None,
-                               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(function))
+    return seed(SEED)(
+        settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )(function)
+    )
 
 
 def _serve(command: str, *args: str) -> Iterator[str]:
@@ -65,8 +72,23 @@ def _serve(command: str, *args: str) -> Iterator[str]:
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", command, "--port", str(port), "--metrics-port", "0",
-             "--models-root", str(MODELS_ROOT), *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "services.cli.main",
+                command,
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--models-root",
+                str(MODELS_ROOT),
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         target = f"127.0.0.1:{port}"
         try:
             with grpc.insecure_channel(target) as channel:
@@ -76,7 +98,10 @@ def _serve(command: str, *args: str) -> Iterator[str]:
                     assert process.poll() is None, log_path.read_text()[-3000:]
                     assert time.monotonic() < deadline, f"{command} did not become ready"
                     try:
-                        if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        if (
+                            health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                            == health_pb2.HealthCheckResponse.SERVING
+                        ):
                             break
                     except grpc.RpcError:
                         pass
@@ -94,8 +119,17 @@ def tokenizer_target(model_dir):
 
 @pytest.fixture(scope="module")
 def inference_target(model_dir):
-    yield from _serve("serve-inference", "--num-slots", "4", "--max-context", str(MAX_CONTEXT),
-                      "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-waiting", "4")
+    yield from _serve(
+        "serve-inference",
+        "--num-slots",
+        "4",
+        "--max-context",
+        str(MAX_CONTEXT),
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--max-waiting",
+        "4",
+    )
 
 
 def _unary(channel: grpc.Channel, method: str, wire: bytes, deserializer) -> Outcome:
@@ -108,9 +142,11 @@ def _unary(channel: grpc.Channel, method: str, wire: bytes, deserializer) -> Out
 
 
 def _decode_stream(channel: grpc.Channel, batches: list[list[int]]) -> Outcome:
-    call = channel.stream_stream("/meshserve.tokenizer.v1.TokenizerService/DecodeStream",
-                                 request_serializer=tokenizer_pb.DecodeStreamRequest.SerializeToString,
-                                 response_deserializer=tokenizer_pb.DecodeStreamResponse.FromString)
+    call = channel.stream_stream(
+        "/meshserve.tokenizer.v1.TokenizerService/DecodeStream",
+        request_serializer=tokenizer_pb.DecodeStreamRequest.SerializeToString,
+        response_deserializer=tokenizer_pb.DecodeStreamResponse.FromString,
+    )
     sent = time.monotonic()
     try:
         responses = list(call(iter([tokenizer_pb.DecodeStreamRequest(ids=ids) for ids in batches]), timeout=60))
@@ -123,19 +159,25 @@ def _decode_stream(channel: grpc.Channel, batches: list[list[int]]) -> Outcome:
 
 
 def _tokenizer_reference(channel: grpc.Channel) -> tuple[list[int], str, str]:
-    encode = channel.unary_unary("/meshserve.tokenizer.v1.TokenizerService/Encode",
-                                 request_serializer=tokenizer_pb.EncodeRequest.SerializeToString,
-                                 response_deserializer=tokenizer_pb.EncodeResponse.FromString)
-    decode = channel.unary_unary("/meshserve.tokenizer.v1.TokenizerService/Decode",
-                                 request_serializer=tokenizer_pb.DecodeRequest.SerializeToString,
-                                 response_deserializer=tokenizer_pb.DecodeResponse.FromString)
+    encode = channel.unary_unary(
+        "/meshserve.tokenizer.v1.TokenizerService/Encode",
+        request_serializer=tokenizer_pb.EncodeRequest.SerializeToString,
+        response_deserializer=tokenizer_pb.EncodeResponse.FromString,
+    )
+    decode = channel.unary_unary(
+        "/meshserve.tokenizer.v1.TokenizerService/Decode",
+        request_serializer=tokenizer_pb.DecodeRequest.SerializeToString,
+        response_deserializer=tokenizer_pb.DecodeResponse.FromString,
+    )
     ids = list(encode(tokenizer_pb.EncodeRequest(text=REFERENCE_TEXT), timeout=30).ids)
     chat = tokenizer_pb.ChatMessages(messages=[tokenizer_pb.ChatMessage(role="user", content=REFERENCE_TEXT)])
     chat_ids = list(encode(tokenizer_pb.EncodeRequest(chat=chat), timeout=30).ids)
     text = decode(tokenizer_pb.DecodeRequest(ids=chat_ids, skip_special_tokens=False), timeout=30).text
-    streamed = channel.stream_stream("/meshserve.tokenizer.v1.TokenizerService/DecodeStream",
-                                     request_serializer=tokenizer_pb.DecodeStreamRequest.SerializeToString,
-                                     response_deserializer=tokenizer_pb.DecodeStreamResponse.FromString)
+    streamed = channel.stream_stream(
+        "/meshserve.tokenizer.v1.TokenizerService/DecodeStream",
+        request_serializer=tokenizer_pb.DecodeStreamRequest.SerializeToString,
+        response_deserializer=tokenizer_pb.DecodeStreamResponse.FromString,
+    )
     pieces = [r.text for r in streamed(iter([tokenizer_pb.DecodeStreamRequest(ids=[t]) for t in ids]), timeout=30)]
     return ids + chat_ids, text, "".join(pieces)
 
@@ -145,7 +187,9 @@ def test_the_oracle_knows_the_longest_token(model_dir):
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir.tokenizer_path))
-    longest = max(len(tokenizer.decode([i], skip_special_tokens=False).encode()) for i in range(tokenizer.get_vocab_size()))
+    longest = max(
+        len(tokenizer.decode([i], skip_special_tokens=False).encode()) for i in range(tokenizer.get_vocab_size())
+    )
     assert longest == LONGEST_TOKEN_BYTES
 
 
@@ -159,7 +203,8 @@ def test_fuzzed_tokenizer_requests_end_ok_or_invalid_and_change_nothing(tokenize
         requests = st.one_of(
             encode_requests().map(lambda wire: ("Encode", wire)),
             st.tuples(decode_ids, st.booleans()).map(
-                lambda d: ("Decode", tokenizer_pb.DecodeRequest(ids=d[0], skip_special_tokens=d[1]).SerializeToString())),
+                lambda d: ("Decode", tokenizer_pb.DecodeRequest(ids=d[0], skip_special_tokens=d[1]).SerializeToString())
+            ),
             st.lists(decode_stream_ids, min_size=1, max_size=3).map(lambda batches: ("DecodeStream", batches)),
         )
 
@@ -168,12 +213,20 @@ def test_fuzzed_tokenizer_requests_end_ok_or_invalid_and_change_nothing(tokenize
         def fuzz(method_and_request) -> None:
             method, request = method_and_request
             if method == "Encode":
-                outcome = _unary(channel, "/meshserve.tokenizer.v1.TokenizerService/Encode", request,
-                                 tokenizer_pb.EncodeResponse.FromString)
+                outcome = _unary(
+                    channel,
+                    "/meshserve.tokenizer.v1.TokenizerService/Encode",
+                    request,
+                    tokenizer_pb.EncodeResponse.FromString,
+                )
                 expect, shown = encode_expectation(request), describe(request, tokenizer_pb.EncodeRequest)
             elif method == "Decode":
-                outcome = _unary(channel, "/meshserve.tokenizer.v1.TokenizerService/Decode", request,
-                                 tokenizer_pb.DecodeResponse.FromString)
+                outcome = _unary(
+                    channel,
+                    "/meshserve.tokenizer.v1.TokenizerService/Decode",
+                    request,
+                    tokenizer_pb.DecodeResponse.FromString,
+                )
                 expect = decode_expectation(list(tokenizer_pb.DecodeRequest.FromString(request).ids))
                 shown = describe(request, tokenizer_pb.DecodeRequest)
             else:
@@ -204,9 +257,11 @@ class _Innocent(threading.Thread):
 
     def run(self) -> None:
         with grpc.insecure_channel(self.target) as channel:
-            generate = channel.unary_stream("/meshserve.inference.v1.InferenceService/Generate",
-                                            request_serializer=inference_pb.GenerateRequest.SerializeToString,
-                                            response_deserializer=inference_pb.GenerateResponse.FromString)
+            generate = channel.unary_stream(
+                "/meshserve.inference.v1.InferenceService/Generate",
+                request_serializer=inference_pb.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb.GenerateResponse.FromString,
+            )
             while not self.stopping.is_set():
                 self.runs += 1
                 try:
@@ -221,16 +276,22 @@ class _Innocent(threading.Thread):
 
 def _greedy(max_tokens: int) -> inference_pb.GenerateRequest:
     return inference_pb.GenerateRequest(
-        request_id="reference", prompt_token_ids=REFERENCE_PROMPT, stop_token_ids=[2],
-        sampling=inference_pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, top_p=1.0))
+        request_id="reference",
+        prompt_token_ids=REFERENCE_PROMPT,
+        stop_token_ids=[2],
+        sampling=inference_pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+    )
 
 
 def test_fuzzed_inference_requests_end_ok_invalid_or_exhausted_and_hurt_no_one(inference_target):
     codes: Counter[str] = Counter()
     failures: list[str] = []
     with grpc.insecure_channel(inference_target) as channel:
-        raw = channel.unary_stream("/meshserve.inference.v1.InferenceService/Generate", request_serializer=None,
-                                   response_deserializer=inference_pb.GenerateResponse.FromString)
+        raw = channel.unary_stream(
+            "/meshserve.inference.v1.InferenceService/Generate",
+            request_serializer=None,
+            response_deserializer=inference_pb.GenerateResponse.FromString,
+        )
 
         def reference(max_tokens: int = 32) -> list[int]:
             return [t for r in raw(_greedy(max_tokens).SerializeToString(), timeout=120) for t in r.token_ids]
@@ -269,7 +330,9 @@ def test_fuzzed_inference_requests_end_ok_invalid_or_exhausted_and_hurt_no_one(i
             innocent.stopping.set()
             innocent.join(120)
         after = reference()
-    print(f"\ninference fuzz: seed {SEED}, {sum(codes.values())} requests: {dict(codes)}; {innocent.runs} innocent runs")
+    print(
+        f"\ninference fuzz: seed {SEED}, {sum(codes.values())} requests: {dict(codes)}; {innocent.runs} innocent runs"
+    )
     broken = []
     if failures:
         broken.append(f"{len(failures)} requests broke the contract (seed {SEED}):\n" + "\n".join(failures[:15]))

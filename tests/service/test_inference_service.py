@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
-from meshserve.inference.v1 import inference_service_pb2 as pb
-from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
+from meshserve.inference.v1 import inference_service_pb2 as pb
+from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.metrics import ServingMetrics
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
@@ -33,7 +33,9 @@ async def service(model_dir, metrics):
     async_engine = AsyncEngine(metrics)
     async_engine.attach(Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config))
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(async_engine, config, model_dir, "onnxruntime"), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(async_engine, config, model_dir, "onnxruntime"), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -46,8 +48,11 @@ async def service(model_dir, metrics):
 
 
 def _request(max_tokens: int, prompt=(504, 3575, 282, 4649, 314)) -> pb.GenerateRequest:
-    return pb.GenerateRequest(request_id="r", prompt_token_ids=list(prompt),
-                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, top_p=1.0))
+    return pb.GenerateRequest(
+        request_id="r",
+        prompt_token_ids=list(prompt),
+        sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+    )
 
 
 async def test_generate_streams_tokens_until_length(service):

@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 
 import grpc
 import openai
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import pytest
-from prometheus_client import REGISTRY
 import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-
-from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, ServingError, UnavailableError
+from services.common.errors import (
+    DownstreamError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServingError,
+    UnavailableError,
+)
 from services.common.grpc_status import to_grpc_status
 from services.openai.app import create_app
 from services.openai.config import OpenAIConfig
@@ -40,7 +46,10 @@ class Call:
 class StandInRouter(pb_grpc.GenerationServiceServicer):
     """Answers every Generate with `answer` and records the calls."""
 
-    answer: Callable[["StandInRouter", pb.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[pb.GenerateResponse]] | None = None
+    answer: (
+        Callable[[StandInRouter, pb.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[pb.GenerateResponse]]
+        | None
+    ) = None
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     all_in_flight: asyncio.Event = field(default_factory=asyncio.Event)
@@ -61,8 +70,9 @@ class StandInRouter(pb_grpc.GenerationServiceServicer):
 
 def tokens(*texts: str) -> list[pb.GenerateResponse]:
     chunks = [pb.GenerateResponse(chunk=pb.GenerateChunk(text=t, token_ids=[i])) for i, t in enumerate(texts)]
-    done = pb.GenerateComplete(finish_reason=pb.FINISH_REASON_STOP, prompt_tokens=5, completion_tokens=len(texts),
-                               cached_prompt_tokens=3)
+    done = pb.GenerateComplete(
+        finish_reason=pb.FINISH_REASON_STOP, prompt_tokens=5, completion_tokens=len(texts), cached_prompt_tokens=3
+    )
     return [*chunks, pb.GenerateResponse(complete=done)]
 
 
@@ -98,8 +108,11 @@ async def service() -> AsyncIterator[Service]:
     await server.start()
     port = free_port()
     config = OpenAIConfig((f"127.0.0.1:{router_port}",))
-    http = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on",
-                                         timeout_graceful_shutdown=2))  # a hung request fails its test, not the run
+    http = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on", timeout_graceful_shutdown=2
+        )
+    )  # a hung request fails its test, not the run
     serving = asyncio.create_task(http.serve())
     while not http.started:
         assert not serving.done(), "uvicorn did not start"
@@ -116,10 +129,15 @@ async def service() -> AsyncIterator[Service]:
 
 async def test_envoys_headers_and_the_deadline_reach_the_router(service):
     service.router.answer = answer_paris
-    headers = {"x-meshserve-tenant": "acme", "x-meshserve-max-priority": "normal", "x-other": "not forwarded",
-               "x-meshserve-timeout-s": "30"}
+    headers = {
+        "x-meshserve-tenant": "acme",
+        "x-meshserve-max-priority": "normal",
+        "x-other": "not forwarded",
+        "x-meshserve-timeout-s": "30",
+    }
     response = await service.client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, extra_headers=headers)
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, extra_headers=headers
+    )
     assert "".join([c.choices[0].delta.content or "" async for c in response if c.choices]) == "Paris"
     (call,) = service.router.calls
     assert call.metadata["x-meshserve-tenant"] == "acme" and call.metadata["x-meshserve-max-priority"] == "normal"
@@ -137,14 +155,21 @@ async def test_usage_reads_cached_prompt_tokens(service):
     assert response.usage.prompt_tokens == 5 and response.usage.prompt_tokens_details.cached_tokens == 3
 
 
-@pytest.mark.parametrize(("error", "status", "kind", "headers"), [
-    (ResourceExhaustedError("queue full", retry_after_s=1.5), 429, openai.RateLimitError,
-     {"retry-after": "2", "retry-after-ms": "1500"}),
-    (UnavailableError("draining", retry_after_s=0.2), 503, openai.InternalServerError, {"retry-after": "1"}),
-    (DownstreamError("DEADLINE_EXCEEDED", "deadline passed"), 504, openai.InternalServerError, {}),
-    (DownstreamError("INTERNAL", "stream reset"), 500, openai.InternalServerError, {}),
-    (InvalidArgumentError("sampling.top_k", "top_k must be >= 0"), 400, openai.BadRequestError, {}),
-])
+@pytest.mark.parametrize(
+    ("error", "status", "kind", "headers"),
+    [
+        (
+            ResourceExhaustedError("queue full", retry_after_s=1.5),
+            429,
+            openai.RateLimitError,
+            {"retry-after": "2", "retry-after-ms": "1500"},
+        ),
+        (UnavailableError("draining", retry_after_s=0.2), 503, openai.InternalServerError, {"retry-after": "1"}),
+        (DownstreamError("DEADLINE_EXCEEDED", "deadline passed"), 504, openai.InternalServerError, {}),
+        (DownstreamError("INTERNAL", "stream reset"), 500, openai.InternalServerError, {}),
+        (InvalidArgumentError("sampling.top_k", "top_k must be >= 0"), 400, openai.BadRequestError, {}),
+    ],
+)
 async def test_router_statuses_become_http_statuses(service, error, status, kind, headers):
     service.router.answer = refuse_with(error)
     with pytest.raises(kind) as raised:
@@ -164,7 +189,9 @@ async def test_router_statuses_become_http_statuses(service, error, status, kind
 async def test_a_refused_stream_is_an_http_status_and_a_late_failure_an_error_event(service):
     service.router.answer = refuse_with(ResourceExhaustedError("queue full", retry_after_s=1.0))
     with pytest.raises(openai.RateLimitError):
-        await service.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True)
+        await service.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
 
     async def fail_after_two_tokens(router, request, context):
         for response in tokens("Par", "is")[:2]:
@@ -172,8 +199,9 @@ async def test_a_refused_stream_is_an_http_status_and_a_late_failure_an_error_ev
         await context.abort_with_status(to_grpc_status(DownstreamError("INTERNAL", "replica lost")))
 
     service.router.answer = fail_after_two_tokens
-    stream = await service.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                                          stream=True)
+    stream = await service.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
     received = []
     with pytest.raises(openai.APIError) as raised:
         async for chunk in stream:
@@ -239,9 +267,11 @@ async def test_a_client_that_leaves_before_its_first_token_cancels_the_call(serv
     gone_before, failed_before = answered("499"), answered("500")
     service.router.answer = queued_forever
     body = json.dumps({"model": MODEL, "prompt": "Hi", "stream": stream}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
     await writer.drain()
 
     async def called() -> None:

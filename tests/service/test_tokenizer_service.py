@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from meshserve.tokenizer.v1 import tokenizer_service_pb2 as pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as pb_grpc
-
 from services.tokenizer.core import TokenizerCore
 from services.tokenizer.servicer import TokenizerServicer
 
@@ -39,7 +39,9 @@ async def test_encode_then_stream_decode_round_trips(stub):
 
 
 async def test_chat_encoding_and_info(stub):
-    response = await stub.Encode(pb.EncodeRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi")])))
+    response = await stub.Encode(
+        pb.EncodeRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi")]))
+    )
     info = await stub.GetInfo(pb.GetInfoRequest())
     assert response.ids[0] == 1 and info.vocab_size == 49152 and list(info.eos_token_ids) == [2]
 

@@ -7,7 +7,13 @@ import importlib.util
 
 import pytest
 
-from services.inference.backends.probes import BackendUnavailableError, ProbeResult, probe_cuda, probe_tensorrt, unavailable_message
+from services.inference.backends.probes import (
+    BackendUnavailableError,
+    ProbeResult,
+    probe_cuda,
+    probe_tensorrt,
+    unavailable_message,
+)
 from services.inference.backends.selection import create_backend, select_backend
 
 TRT_OK = ProbeResult(True, "TensorRT 10.9.0.34")
@@ -15,7 +21,9 @@ GPU_OK = ProbeResult(True, "NVIDIA L4 (compute capability 8.9)")
 TRT_MISSING = ProbeResult(
     False, "TensorRT is not installed", "install the `tensorrt` Python package (TensorRT 10) and an NVIDIA driver"
 )
-NO_GPU = ProbeResult(False, "no CUDA GPU is visible to PyTorch", "check the NVIDIA driver (`nvidia-smi`) and CUDA_VISIBLE_DEVICES")
+NO_GPU = ProbeResult(
+    False, "no CUDA GPU is visible to PyTorch", "check the NVIDIA driver (`nvidia-smi`) and CUDA_VISIBLE_DEVICES"
+)
 
 
 def _fixed(result: ProbeResult):
@@ -121,5 +129,7 @@ def test_create_backend_needs_a_resolved_name(model_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_create_backend_tensorrt_without_tensorrt_raises_the_clear_error(model_dir):
-    with pytest.raises(BackendUnavailableError, match=r"^TensorRT is not installed: .* or use --backend onnxruntime\.$"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"^TensorRT is not installed: .* or use --backend onnxruntime\.$"
+    ):
         create_backend("tensorrt", model_dir, 2, 32, max_prefill=16)

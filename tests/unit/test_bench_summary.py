@@ -13,14 +13,22 @@ from services.bench.report import RequestResult, format_table, percentile, summa
 from services.cli import bench
 
 
-def ok(tokens: int = 10, ttft_s: float = 0.1, itl_s: list[float] | None = None, latency_s: float = 1.0,
-       prompt_tokens: int = 5) -> RequestResult:
-    return RequestResult(ok=True, tokens=tokens, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=latency_s,
-                         prompt_tokens=prompt_tokens)
+def ok(
+    tokens: int = 10,
+    ttft_s: float = 0.1,
+    itl_s: list[float] | None = None,
+    latency_s: float = 1.0,
+    prompt_tokens: int = 5,
+) -> RequestResult:
+    return RequestResult(
+        ok=True, tokens=tokens, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=latency_s, prompt_tokens=prompt_tokens
+    )
 
 
 def failed(code: str, ttft_s: float | None = None, itl_s: list[float] | None = None, tokens: int = 0) -> RequestResult:
-    return RequestResult(ok=False, code=code, tokens=tokens, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=0.5, prompt_tokens=9)
+    return RequestResult(
+        ok=False, code=code, tokens=tokens, ttft_s=ttft_s, itl_s=itl_s or [], latency_s=0.5, prompt_tokens=9
+    )
 
 
 @pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
@@ -120,7 +128,12 @@ def test_add_parser_registers_bench_with_its_defaults() -> None:
     args = parser.parse_args(["bench", "--concurrency", "4"])
     assert args.func is bench.run_from_args
     assert (args.target, args.concurrency, args.max_tokens, args.chat, args.temperature, args.json) == (
-        "localhost:8080", 4, 128, True, 0.0, False,
+        "localhost:8080",
+        4,
+        128,
+        True,
+        0.0,
+        False,
     )
     assert parser.parse_args(["bench", "--no-chat"]).chat is False
     with pytest.raises(SystemExit):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.v1 import generation_service_pb2 as pb
-
 from services.common.contract import (
     MAX_CHAT_MESSAGES,
     MAX_PROMPT_BYTES,
@@ -34,22 +34,53 @@ def field_of(call) -> str:
     return caught.value.field
 
 
-@pytest.mark.parametrize("name, value", [
-    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1), ("temperature", 100.5),
-    ("top_p", 0.0), ("top_p", math.nan), ("top_p", 1.01), ("top_k", -1), ("min_p", -math.inf), ("min_p", 1.5),
-    ("repetition_penalty", 0.0), ("repetition_penalty", 0.001), ("repetition_penalty", math.inf),
-    ("presence_penalty", 2.5), ("frequency_penalty", -math.nan), ("max_tokens", 0), ("max_tokens", 65),
-    ("min_tokens", -1), ("min_tokens", 9), ("logprobs", 21), ("prompt_logprobs", -1),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", -0.1),
+        ("temperature", 100.5),
+        ("top_p", 0.0),
+        ("top_p", math.nan),
+        ("top_p", 1.01),
+        ("top_k", -1),
+        ("min_p", -math.inf),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", 0.001),
+        ("repetition_penalty", math.inf),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -math.nan),
+        ("max_tokens", 0),
+        ("max_tokens", 65),
+        ("min_tokens", -1),
+        ("min_tokens", 9),
+        ("logprobs", 21),
+        ("prompt_logprobs", -1),
+    ],
+)
 def test_every_sampling_bound_names_its_field(name, value):
     params = SamplingParams(**{"max_tokens": 8, name: value})
     assert field_of(lambda: validate_sampling(params, 64)) == f"sampling.{name}"
 
 
 def test_the_edges_of_every_bound_are_accepted():
-    for params in (SamplingParams(max_tokens=64, temperature=100, top_p=1, min_p=1, repetition_penalty=100,
-                                  presence_penalty=2, frequency_penalty=-2, min_tokens=64, logprobs=20, prompt_logprobs=0),
-                   SamplingParams(max_tokens=1, temperature=0, top_p=1e-6, repetition_penalty=0.01, top_k=2**31 - 1)):
+    for params in (
+        SamplingParams(
+            max_tokens=64,
+            temperature=100,
+            top_p=1,
+            min_p=1,
+            repetition_penalty=100,
+            presence_penalty=2,
+            frequency_penalty=-2,
+            min_tokens=64,
+            logprobs=20,
+            prompt_logprobs=0,
+        ),
+        SamplingParams(max_tokens=1, temperature=0, top_p=1e-6, repetition_penalty=0.01, top_k=2**31 - 1),
+    ):
         validate_sampling(params, 64)
 
 
@@ -62,19 +93,40 @@ def test_both_protos_read_alike_unset_fields_take_the_defaults():
 
 
 def test_what_the_router_writes_the_engine_reads_back_unchanged():
-    params = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=2**64 - 1, top_k=3, min_p=0.05,
-                            repetition_penalty=1.5, presence_penalty=-0.5, frequency_penalty=0.25, min_tokens=2,
-                            logprobs=0, prompt_logprobs=4)
+    params = SamplingParams(
+        max_tokens=9,
+        temperature=0.7,
+        top_p=0.9,
+        seed=2**64 - 1,
+        top_k=3,
+        min_p=0.05,
+        repetition_penalty=1.5,
+        presence_penalty=-0.5,
+        frequency_penalty=0.25,
+        min_tokens=2,
+        logprobs=0,
+        prompt_logprobs=4,
+    )
     message = sampling_to_proto(params, inference_pb.SamplingParameters())
     read = sampling_from_proto(inference_pb.SamplingParameters.FromString(message.SerializeToString()))
-    assert read == SamplingParams(**{**params.__dict__, **{k: pytest.approx(v) for k, v in params.__dict__.items()
-                                                           if isinstance(v, float)}})
+    assert read == SamplingParams(
+        **{**params.__dict__, **{k: pytest.approx(v) for k, v in params.__dict__.items() if isinstance(v, float)}}
+    )
 
 
-@pytest.mark.parametrize("request_id, ok", [
-    ("", True), ("abc-DEF_1.2:3", True), ("x" * 128, True), ("x" * 129, False), ("a b", False), ("é", False),
-    ("a\nb", False), ("{}", False),
-])
+@pytest.mark.parametrize(
+    "request_id, ok",
+    [
+        ("", True),
+        ("abc-DEF_1.2:3", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("a b", False),
+        ("é", False),
+        ("a\nb", False),
+        ("{}", False),
+    ],
+)
 def test_request_ids_are_short_and_safe_to_log(request_id, ok):
     if ok:
         assert request_id_or_new(request_id) == request_id or not request_id
@@ -116,4 +168,7 @@ def test_the_engine_boundary_rechecks_the_same_contract():
     assert field_of(lambda: validate_generation(LIMITS, [1], ok, [], [7] * 8)) == "resumed_token_ids"
     assert field_of(lambda: validate_generation(LIMITS, [1], ok, [], [], 4)) == "priority"
     assert field_of(lambda: validate_generation(LIMITS, [1] * 250, ok)) == "sampling.max_tokens"
-    assert field_of(lambda: validate_generation(LIMITS, [1], SamplingParams(temperature=math.nan, max_tokens=8))) == "sampling.temperature"
+    assert (
+        field_of(lambda: validate_generation(LIMITS, [1], SamplingParams(temperature=math.nan, max_tokens=8)))
+        == "sampling.temperature"
+    )

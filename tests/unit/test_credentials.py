@@ -29,8 +29,9 @@ def verify(token: str, jwks: dict) -> dict:
     header = json.loads(b64decode(header_b64))
     assert header["alg"] == "RS256"
     jwk = next(k for k in jwks["keys"] if k["kid"] == header["kid"])
-    public = rsa.RSAPublicNumbers(int.from_bytes(b64decode(jwk["e"]), "big"),
-                                  int.from_bytes(b64decode(jwk["n"]), "big")).public_key()
+    public = rsa.RSAPublicNumbers(
+        int.from_bytes(b64decode(jwk["e"]), "big"), int.from_bytes(b64decode(jwk["n"]), "big")
+    ).public_key()
     public.verify(b64decode(signature_b64), f"{header_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA256())
     return json.loads(b64decode(claims_b64))
 
@@ -39,9 +40,15 @@ def test_minted_tokens_verify_against_the_jwks(tmp_path):
     token = mint_token(tmp_path, "acme", ttl_s=120, now=1_700_000_000)
     jwks = json.loads((tmp_path / "jwks.json").read_text())
     claims = verify(token, jwks)
-    assert claims == {"iss": "meshserve-dev", "aud": "meshserve", "sub": "acme", "tenant": "acme",
-                      "iat": 1_700_000_000, "exp": 1_700_000_120}
-    header_b64, claims_b64, signature_b64 = token.split(".")
+    assert claims == {
+        "iss": "meshserve-dev",
+        "aud": "meshserve",
+        "sub": "acme",
+        "tenant": "acme",
+        "iat": 1_700_000_000,
+        "exp": 1_700_000_120,
+    }
+    header_b64, _, signature_b64 = token.split(".")
     forged = base64.urlsafe_b64encode(json.dumps({**claims, "tenant": "someone-else"}).encode()).rstrip(b"=").decode()
     with pytest.raises(InvalidSignature):
         verify(f"{header_b64}.{forged}.{signature_b64}", jwks)
@@ -106,4 +113,5 @@ def test_mint_token_and_dev_certs_commands(tmp_path, capsys):
     assert f"ca: {tmp_path / 'tls' / 'ca.pem'}" in out
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.DNSName) == ["api.local"]
+        x509.DNSName
+    ) == ["api.local"]

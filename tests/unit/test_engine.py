@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError
-from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-from services.common.finish import FinishReason
-from services.inference.engine import Engine, EngineConfig
 from services.common.contract import SamplingParams
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError
+from services.common.finish import FinishReason
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.engine import Engine, EngineConfig
 from services.tokenizer.core import TokenizerCore
 
 
@@ -31,6 +31,7 @@ class Collector:
                 self.finish[request_id] = output.finish_reason
                 if len(self.finish) >= self.expected:
                     self.done.set()
+
         return on_output
 
 
@@ -71,10 +72,14 @@ def test_a_mixed_length_batch_gives_each_request_its_solo_greedy_tokens(engine, 
 
 
 def test_stop_token_ends_with_stop_and_max_tokens_with_length(engine, tokenizer):
-    chat = tokenizer.encode_chat([__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")])
+    chat = tokenizer.encode_chat(
+        [__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")]
+    )
     result = run_all(engine, {"a": chat}, SamplingParams(max_tokens=64, temperature=0.0))
     assert result.finish["a"] == FinishReason.STOP and result.tokens["a"][-1] == 2
-    result = run_all(engine, {"b": tokenizer.encode_text("Once upon a time")}, SamplingParams(max_tokens=5, temperature=0.0))
+    result = run_all(
+        engine, {"b": tokenizer.encode_text("Once upon a time")}, SamplingParams(max_tokens=5, temperature=0.0)
+    )
     assert result.finish["b"] == FinishReason.LENGTH and len(result.tokens["b"]) == 5
 
 
@@ -88,7 +93,13 @@ def test_abort_frees_the_slot(engine, tokenizer):
             assert output.finish_reason == FinishReason.ABORT
             finished.set()
 
-    engine.submit("long", tokenizer.encode_text("Tell me a story"), SamplingParams(max_tokens=64, temperature=0.0), frozenset(), on_output)
+    engine.submit(
+        "long",
+        tokenizer.encode_text("Tell me a story"),
+        SamplingParams(max_tokens=64, temperature=0.0),
+        frozenset(),
+        on_output,
+    )
     assert started.wait(30)
     assert engine.num_running == 1 and engine.kv_cache_usage == 0.25
     engine.abort("long")
@@ -139,16 +150,20 @@ def test_invalid_requests_name_their_field(engine, prompt, params, field):
 
 @pytest.fixture(scope="module")
 def chunked_engine(model_dir):
-    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, max_prefill_tokens=16, enable_prefix_caching=False)
+    config = EngineConfig(
+        num_slots=2, max_context=256, max_new_tokens=64, max_prefill_tokens=16, enable_prefix_caching=False
+    )
     engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
     engine.start()
     yield engine
     engine.stop()
 
 
-LONG_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-             "movable metal type, oil-based inks and a wooden press adapted from wine making. Within decades, printing "
-             "shops spread across Europe, books became cheaper, and literacy rose in cities and towns alike.")
+LONG_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based inks and a wooden press adapted from wine making. Within decades, printing "
+    "shops spread across Europe, books became cheaper, and literacy rose in cities and towns alike."
+)
 
 
 def test_chunked_prefill_gives_the_same_tokens_and_prompt_logprobs(engine, chunked_engine, tokenizer):
@@ -194,7 +209,13 @@ def test_a_long_prompt_does_not_stall_a_running_stream(chunked_engine, tokenizer
     def on_long(output):
         first_of_long.set()
 
-    chunked_engine.submit("stream", tokenizer.encode_text("Once upon a time"), SamplingParams(max_tokens=60, temperature=0.0), frozenset(), on_stream)
+    chunked_engine.submit(
+        "stream",
+        tokenizer.encode_text("Once upon a time"),
+        SamplingParams(max_tokens=60, temperature=0.0),
+        frozenset(),
+        on_stream,
+    )
     while not stream_times:
         time.sleep(0.005)
     submitted = time.monotonic()
@@ -212,13 +233,19 @@ def test_a_long_prompt_does_not_stall_a_running_stream(chunked_engine, tokenizer
 def test_penalties_and_min_tokens(engine, tokenizer):
     ids = tokenizer.encode_text("1, 1, 1, 1, 1, 1,")
     plain = run_all(engine, {"p": ids}, SamplingParams(max_tokens=16, temperature=0.0))
-    penalized = run_all(engine, {"q": ids}, SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0))
+    penalized = run_all(
+        engine, {"q": ids}, SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0)
+    )
     assert len(set(plain.tokens["p"])) < len(set(penalized.tokens["q"]))
     assert max(penalized.tokens["q"].count(t) for t in set(penalized.tokens["q"])) <= 2
-    chat = tokenizer.encode_chat([__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")])
+    chat = tokenizer.encode_chat(
+        [__import__("services.tokenizer.core", fromlist=["ChatMessage"]).ChatMessage("user", "Say hi.")]
+    )
     short = run_all(engine, {"s": chat}, SamplingParams(max_tokens=64, temperature=0.0))
     assert short.finish["s"] == FinishReason.STOP
-    forced = run_all(engine, {"m": chat}, SamplingParams(max_tokens=64, temperature=0.0, min_tokens=len(short.tokens["s"]) + 5))
+    forced = run_all(
+        engine, {"m": chat}, SamplingParams(max_tokens=64, temperature=0.0, min_tokens=len(short.tokens["s"]) + 5)
+    )
     assert len(forced.tokens["m"]) >= len(short.tokens["s"]) + 5
 
 
@@ -265,13 +292,21 @@ def test_a_prefix_another_running_request_computed_is_copied_and_gives_the_same_
     config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64)
     results = {}
     for caching in (True, False):
-        engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context),
-                        dataclasses.replace(config, enable_prefix_caching=caching))
+        engine = Engine(
+            OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context),
+            dataclasses.replace(config, enable_prefix_caching=caching),
+        )
         engine.start()
         try:
             collector = Collector()
             collector.expected = 2
-            engine.submit("a", first, SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0), frozenset({2}), collector("a"))
+            engine.submit(
+                "a",
+                first,
+                SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0),
+                frozenset({2}),
+                collector("a"),
+            )
             deadline = time.monotonic() + 60
             while not collector.tokens.get("a"):  # a is past its prefill and still running
                 assert time.monotonic() < deadline
@@ -299,9 +334,14 @@ def _collect(engine: Engine, request_id: str, prompt: list[int], params: Samplin
     return collector.tokens[request_id]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(max_tokens=48, temperature=0.0),
-                                    SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, seed=11)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=48, temperature=0.0),
+        SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, seed=11),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_a_resumed_request_continues_exactly_where_the_interrupted_one_was(engine, tokenizer, params):
     """What a replica that takes over a failed stream computes: the prompt plus the tokens the
     client already has, resumed, give exactly the rest of the undisturbed run. The prompt is then
@@ -323,10 +363,14 @@ def test_a_resumed_request_continues_exactly_where_the_interrupted_one_was(engin
 
 def test_resumed_tokens_must_leave_something_to_generate(engine):
     with pytest.raises(InvalidArgumentError) as caught:
-        engine.submit("bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[5] * 4)
+        engine.submit(
+            "bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[5] * 4
+        )
     assert caught.value.field == "resumed_token_ids"
     with pytest.raises(InvalidArgumentError) as caught:
-        engine.submit("bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[10**6])
+        engine.submit(
+            "bad", [1, 2, 3], SamplingParams(max_tokens=4), frozenset(), lambda o: None, resumed_token_ids=[10**6]
+        )
     assert caught.value.field == "resumed_token_ids"
 
 
@@ -439,8 +483,13 @@ def test_a_request_whose_sampling_raises_fails_alone(engine, tokenizer, monkeypa
         engine.submit(name, ids, greedy, frozenset({2}), collector(name))
     ids = tokenizer.encode_text("Hello there")
     engine.submit("bad-stop", ids, SamplingParams(max_tokens=8, min_tokens=2), [4_000_000_000], collector("bad-stop"))
-    engine.submit("bad-temperature", ids, SamplingParams(max_tokens=8, min_tokens=2, temperature=float("inf")),
-                  frozenset({2}), collector("bad-temperature"))
+    engine.submit(
+        "bad-temperature",
+        ids,
+        SamplingParams(max_tokens=8, min_tokens=2, temperature=float("inf")),
+        frozenset({2}),
+        collector("bad-temperature"),
+    )
     assert collector.done.wait(120)
     assert collector.finish["bad-stop"] is FinishReason.ERROR
     assert collector.finish["bad-temperature"] is FinishReason.ERROR

@@ -1,5 +1,5 @@
-import yaml
 import pytest
+import yaml
 
 from services.gateway.config import Endpoint, parse_otlp_endpoint, render_envoy_config, validate_envoy_config
 
@@ -20,7 +20,9 @@ def test_every_rendered_config_passes_envoy_validate(tmp_path, otlp):
 
 def test_a_broken_config_fails_validation(tmp_path):
     path = tmp_path / "envoy.yaml"
-    path.write_text(render_envoy_config(8080, 9901, [Endpoint("127.0.0.1", 50051)], None).replace("LEAST_REQUEST", "FASTEST"))
+    path.write_text(
+        render_envoy_config(8080, 9901, [Endpoint("127.0.0.1", 50051)], None).replace("LEAST_REQUEST", "FASTEST")
+    )
     assert validate_envoy_config(path).returncode != 0
 
 
@@ -33,7 +35,9 @@ def test_otlp_endpoint_parsing():
 def test_routes_retry_only_before_headers_on_another_router_and_the_cluster_is_guarded():
     from services.gateway.config import Endpoint as E
 
-    config = yaml.safe_load(render_envoy_config(8080, 9901, [E("127.0.0.1", 1), E("127.0.0.1", 2)], None, grpc_web=True))
+    config = yaml.safe_load(
+        render_envoy_config(8080, 9901, [E("127.0.0.1", 1), E("127.0.0.1", 2)], None, grpc_web=True)
+    )
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert len(routes) >= 2

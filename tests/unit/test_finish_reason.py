@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from meshserve.v1 import generation_service_pb2 as public_pb
-
 from services.common.finish import FinishReason, from_inference_proto, to_inference_proto, to_public_proto
 
 
@@ -41,7 +41,7 @@ def test_an_unknown_inference_value_is_refused() -> None:
 def test_every_proto_value_but_unspecified_has_a_domain_reason() -> None:
     # a value added to either proto without a mapping here fails this test
     for enum in (inference_pb.FinishReason, public_pb.FinishReason):
-        names = {name for name in enum.keys() if name != "FINISH_REASON_UNSPECIFIED"}
+        names = {name for name in enum.keys() if name != "FINISH_REASON_UNSPECIFIED"}  # noqa: SIM118 -- a proto enum, not a dict
         assert names == {f"FINISH_REASON_{r.name}" for r in FinishReason if r.completes}
 
 

@@ -21,8 +21,10 @@ def test_invalid_argument_carries_a_field_violation():
 
 
 def test_resource_exhausted_and_unavailable_carry_retry_info():
-    for error, code in ((ResourceExhaustedError("full", 1.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
-                        (UnavailableError("draining", 2.0), grpc.StatusCode.UNAVAILABLE)):
+    for error, code in (
+        (ResourceExhaustedError("full", 1.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (UnavailableError("draining", 2.0), grpc.StatusCode.UNAVAILABLE),
+    ):
         status = to_grpc_status(error)
         assert status.code == code
         info = error_details_pb2.RetryInfo()
@@ -37,7 +39,9 @@ def test_a_downstream_status_is_passed_on_unchanged():
     from services.common.grpc_status import from_rpc_error
 
     def received(status: grpc.Status) -> grpc.aio.AioRpcError:
-        return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details)
+        return grpc.aio.AioRpcError(
+            status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
+        )
 
     passed = from_rpc_error(received(to_grpc_status(DownstreamError("DEADLINE_EXCEEDED", "took too long"))))
     assert isinstance(passed, DownstreamError)

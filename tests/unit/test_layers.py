@@ -1,5 +1,5 @@
-"""The layering rules of docs/architecture.md hold: `lint-imports` (import-linter) checks the
-contracts in pyproject.toml against services/, and they catch each kind of break they exist for."""
+"""The layering contracts in pyproject.toml catch each kind of break they exist for (`make lint` runs
+`lint-imports` over services/ itself: the layers of docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(root))
     return subprocess.run(
         [str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-
-
-def test_services_keep_their_layers() -> None:
-    result = lint_imports(REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 broken" in result.stdout
 
 
 def _append(path: Path, line: str) -> None:

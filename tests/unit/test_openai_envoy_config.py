@@ -8,8 +8,15 @@ import re
 import pytest
 import yaml
 
+from services.gateway.config import (
+    Endpoint,
+    JwtAuth,
+    TenantRateLimit,
+    build_descriptor_set,
+    render_envoy_config,
+    validate_envoy_config,
+)
 from services.gateway.credentials import ensure_signing_key
-from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config, validate_envoy_config
 
 ROUTERS = [Endpoint("127.0.0.1", 50051)]
 OPENAI = [Endpoint("127.0.0.1", 50054)]
@@ -18,9 +25,13 @@ OPENAI = [Endpoint("127.0.0.1", 50054)]
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory) -> dict:
     directory = tmp_path_factory.mktemp("openai-envoy")
-    return {"jwt": JwtAuth(ensure_signing_key(directory / "credentials").jwks, "meshserve-dev", ("meshserve",)),
-            "rate_limit": TenantRateLimit(5, 30), "max_request_bytes": 4096, "grpc_web": True,
-            "rest_descriptor": build_descriptor_set(directory / "generation_service.pb")}
+    return {
+        "jwt": JwtAuth(ensure_signing_key(directory / "credentials").jwks, "meshserve-dev", ("meshserve",)),
+        "rate_limit": TenantRateLimit(5, 30),
+        "max_request_bytes": 4096,
+        "grpc_web": True,
+        "rest_descriptor": build_descriptor_set(directory / "generation_service.pb"),
+    }
 
 
 def render(tmp_path, **options) -> dict:
@@ -39,8 +50,11 @@ def test_openai_paths_route_to_the_openai_cluster_over_http1_before_grpc(tmp_pat
     config = render(tmp_path)
     routes = manager(config)["route_config"]["virtual_hosts"][0]["routes"]
     openai = [r for r in routes if r["route"]["cluster"] == "openai"]
-    assert [r["match"] for r in openai] == [{"path": "/v1/chat/completions"}, {"path": "/v1/completions"},
-                                           {"path_separated_prefix": "/v1/models"}]
+    assert [r["match"] for r in openai] == [
+        {"path": "/v1/chat/completions"},
+        {"path": "/v1/completions"},
+        {"path_separated_prefix": "/v1/models"},
+    ]
     assert routes[:3] == openai  # before the catch-all gRPC routes
     assert all(r["route"]["timeout"] == "0s" for r in openai)  # streams last as long as the generation
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
@@ -49,7 +63,8 @@ def test_openai_paths_route_to_the_openai_cluster_over_http1_before_grpc(tmp_pat
     for protection in ("circuit_breakers", "outlier_detection"):  # as the routers'
         assert clusters["openai"][protection] == clusters["router"][protection]
     assert clusters["openai"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
-        "socket_address": {"address": "127.0.0.1", "port_value": 50054}}
+        "socket_address": {"address": "127.0.0.1", "port_value": 50054}
+    }
     # without the option, nothing of it
     path = tmp_path / "plain.yaml"
     path.write_text(render_envoy_config(8080, 9901, ROUTERS, None))
@@ -62,7 +77,9 @@ def test_envoy_refusals_on_openai_paths_are_openai_errors(tmp_path, secured):
     config = render(tmp_path, **secured)
     mappers = manager(config)["local_reply_config"]["mappers"]
     openai = [m for m in mappers if "header_filter" in str(m["filter"])]
-    regex = openai[0]["filter"]["and_filter"]["filters"][0]["header_filter"]["header"]["string_match"]["safe_regex"]["regex"]
+    regex = openai[0]["filter"]["and_filter"]["filters"][0]["header_filter"]["header"]["string_match"]["safe_regex"][
+        "regex"
+    ]
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/x", "/v1/completions?x=1"):
         assert re.match(regex, path), path
     for path in ("/v1/generate", "/meshserve.v1.GenerationService/Generate", "/v1/completionsX"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from meshserve.v1 import generation_service_pb2 as pb
 
+from meshserve.v1 import generation_service_pb2 as pb
 from services.common.errors import DownstreamError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.openai import core
 from services.openai.config import OpenAIConfig
@@ -36,9 +36,22 @@ def refused(make, **fields) -> core.OpenAIError:
 
 
 def test_chat_fields_map_to_sampling_parameters():
-    plan = chat(max_tokens=7, temperature=0.5, top_p=0.9, stop="\n", seed=3, presence_penalty=0.1,
-                frequency_penalty=-0.2, top_k=40, min_p=0.05, repetition_penalty=1.1, min_tokens=2, user="u-1",
-                logprobs=True, top_logprobs=4)
+    plan = chat(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        stop="\n",
+        seed=3,
+        presence_penalty=0.1,
+        frequency_penalty=-0.2,
+        top_k=40,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        min_tokens=2,
+        user="u-1",
+        logprobs=True,
+        top_logprobs=4,
+    )
     (request,) = plan.requests
     s = request.sampling
     assert (s.max_tokens, s.top_k, s.seed, s.min_tokens, s.logprobs) == (7, 40, 3, 2, 4)
@@ -92,8 +105,12 @@ def test_completion_prompts_as_text_token_ids_and_batches():
 
 
 def test_developer_role_and_text_parts():
-    plan = chat(messages=[{"role": "developer", "content": "Be brief."},
-                          {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    plan = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    )
     assert [(m.role, m.content) for m in plan.requests[0].chat.messages] == [("system", "Be brief."), ("user", "a\nb")]
     error = refused(chat, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     assert error.param == "messages[0].content[0].type"
@@ -116,17 +133,20 @@ def test_logprobs_switches():
     assert completion(logprobs=3).requests[0].sampling.logprobs == 3
 
 
-@pytest.mark.parametrize(("fields", "param", "code"), [
-    ({"temperature": "hot"}, "temperature", "invalid_type"),
-    ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
-    ({"stream": "yes"}, "stream", "invalid_type"),
-    ({"stop": ["a", 3]}, "stop[1]", "invalid_type"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
-    ({"messages": [{"content": "x"}]}, "messages[0].role", "missing_required_parameter"),
-    ({"logprobs": 1}, "logprobs", "invalid_type"),
-    ({"seed": True}, "seed", "invalid_type"),
-    ({"max_tokens": 1 << 40}, "max_tokens", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"stop": ["a", 3]}, "stop[1]", "invalid_type"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", "missing_required_parameter"),
+        ({"logprobs": 1}, "logprobs", "invalid_type"),
+        ({"seed": True}, "seed", "invalid_type"),
+        ({"max_tokens": 1 << 40}, "max_tokens", "invalid_value"),
+    ],
+)
 def test_wrong_types_are_refused_naming_the_field(fields, param, code):
     error = refused(chat, **fields)
     assert (error.param, error.code, error.type) == (param, code, "invalid_request_error")
@@ -153,12 +173,21 @@ def test_stream_options_include_usage():
 
 def test_field_violations_name_the_openai_param():
     plan, completions = chat(), completion()
-    cases = [("sampling.temperature", plan, "temperature"), ("sampling.top_p", plan, "top_p"),
-             ("sampling.stop", plan, "stop"), ("chat.messages", plan, "messages"),
-             ("chat.messages[2].role", plan, "messages[2].role"), ("chat", plan, "messages"), ("input", plan, "messages"),
-             ("sampling.logprobs", plan, "top_logprobs"), ("sampling.logprobs", completions, "logprobs"),
-             ("prompt", completions, "prompt"), ("token_ids.ids", completions, "prompt"), ("ids[3]", completions, "prompt"),
-             ("sampling.max_tokens", completions, "max_tokens")]
+    cases = [
+        ("sampling.temperature", plan, "temperature"),
+        ("sampling.top_p", plan, "top_p"),
+        ("sampling.stop", plan, "stop"),
+        ("chat.messages", plan, "messages"),
+        ("chat.messages[2].role", plan, "messages[2].role"),
+        ("chat", plan, "messages"),
+        ("input", plan, "messages"),
+        ("sampling.logprobs", plan, "top_logprobs"),
+        ("sampling.logprobs", completions, "logprobs"),
+        ("prompt", completions, "prompt"),
+        ("token_ids.ids", completions, "prompt"),
+        ("ids[3]", completions, "prompt"),
+        ("sampling.max_tokens", completions, "max_tokens"),
+    ]
     for field, context, param in cases:
         assert core.openai_param(field, context) == param, field
 
@@ -166,8 +195,14 @@ def test_field_violations_name_the_openai_param():
 def test_statuses_map_to_openai_errors():
     plan = chat()
     bad = core.to_openai_error(InvalidArgumentError("sampling.temperature", "temperature must be >= 0, got -1.0"), plan)
-    assert bad.body() == {"error": {"message": "Invalid 'temperature': temperature must be >= 0, got -1.0",
-                                    "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}
+    assert bad.body() == {
+        "error": {
+            "message": "Invalid 'temperature': temperature must be >= 0, got -1.0",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "invalid_value",
+        }
+    }
     model = core.to_openai_error(InvalidArgumentError("model", "unknown model 'x'"), plan)
     assert (model.status, model.code, model.param) == (404, "model_not_found", "model")
     busy = core.to_openai_error(ResourceExhaustedError("queue full", retry_after_s=1.5), plan)
@@ -183,15 +218,31 @@ def test_statuses_map_to_openai_errors():
 # responses
 
 
-def chunk(text: str, ids: list[int], logprobs: list[tuple[int, float, list[tuple[int, float]]]] = ()) -> pb.GenerateResponse:
-    return pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=ids, logprobs=[
-        pb.TokenLogprob(token_id=t, logprob=lp, alternatives=[pb.TokenAlternative(token_id=a, logprob=alp) for a, alp in alts])
-        for t, lp, alts in logprobs]))
+def chunk(
+    text: str, ids: list[int], logprobs: list[tuple[int, float, list[tuple[int, float]]]] = ()
+) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        chunk=pb.GenerateChunk(
+            text=text,
+            token_ids=ids,
+            logprobs=[
+                pb.TokenLogprob(
+                    token_id=t,
+                    logprob=lp,
+                    alternatives=[pb.TokenAlternative(token_id=a, logprob=alp) for a, alp in alts],
+                )
+                for t, lp, alts in logprobs
+            ],
+        )
+    )
 
 
 def complete(prompt: int, completion_tokens: int, cached: int = 0, reason=pb.FINISH_REASON_STOP) -> pb.GenerateResponse:
-    return pb.GenerateResponse(complete=pb.GenerateComplete(finish_reason=reason, prompt_tokens=prompt,
-                                                            completion_tokens=completion_tokens, cached_prompt_tokens=cached))
+    return pb.GenerateResponse(
+        complete=pb.GenerateComplete(
+            finish_reason=reason, prompt_tokens=prompt, completion_tokens=completion_tokens, cached_prompt_tokens=cached
+        )
+    )
 
 
 TEXTS = {1: "Par", 2: "is", 3: "Lon", 4: "!"}
@@ -208,11 +259,19 @@ def test_a_chat_body_with_logprobs_and_usage():
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": "Paris"} and choice["finish_reason"] == "stop"
     first, second = choice["logprobs"]["content"]
-    assert first == {"token": "Par", "logprob": pytest.approx(-0.1), "bytes": list(b"Par"),
-                     "top_logprobs": [{"token": "Par", "logprob": pytest.approx(-0.1), "bytes": list(b"Par")}]}
+    assert first == {
+        "token": "Par",
+        "logprob": pytest.approx(-0.1),
+        "bytes": list(b"Par"),
+        "top_logprobs": [{"token": "Par", "logprob": pytest.approx(-0.1), "bytes": list(b"Par")}],
+    }
     assert second["logprob"] == -9999.0  # JSON has no -inf
-    assert body["usage"] == {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32,
-                             "prompt_tokens_details": {"cached_tokens": 16}}
+    assert body["usage"] == {
+        "prompt_tokens": 30,
+        "completion_tokens": 2,
+        "total_tokens": 32,
+        "prompt_tokens_details": {"cached_tokens": 16},
+    }
     json.dumps(body)  # serializable as is
 
 
@@ -234,8 +293,12 @@ def test_completion_logprobs_in_the_legacy_format():
     builder.add(0, chunk("Paris", [1, 2], [(1, -0.5, [(1, -0.5), (3, -1.0)]), (2, -0.25, [(2, -0.25), (4, -3.0)])]))
     builder.add(0, complete(5, 2))
     logprobs = builder.body(TEXTS)["choices"][0]["logprobs"]
-    assert logprobs == {"tokens": ["Par", "is"], "token_logprobs": [-0.5, -0.25],
-                        "top_logprobs": [{"Par": -0.5, "Lon": -1.0}, {"is": -0.25, "!": -3.0}], "text_offset": [0, 3]}
+    assert logprobs == {
+        "tokens": ["Par", "is"],
+        "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"Par": -0.5, "Lon": -1.0}, {"is": -0.25, "!": -3.0}],
+        "text_offset": [0, 3],
+    }
     # without the tokenizer's texts, tokens are named by id as vLLM's --return-tokens-as-token-ids does
     assert builder.body({})["choices"][0]["logprobs"]["tokens"] == ["token_id:1", "token_id:2"]
 
@@ -244,17 +307,28 @@ def test_chat_stream_chunks_role_first_then_deltas_then_finish_and_usage():
     plan = chat(stream=True, stream_options={"include_usage": True}, n=2)
     builder = core.ResponseBuilder(plan)
     events = []
-    for index, response in [(1, chunk("Lon", [3])), (0, chunk("Par", [1])), (0, chunk("", [9])), (0, chunk("is", [2])),
-                            (0, complete(10, 3)), (1, complete(10, 1, reason=pb.FINISH_REASON_LENGTH))]:
+    for index, response in [
+        (1, chunk("Lon", [3])),
+        (0, chunk("Par", [1])),
+        (0, chunk("", [9])),
+        (0, chunk("is", [2])),
+        (0, complete(10, 3)),
+        (1, complete(10, 1, reason=pb.FINISH_REASON_LENGTH)),
+    ]:
         events += builder.chunks(index, response, {})
     events += builder.final_chunks()
     assert all(e["id"] == plan.id and e["object"] == "chat.completion.chunk" for e in events)
-    deltas = [(e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events[:-1]]
+    deltas = [
+        (e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events[:-1]
+    ]
     assert deltas == [
-        (1, {"role": "assistant", "content": ""}, None), (1, {"content": "Lon"}, None),
-        (0, {"role": "assistant", "content": ""}, None), (0, {"content": "Par"}, None),
+        (1, {"role": "assistant", "content": ""}, None),
+        (1, {"content": "Lon"}, None),
+        (0, {"role": "assistant", "content": ""}, None),
+        (0, {"content": "Par"}, None),
         (0, {"content": "is"}, None),  # the empty chunk (a character still incomplete) is not sent
-        (0, {}, "stop"), (1, {}, "length"),
+        (0, {}, "stop"),
+        (1, {}, "length"),
     ]
     assert all(e["usage"] is None for e in events[:-1])
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4

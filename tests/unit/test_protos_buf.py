@@ -21,13 +21,19 @@ RELEASED = PROTOS / "released" / "meshserve_v1.binpb"
 @pytest.fixture(scope="module")
 def buf():
     assert shutil.which("npx"), "npx (Node.js) is needed to run buf"
-    assert (NODE_PROJECT / "node_modules" / "@bufbuild" / "buf").is_dir(), \
+    assert (NODE_PROJECT / "node_modules" / "@bufbuild" / "buf").is_dir(), (
         "buf is not installed: run `npm ci --prefix clients/node` (make install does)"
+    )
 
     def run(*args: str | Path) -> subprocess.CompletedProcess:
         # --no-install: the locked local copy or nothing, never a download at test time
-        return subprocess.run(["npx", "--no-install", "buf", *map(str, args)], cwd=NODE_PROJECT,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            ["npx", "--no-install", "buf", *map(str, args)],
+            cwd=NODE_PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 

@@ -11,8 +11,19 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from services.gateway.config import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    MAX_PRIORITY_HEADER,
+    TENANT_HEADER,
+    Endpoint,
+    JwtAuth,
+    TenantRateLimit,
+    TlsFiles,
+    build_descriptor_set,
+    render_envoy_config,
+    validate_envoy_config,
+)
 from services.gateway.credentials import ensure_dev_tls, ensure_signing_key
-from services.gateway.config import DEFAULT_MAX_REQUEST_BYTES, MAX_PRIORITY_HEADER, TENANT_HEADER, Endpoint, JwtAuth, TenantRateLimit, TlsFiles, build_descriptor_set, render_envoy_config, validate_envoy_config
 from services.gateway.flags import add_public_endpoint_args, public_endpoint_options
 
 ROUTERS = [Endpoint("127.0.0.1", 50051)]
@@ -59,12 +70,21 @@ def test_defaults_are_plaintext_grpc_without_auth_or_limits(tmp_path):
 
 
 def test_everything_on_validates_in_the_right_filter_order(tmp_path, files):
-    config = render_and_validate(tmp_path, **files, rate_limit=TenantRateLimit(5, 60), grpc_web=True,
-                                 max_request_bytes=4096)
+    config = render_and_validate(
+        tmp_path, **files, rate_limit=TenantRateLimit(5, 60), grpc_web=True, max_request_bytes=4096
+    )
     # gRPC-Web is turned into gRPC first; auth before anything else looks at the request; the tenant header
     # exists for the rate limiter; the size checks see the gRPC frames whatever the client spoke
-    assert http_filters(config) == ["grpc_web", "header_mutation", "jwt_authn", "grpc_json_transcoder",
-                                    "local_ratelimit", "body_size_limit", "buffer", "router"]
+    assert http_filters(config) == [
+        "grpc_web",
+        "header_mutation",
+        "jwt_authn",
+        "grpc_json_transcoder",
+        "local_ratelimit",
+        "body_size_limit",
+        "buffer",
+        "router",
+    ]
     chain = config["static_resources"]["listeners"][0]["filter_chains"][0]
     tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
     assert tls["alpn_protocols"] == ["h2", "http/1.1"]
@@ -77,14 +97,18 @@ def test_everything_on_validates_in_the_right_filter_order(tmp_path, files):
     ]
     assert jwt["rules"][0] == {"match": {"prefix": "/grpc.health.v1.Health/"}}  # health checks need no token
     assert filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"] == [
-        {"remove": TENANT_HEADER}, {"remove": MAX_PRIORITY_HEADER}]
+        {"remove": TENANT_HEADER},
+        {"remove": MAX_PRIORITY_HEADER},
+    ]
     limiter = filters["envoy.filters.http.local_ratelimit"]
     assert limiter["descriptors"][0]["entries"] == [{"key": "tenant", "value": ""}]
     assert limiter["descriptors"][0]["token_bucket"] == {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "60s"}
     transcoder = filters["envoy.filters.http.grpc_json_transcoder"]
     assert transcoder["print_options"]["stream_newline_delimited"] is True
     assert filters["envoy.filters.http.body_size_limit"]["max_request_bytes"] == 4096
-    bodies = [m["body"]["inline_string"] for m in connection_manager(config)["local_reply_config"]["mappers"] if "body" in m]
+    bodies = [
+        m["body"]["inline_string"] for m in connection_manager(config)["local_reply_config"]["mappers"] if "body" in m
+    ]
     assert any("max_request_bytes (4096 bytes)" in b for b in bodies)
     assert any("rate_limit_per_tenant is 5 requests per 60 s" in b for b in bodies)
 
@@ -106,8 +130,11 @@ def test_a_rate_limit_needs_verified_tenants():
 def test_the_descriptor_set_carries_the_rest_rule(files):
     descriptors = descriptor_pb2.FileDescriptorSet.FromString(files["rest_descriptor"].read_bytes())
     names = {f.name for f in descriptors.file}
-    assert {"meshserve/v1/generation_service.proto", "google/api/annotations.proto",
-            "google/rpc/error_details.proto"} <= names
+    assert {
+        "meshserve/v1/generation_service.proto",
+        "google/api/annotations.proto",
+        "google/rpc/error_details.proto",
+    } <= names
     service = next(f for f in descriptors.file if f.name == "meshserve/v1/generation_service.proto").service[0]
     rule = service.method[0].options.Extensions[annotations_pb2.http]
     assert (rule.post, rule.body) == ("/v1/generate", "*")
@@ -125,16 +152,24 @@ def test_up_flags_default_to_plaintext_with_rest_grpc_web_and_a_size_limit(tmp_p
     assert options["grpc_web"] is True and options["max_request_bytes"] == DEFAULT_MAX_REQUEST_BYTES
     assert options["rest_descriptor"].is_file()
     assert http_filters(render_and_validate(tmp_path, **options)) == [
-        "grpc_web", "header_mutation", "grpc_json_transcoder", "body_size_limit", "buffer", "router"]
+        "grpc_web",
+        "header_mutation",
+        "grpc_json_transcoder",
+        "body_size_limit",
+        "buffer",
+        "router",
+    ]
     assert public_endpoint_options(parse("--no-rest", "--no-grpc-web", "--max-request-bytes", "0"), tmp_path) == {
-        "grpc_web": False}
+        "grpc_web": False
+    }
 
 
 def test_up_flags_for_a_secured_endpoint(tmp_path):
     credentials = tmp_path / "credentials"
     options = public_endpoint_options(
         parse("--dev-tls", "--auth", "jwt", "--credentials-dir", str(credentials), "--rate-limit-per-tenant", "30"),
-        tmp_path / "run")
+        tmp_path / "run",
+    )
     assert options["tls"].ca == (tmp_path / "run" / "tls" / "ca.pem").resolve() and options["tls"].key.is_file()
     assert options["jwt"].jwks == (credentials / "jwks.json").resolve()  # what `meshserve mint-token` signs for
     assert options["jwt"].audiences == ("meshserve",)
@@ -142,13 +177,16 @@ def test_up_flags_for_a_secured_endpoint(tmp_path):
     render_and_validate(tmp_path, **options)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rate-limit-per-tenant", "5"], "needs --auth jwt"),
-    (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
-    (["--tls-cert", "missing.pem", "--tls-key", "missing-key.pem"], "TLS file not found"),
-    (["--auth", "jwt", "--jwks", "missing.json"], "JWKS file not found"),
-    (["--jwks", "jwks.json"], "--jwks needs --auth jwt"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rate-limit-per-tenant", "5"], "needs --auth jwt"),
+        (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "missing.pem", "--tls-key", "missing-key.pem"], "TLS file not found"),
+        (["--auth", "jwt", "--jwks", "missing.json"], "JWKS file not found"),
+        (["--jwks", "jwks.json"], "--jwks needs --auth jwt"),
+    ],
+)
 def test_inconsistent_up_flags_are_refused(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         public_endpoint_options(parse(*argv), tmp_path)

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from services.modelstore.onnx_cpu_export import CpuDecoderWeights
 from services.modelstore.decoder_contract import LlamaConfig
+from services.modelstore.onnx_cpu_export import CpuDecoderWeights
 from services.modelstore.quantize import (
     BLOCK,
     NBitsWeight,
@@ -68,16 +68,30 @@ def _random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]
         "input_layernorm.weight": (c.hidden_size,),
         "post_attention_layernorm.weight": (c.hidden_size,),
     }
-    weights = {"model.embed_tokens.weight": rng.standard_normal((c.vocab_size, c.hidden_size)), "model.norm.weight": rng.uniform(0.5, 2, c.hidden_size)}
+    weights = {
+        "model.embed_tokens.weight": rng.standard_normal((c.vocab_size, c.hidden_size)),
+        "model.norm.weight": rng.uniform(0.5, 2, c.hidden_size),
+    }
     for i in range(c.num_layers):
         for name, shape in shapes.items():
-            weights[f"model.layers.{i}.{name}"] = rng.uniform(0.5, 2, shape) if "norm" in name else rng.standard_normal(shape) * 0.05
+            weights[f"model.layers.{i}.{name}"] = (
+                rng.uniform(0.5, 2, shape) if "norm" in name else rng.standard_normal(shape) * 0.05
+            )
     return {k: v.astype(np.float32) for k, v in weights.items()}
 
 
 def test_smoothing_moves_scale_between_layers_without_changing_the_function():
-    config = LlamaConfig(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, vocab_size=32,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+    config = LlamaConfig(
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=32,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+    )
     fp32 = CpuDecoderWeights.from_fp32(config, _random_weights(config))
     rng = np.random.default_rng(1)
     # activation ranges with a few outlier channels, as in real models
@@ -128,11 +142,27 @@ def _matmulnbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int) -> np.
     if weight.zero_points is not None:
         inits.append(numpy_helper.from_array(weight.packed_zero_points(), "zp"))
         inputs.append("zp")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=weight.k, N=weight.n, bits=weight.bits,
-                            block_size=weight.block_size, accuracy_level=accuracy_level)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", weight.k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", weight.n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        ["Y"],
+        domain="com.microsoft",
+        K=weight.k,
+        N=weight.n,
+        bits=weight.bits,
+        block_size=weight.block_size,
+        accuracy_level=accuracy_level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", weight.k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", weight.n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"A": x})[0]
@@ -142,8 +172,15 @@ def _matmulnbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int) -> np.
 def test_onnxruntime_matmulnbits_reads_our_8bit_blocks(accuracy_level):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 96)).astype(np.float32)
-    for weight in (quantize_8bit(rng.standard_normal((24, 96)).astype(np.float32)),
-                   q8_0_to_nbits(Q80Blocks(rng.integers(-127, 128, (24, 3, BLOCK)).astype(np.int8), rng.uniform(0.001, 0.01, (24, 3)).astype(np.float32)))):
+    for weight in (
+        quantize_8bit(rng.standard_normal((24, 96)).astype(np.float32)),
+        q8_0_to_nbits(
+            Q80Blocks(
+                rng.integers(-127, 128, (24, 3, BLOCK)).astype(np.int8),
+                rng.uniform(0.001, 0.01, (24, 3)).astype(np.float32),
+            )
+        ),
+    ):
         expected = x @ weight.dequantize().T
         # level 4 rounds x to int8 blocks
         tolerance = 1e-4 if accuracy_level == 1 else 2e-2 * np.abs(expected).max()
@@ -234,8 +271,10 @@ def test_4bit_packing_puts_the_first_of_two_codes_in_the_low_nibble():
 def test_onnxruntime_matmulnbits_reads_our_4bit_blocks(accuracy_level, block_size):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3, 96)).astype(np.float32)  # 96: blocks of 64 and 128 are padded
-    for weight in (quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size),
-                   quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size, symmetric=True)):
+    for weight in (
+        quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size),
+        quantize_4bit(rng.standard_normal((24, 96)).astype(np.float32), block_size, symmetric=True),
+    ):
         expected = x @ weight.dequantize().T
         tolerance = 1e-4 if accuracy_level == 1 else 2e-2 * np.abs(expected).max()
         assert np.abs(_matmulnbits(weight, x, accuracy_level) - expected).max() < tolerance
@@ -274,12 +313,24 @@ def test_gptq_with_uncorrelated_inputs_is_the_weighted_block_search():
 
 
 def test_smooth_and_gptq_quantizes_every_projection_to_4bit_against_the_smoothed_inputs():
-    config = LlamaConfig(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, vocab_size=32,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+    config = LlamaConfig(
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=32,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+    )
     fp32 = CpuDecoderWeights.from_fp32(config, _random_weights(config))
     rng = np.random.default_rng(10)
-    activations = {(kind, i): _correlated_inputs(rng, 400, width).astype(np.float32)
-                   for i in range(config.num_layers) for kind, width in (("qkv", 64), ("o", 64), ("gate_up", 64), ("down", 96))}
+    activations = {
+        (kind, i): _correlated_inputs(rng, 400, width).astype(np.float32)
+        for i in range(config.num_layers)
+        for kind, width in (("qkv", 64), ("o", 64), ("gate_up", 64), ("down", 96))
+    }
     embed = Q80Blocks(np.zeros((32, 2, BLOCK), np.int8), np.ones((32, 2), np.float32))
     int4 = smooth_and_gptq(config, fp32, activations, embed, alpha=0.5, block_size=32)
     factors: dict = {}
@@ -301,23 +352,28 @@ def test_sampled_answers_batch_rows_of_different_lengths_like_single_rows(model_
     from services.tokenizer.core import TokenizerCore
 
     tokenizer = TokenizerCore(model_dir).tokenizer
-    prompts = [tokenizer.encode(CHAT_PROMPT.format(p), add_special_tokens=False).ids
-               for p in ("What is the capital of France?", "Name a colour.")]
+    prompts = [
+        tokenizer.encode(CHAT_PROMPT.format(p), add_special_tokens=False).ids
+        for p in ("What is the capital of France?", "Name a colour.")
+    ]
     assert len(prompts[0]) != len(prompts[1])
     stop = frozenset(model_dir.eos_token_ids)
     # a temperature this low is greedy decoding: rows must not see each other's tokens or padding
     together = sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, temperature=1e-4)
-    alone = [sampled_answers(model_dir.decoder_path, model_dir.config, [p], stop, max_tokens=12, temperature=1e-4)[0]
-             for p in prompts]
+    alone = [
+        sampled_answers(model_dir.decoder_path, model_dir.config, [p], stop, max_tokens=12, temperature=1e-4)[0]
+        for p in prompts
+    ]
     assert together == alone
-    assert together[0][: len(prompts[0])] == prompts[0] and "Paris" in tokenizer.decode(together[0][len(prompts[0]):])
+    assert together[0][: len(prompts[0])] == prompts[0] and "Paris" in tokenizer.decode(together[0][len(prompts[0]) :])
     sampled = sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
     assert sampled == sampled_answers(model_dir.decoder_path, model_dir.config, prompts, stop, max_tokens=12, seed=1)
     # a stop id ends a row right after it is generated
-    answer = together[0][len(prompts[0]):]
+    answer = together[0][len(prompts[0]) :]
     stop_at = answer[2]
-    stopped = sampled_answers(model_dir.decoder_path, model_dir.config, [prompts[0]], frozenset({stop_at}), max_tokens=12,
-                              temperature=1e-4)[0]
+    stopped = sampled_answers(
+        model_dir.decoder_path, model_dir.config, [prompts[0]], frozenset({stop_at}), max_tokens=12, temperature=1e-4
+    )[0]
     assert stopped == prompts[0] + answer[: answer.index(stop_at) + 1]
 
 

@@ -16,12 +16,20 @@ ATOL = 2e-3  # one row alone and in a batch may take different kernel paths
 
 def _prefill(backend: OnnxRuntimeBackend, slot: int, ids: list[int], cached: int = 0) -> np.ndarray:
     n = len(ids)
-    return backend.forward(StepBatch(np.array([slot]), np.array([ids]), np.array([cached]), np.array([n]), np.array([[n - 1]])))[0, 0]
+    return backend.forward(
+        StepBatch(np.array([slot]), np.array([ids]), np.array([cached]), np.array([n]), np.array([[n - 1]]))
+    )[0, 0]
 
 
 def _decode(backend: OnnxRuntimeBackend, slots: list[int], tokens: list[int], cached: list[int]) -> np.ndarray:
     rows = len(slots)
-    batch = StepBatch(np.array(slots), np.array(tokens)[:, None], np.array(cached), np.ones(rows, np.int64), np.zeros((rows, 1), np.int64))
+    batch = StepBatch(
+        np.array(slots),
+        np.array(tokens)[:, None],
+        np.array(cached),
+        np.ones(rows, np.int64),
+        np.zeros((rows, 1), np.int64),
+    )
     return backend.forward(batch)[:, 0]
 
 
@@ -68,7 +76,9 @@ def test_a_padded_chunk_continuing_a_cache_matches_unpadded_rows(model_dir):
     for ids, split in ((a, 4), (b, 5)):
         _prefill(reference, 0, ids[:split])
         n = len(ids) - split
-        got = reference.forward(StepBatch(np.array([0]), np.array([ids[split:]]), np.array([split]), np.array([n]), np.arange(n)[None]))
+        got = reference.forward(
+            StepBatch(np.array([0]), np.array([ids[split:]]), np.array([split]), np.array([n]), np.arange(n)[None])
+        )
         expected.append(got[0])
 
     backend = OnnxRuntimeBackend(model_dir, num_slots=2, max_context=64)
@@ -93,6 +103,8 @@ def test_padding_past_a_rows_capacity_runs_the_rows_apart(model_dir):
     _prefill(reference, 0, long_ids)
     # row 0: 14 cached + 1 new, padded to the 4 new tokens of row 1: 14 + 4 > 16
     input_ids = np.array([[long_ids[0], 0, 0, 0], PROMPTS[1][:4]])
-    got = backend.forward(StepBatch(np.array([0, 1]), input_ids, np.array([14, 0]), np.array([1, 4]), np.array([[0], [3]])))
+    got = backend.forward(
+        StepBatch(np.array([0, 1]), input_ids, np.array([14, 0]), np.array([1, 4]), np.array([[0], [3]]))
+    )
     assert np.abs(got[0, 0] - _decode(reference, [0], [long_ids[0]], [14])[0]).max() < ATOL
     assert np.abs(got[1, 0] - _prefill(reference, 0, PROMPTS[1][:4])).max() < ATOL

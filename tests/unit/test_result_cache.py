@@ -7,9 +7,9 @@ import dataclasses
 import logging
 
 import pytest
-from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from prometheus_client import REGISTRY
 
+from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from services.common.contract import SamplingParams
 from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
@@ -29,9 +29,12 @@ def fresh_registry():
 
 
 def answer(text: str = "Paris.") -> CachedAnswer:
-    logprob = inference_pb.TokenLogprob(token_id=5, logprob=-0.25,
-                                        alternatives=[inference_pb.TokenAlternative(token_id=6, logprob=-1.5)])
-    return CachedAnswer([CachedDelta(text, [5], [logprob]), CachedDelta("", [], [])], FinishReason.STOP, 12, 1, [logprob], "m")
+    logprob = inference_pb.TokenLogprob(
+        token_id=5, logprob=-0.25, alternatives=[inference_pb.TokenAlternative(token_id=6, logprob=-1.5)]
+    )
+    return CachedAnswer(
+        [CachedDelta(text, [5], [logprob]), CachedDelta("", [], [])], FinishReason.STOP, 12, 1, [logprob], "m"
+    )
 
 
 def test_only_deterministic_requests_have_a_key():
@@ -54,8 +57,16 @@ def test_the_key_covers_tenant_model_revision_prompt_and_every_sampling_field():
         cache_key(dataclasses.replace(GREEDY, stop=["x"]), [1, 2], LIMITS),
         cache_key(dataclasses.replace(GREEDY, stop_token_ids=[7]), [1, 2], LIMITS),
     ]
-    for name, value in [("max_tokens", 9), ("top_k", 3), ("logprobs", 2), ("prompt_logprobs", 0), ("min_tokens", 1),
-                        ("repetition_penalty", 1.1), ("presence_penalty", 0.5), ("frequency_penalty", 0.5)]:
+    for name, value in [
+        ("max_tokens", 9),
+        ("top_k", 3),
+        ("logprobs", 2),
+        ("prompt_logprobs", 0),
+        ("min_tokens", 1),
+        ("repetition_penalty", 1.1),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 0.5),
+    ]:
         sampling = dataclasses.replace(GREEDY.sampling, **{name: value})
         variants.append(cache_key(dataclasses.replace(GREEDY, sampling=sampling), [1, 2], LIMITS))
     assert base not in variants and len(set(variants)) == len(variants)

@@ -4,15 +4,22 @@ and whose error a failure is."""
 from __future__ import annotations
 
 import pytest
-from meshserve.inference.v1 import inference_service_pb2 as pb
 
+from meshserve.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.router.admission import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, admit
 from services.router.replicas import Replica, choose_replica, prefix_key, record_call_error
 
 
 def replica(target: str, **state) -> Replica:
-    return Replica(target, channel=None, stub=None, healthy=True, info=pb.GetModelInfoResponse(max_running=4, max_waiting=2), **state)
+    return Replica(
+        target,
+        channel=None,
+        stub=None,
+        healthy=True,
+        info=pb.GetModelInfoResponse(max_running=4, max_waiting=2),
+        **state,
+    )
 
 
 def test_load_counts_own_requests_at_once_and_other_routers_from_the_last_report():
@@ -95,7 +102,9 @@ def test_a_failing_detokenization_stream_is_the_tokenizers_error_not_a_replica_f
 
     class BrokenStream:
         async def write(self, request):
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "tokenizer gone")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "tokenizer gone"
+            )
 
     class ClosedStream:
         async def write(self, request):

@@ -4,8 +4,8 @@ and the refusal of an unauthenticated listener beyond loopback."""
 from __future__ import annotations
 
 import pytest
-from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
+from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from services.cli.launcher import check_exposure
 from services.common.errors import ResourceExhaustedError
 from services.router.tenancy import ANONYMOUS, Caller, TenantStreams

@@ -79,7 +79,9 @@ def test_missing_unexpected_and_misshapen_tensors_are_all_reported(model_dir, io
     c = model_dir.config
     inputs = [s for s in io.inputs if s.name != "past_key_3"]
     inputs.append(TensorSpec("cache_position", "int64", ("batch",)))
-    inputs = [dataclasses.replace(s, dims=("batch", 4, "past", c.head_dim)) if s.name == "past_value_0" else s for s in inputs]
+    inputs = [
+        dataclasses.replace(s, dims=("batch", 4, "past", c.head_dim)) if s.name == "past_value_0" else s for s in inputs
+    ]
     outputs = [dataclasses.replace(s, dtype="float16") if s.name == "logits" else s for s in io.outputs]
     with pytest.raises(ContractMismatchError) as err:
         map_io_names(c, GraphIO(tuple(inputs), tuple(outputs)))
@@ -118,7 +120,9 @@ def test_profiles_cover_the_documented_ranges(io):
         assert plan.dims["total"].max == plan.dims["past"].max + plan.dims["seq"].max
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_prefill=0), dict(max_prefill=300), dict(num_slots=0), dict(max_context=1, max_prefill=1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(max_prefill=0), dict(max_prefill=300), dict(num_slots=0), dict(max_context=1, max_prefill=1)]
+)
 def test_profile_arguments_out_of_range_are_refused(io, kwargs):
     args = dict(num_slots=4, max_context=256, max_prefill=64) | kwargs
     with pytest.raises(ValueError):
@@ -217,7 +221,7 @@ def test_precision_resolution():
     assert resolve_precision("auto", (9, 0), set()) == "fp32"
     assert resolve_precision("fp32", (7, 5), both) == "fp32"
     assert resolve_precision("fp16", (9, 0), both) == "fp16"
-    with pytest.raises(ValueError, match="compute capability >= 8.0"):
+    with pytest.raises(ValueError, match=r"compute capability >= 8\.0"):
         resolve_precision("bf16", (7, 5), both)
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("int8", (9, 0), both)
@@ -231,7 +235,12 @@ def test_reduced_precision_pins_rope_and_norm_statistics(model_dir, graph):
     assert set(by_op("Cos")) | set(by_op("Sin")) <= pinned and len(by_op("Cos")) == 1
     assert set(by_op("ReduceMean")) <= pinned and len(by_op("ReduceMean")) == norms
     assert set(by_op("Pow")) <= pinned and set(by_op("Sqrt")) <= pinned
-    rope_tables = [out for n in nodes if n.op_type == "Unsqueeze" and n.input[0] in set(by_op("Cos")) | set(by_op("Sin")) for out in n.output]
+    rope_tables = [
+        out
+        for n in nodes
+        if n.op_type == "Unsqueeze" and n.input[0] in set(by_op("Cos")) | set(by_op("Sin"))
+        for out in n.output
+    ]
     assert len(rope_tables) == 2 and set(rope_tables) <= pinned
     # the heavy math stays free to run in reduced precision
     for op in ("MatMul", "Softmax", "Div", "Gather", "Sigmoid"):
@@ -272,10 +281,19 @@ def test_long_steps_are_split_into_chunks_that_continue_each_row():
     assert [s.rows.tolist() for s in subs] == [[0, 1], [0], [0]]
     first, second, third = (s.batch for s in subs)
     assert first.input_ids.tolist() == [[1, 2], [6, 7]] and first.cached_lengths.tolist() == [0, 4]
-    assert second.input_ids.tolist() == [[3, 4]] and second.cached_lengths.tolist() == [2] and second.slots.tolist() == [3]
-    assert third.input_ids.tolist() == [[5]] and third.cached_lengths.tolist() == [4] and third.new_lengths.tolist() == [1]
+    assert (
+        second.input_ids.tolist() == [[3, 4]] and second.cached_lengths.tolist() == [2] and second.slots.tolist() == [3]
+    )
+    assert (
+        third.input_ids.tolist() == [[5]] and third.cached_lengths.tolist() == [4] and third.new_lengths.tolist() == [1]
+    )
     # every real token is sent exactly once, at its absolute position
-    sent = sorted((int(s.batch.slots[r]), int(s.batch.position_ids()[r, t])) for s in subs for r in range(s.batch.rows) for t in range(s.batch.new_lengths[r]))
+    sent = sorted(
+        (int(s.batch.slots[r]), int(s.batch.position_ids()[r, t]))
+        for s in subs
+        for r in range(s.batch.rows)
+        for t in range(s.batch.new_lengths[r])
+    )
     assert sent == [(1, 4), (1, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)]
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
+from meshserve.v1.generation_service_pb2 import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from services.common.errors import ResourceExhaustedError
 from services.router.tiers import PressureMonitor, ServiceTime, TierLoad, choose_tier, queue_wait_estimate
 

@@ -42,5 +42,5 @@ class DecoderBackend(abc.ABC):
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Copies the keys and values of positions [0, length) of `src_slot` into `dst_slot`."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- optional: a backend without device resources has nothing to release
         """Releases device resources."""

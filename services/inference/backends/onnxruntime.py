@@ -22,7 +22,6 @@ import numpy as np
 from services.inference.backends.base import DecoderBackend, StepBatch
 from services.modelstore.layout import ModelDirectory
 
-
 # I/O bindings kept for recently used buffer windows (each holds the KV-cache views of one window)
 _BINDING_CACHE_SIZE = 64
 
@@ -40,7 +39,8 @@ class OnnxRuntimeBackend(DecoderBackend):
         decoder = model.manifest["files"].get("decoder_cpu")
         if decoder is None:
             raise RuntimeError(
-                f"{model.path} has no decoder_cpu.onnx (prepared by an older meshserve): run `meshserve prepare-model` again"
+                f"{model.path} has no decoder_cpu.onnx (prepared by an older meshserve): "
+                "run `meshserve prepare-model` again"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -114,8 +114,13 @@ class OnnxRuntimeBackend(DecoderBackend):
             n = int(batch.new_lengths[r])
             out.append(
                 self.forward(
-                    StepBatch(batch.slots[r : r + 1], batch.input_ids[r : r + 1, :n], batch.cached_lengths[r : r + 1],
-                              batch.new_lengths[r : r + 1], batch.logits_indices[r : r + 1])
+                    StepBatch(
+                        batch.slots[r : r + 1],
+                        batch.input_ids[r : r + 1, :n],
+                        batch.cached_lengths[r : r + 1],
+                        batch.new_lengths[r : r + 1],
+                        batch.logits_indices[r : r + 1],
+                    )
                 )
             )
         return np.concatenate(out)

@@ -40,13 +40,15 @@ def probe_tensorrt() -> ProbeResult:
         return ProbeResult(
             False,
             "TensorRT is not installed",
-            "install the `tensorrt` Python package for TensorRT 10 (`pip install 'tensorrt-cu12>=10,<11'`) and an NVIDIA driver",
+            "install the `tensorrt` Python package for TensorRT 10 (`pip install 'tensorrt-cu12>=10,<11'`) "
+            "and an NVIDIA driver",
         )
     except Exception as exc:  # a broken install raises OSError/ImportError from its native libraries
         return ProbeResult(
             False,
             f"TensorRT is installed but does not import ({_first_line(exc)})",
-            "reinstall the `tensorrt` package that matches your CUDA version (`pip install 'tensorrt-cu12>=10,<11'` for CUDA 12)",
+            "reinstall the `tensorrt` package that matches your CUDA version "
+            "(`pip install 'tensorrt-cu12>=10,<11'` for CUDA 12)",
         )
     version = str(getattr(trt, "__version__", "unknown"))
     major = version.split(".", 1)[0]
@@ -67,7 +69,8 @@ def probe_cuda() -> ProbeResult:
         return ProbeResult(
             False,
             "PyTorch is not installed",
-            "install a CUDA build of PyTorch (`pip install torch`), which holds the TensorRT backend's KV cache on the GPU",
+            "install a CUDA build of PyTorch (`pip install torch`), "
+            "which holds the TensorRT backend's KV cache on the GPU",
         )
     except Exception as exc:
         return ProbeResult(False, f"PyTorch does not import ({_first_line(exc)})", "reinstall a CUDA build of PyTorch")

@@ -10,9 +10,16 @@ simulate any machine without touching imports.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from services.inference.backends.probes import BackendUnavailableError, ProbeResult, probe_cuda, probe_tensorrt, unavailable_message
+from services.inference.backends.probes import (
+    BackendUnavailableError,
+    ProbeResult,
+    probe_cuda,
+    probe_tensorrt,
+    unavailable_message,
+)
 
 if TYPE_CHECKING:
     from services.inference.backends.base import DecoderBackend
@@ -64,12 +71,16 @@ def _backend_class(name: str) -> type[DecoderBackend]:
     raise ValueError(f"unknown backend {name!r}; choose onnxruntime or tensorrt")
 
 
-def create_backend(name: str, model: ModelDirectory, num_slots: int, max_context: int, **options: Any) -> DecoderBackend:
+def create_backend(
+    name: str, model: ModelDirectory, num_slots: int, max_context: int, **options: Any
+) -> DecoderBackend:
     """Constructs the named backend ("onnxruntime" or "tensorrt"); `options` are its own keyword
     arguments (ONNX Runtime: intra_op_threads; TensorRT: max_prefill, precision, cache_dir,
     device, workspace_bytes)."""
     cls = _backend_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model", "num_slots", "max_context")]
+    accepted = [
+        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model", "num_slots", "max_context")
+    ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"the {name} backend does not take {unknown}; it takes {accepted}")

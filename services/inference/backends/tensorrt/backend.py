@@ -10,9 +10,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -146,7 +147,9 @@ class _TrtExecutor:
         if tuple(logits.shape) not in self.checked_shapes:
             engine_shape = tuple(ctx.get_tensor_shape("logits"))
             if engine_shape != tuple(logits.shape):
-                raise RuntimeError(f"TensorRT infers logits {engine_shape}, the backend allocated {tuple(logits.shape)}")
+                raise RuntimeError(
+                    f"TensorRT infers logits {engine_shape}, the backend allocated {tuple(logits.shape)}"
+                )
             self.checked_shapes.add(tuple(logits.shape))
         if not ctx.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed; its log says why")
@@ -217,7 +220,9 @@ class TensorRTBackend(DecoderBackend):
             [n for n in tensor_names if modes[n] == trt.TensorIOMode.OUTPUT],
         )
         if engine.num_optimization_profiles != len(self.plans):
-            raise ContractMismatchError(f"the engine has {engine.num_optimization_profiles} profiles, expected {len(self.plans)}")
+            raise ContractMismatchError(
+                f"the engine has {engine.num_optimization_profiles} profiles, expected {len(self.plans)}"
+            )
         dtypes = {
             trt.DataType.FLOAT: torch.float32,
             trt.DataType.INT32: torch.int32,

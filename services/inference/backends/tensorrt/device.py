@@ -8,11 +8,19 @@ back. On CPU the callback can be ONNX Runtime, which is how CI tests this layer 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.inference.backends.tensorrt.planning import IONames, ProfilePlan, merge_logits, select_profile, split_step, validate_step
+from services.inference.backends.tensorrt.planning import (
+    IONames,
+    ProfilePlan,
+    merge_logits,
+    select_profile,
+    split_step,
+    validate_step,
+)
 from services.modelstore.decoder_contract import LlamaConfig, StepBatch
 
 if TYPE_CHECKING:  # imported lazily at run time: planning and its tests need no torch
@@ -120,7 +128,9 @@ class DeviceStepRunner:
             inputs[names.past_keys[i]] = past_kv[i, 0]
             inputs[names.past_values[i]] = past_kv[i, 1]
         # 3. outputs written in place by the graph
-        new_kv = torch.empty((c.num_layers, 2, rows, c.num_kv_heads, seq, c.head_dim), dtype=torch.float32, device=self.device)
+        new_kv = torch.empty(
+            (c.num_layers, 2, rows, c.num_kv_heads, seq, c.head_dim), dtype=torch.float32, device=self.device
+        )
         logits = torch.empty((rows, n_logits, c.vocab_size), dtype=torch.float32, device=self.device)
         outputs = {"logits": logits}
         for i in range(c.num_layers):

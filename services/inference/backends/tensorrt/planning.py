@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -118,9 +119,9 @@ def map_io_names(config: LlamaConfig, io: GraphIO, source: str = "the ONNX decod
         want_dtype = "int64" if spec.name in ("input_ids", "position_ids", "logits_indices") else "float32"
         if spec.dtype != want_dtype:
             problems.append(f"{spec.name} is {spec.dtype}, expected {want_dtype}")
-        if spec.name.startswith(("past_", "new_")):
-            if len(spec.dims) != 4 or tuple(spec.dims[i] for i in (1, 3)) != kv_dims:
-                problems.append(f"{spec.name} has dims {list(spec.dims)}, expected [batch, {kv_dims[0]}, *, {kv_dims[1]}]")
+        is_kv = spec.name.startswith(("past_", "new_"))
+        if is_kv and (len(spec.dims) != 4 or tuple(spec.dims[i] for i in (1, 3)) != kv_dims):
+            problems.append(f"{spec.name} has dims {list(spec.dims)}, expected [batch, {kv_dims[0]}, *, {kv_dims[1]}]")
         if spec.name == "logits" and (len(spec.dims) != 3 or spec.dims[2] != config.vocab_size):
             problems.append(f"logits has dims {list(spec.dims)}, expected [batch, n_logits, {config.vocab_size}]")
     if problems:
@@ -213,7 +214,9 @@ def plan_profiles(io: GraphIO, num_slots: int, max_context: int, max_prefill: in
         "total": DimRange(1, max_prefill, past.max + max_prefill),
         "n_logits": DimRange(1, 1, max_prefill),
     }
-    return [ProfilePlan(name, dims, _input_shapes(io, dims)) for name, dims in (("decode", decode), ("prefill", prefill))]
+    return [
+        ProfilePlan(name, dims, _input_shapes(io, dims)) for name, dims in (("decode", decode), ("prefill", prefill))
+    ]
 
 
 def _input_shapes(io: GraphIO, dims: dict[str, DimRange]) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -222,7 +225,8 @@ def _input_shapes(io: GraphIO, dims: dict[str, DimRange]) -> dict[str, tuple[Sha
         unknown = [d for d in spec.dims if isinstance(d, str) and d not in dims]
         if unknown:
             raise ContractMismatchError(
-                f"input {spec.name} has symbolic dims {unknown} that no profile plans; expected only {list(SYMBOLIC_DIMS)}"
+                f"input {spec.name} has symbolic dims {unknown} that no profile plans; "
+                f"expected only {list(SYMBOLIC_DIMS)}"
             )
 
         def pick(which: str, spec: TensorSpec = spec) -> Shape:
@@ -336,7 +340,11 @@ def fp32_pinned_tensors(model: onnx.ModelProto) -> frozenset[str]:
     position_only = {"position_ids"}
     for node in graph.node:
         inputs = [name for name in node.input if name]
-        if inputs and any(n in position_only for n in inputs) and all(n in position_only or n in constants for n in inputs):
+        if (
+            inputs
+            and any(n in position_only for n in inputs)
+            and all(n in position_only or n in constants for n in inputs)
+        ):
             position_only.update(node.output)
             pinned.update(node.output)
 
@@ -356,7 +364,9 @@ def fp32_pinned_tensors(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(pinned)
 
 
-def resolve_precision(requested: str, compute_capability: tuple[int, int], builder_flags: set[str] | frozenset[str]) -> str:
+def resolve_precision(
+    requested: str, compute_capability: tuple[int, int], builder_flags: set[str] | frozenset[str]
+) -> str:
     """Picks the engine precision: "auto" means bf16 on compute capability >= 8.0, else fp16, else
     fp32 when this TensorRT has neither builder flag. `builder_flags` are the names of the
     `trt.BuilderFlag` members present ("FP16", "BF16")."""
@@ -367,7 +377,9 @@ def resolve_precision(requested: str, compute_capability: tuple[int, int], build
         return "bf16" if bf16_ok else "fp16" if "FP16" in builder_flags else "fp32"
     if requested == "bf16" and not bf16_ok:
         cc = ".".join(map(str, compute_capability))
-        raise ValueError(f"bf16 needs compute capability >= 8.0 and TensorRT's BF16 flag (this GPU is {cc}); use fp16 or fp32")
+        raise ValueError(
+            f"bf16 needs compute capability >= 8.0 and TensorRT's BF16 flag (this GPU is {cc}); use fp16 or fp32"
+        )
     if requested == "fp16" and "FP16" not in builder_flags:
         raise ValueError("this TensorRT has no FP16 builder flag; use fp32")
     return requested
