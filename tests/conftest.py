@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -35,6 +36,14 @@ def wait_until(predicate, timeout_s: float = 60.0, what: str = "the condition ho
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting until {what}"
         time.sleep(interval_s)
+
+
+async def wait_until_async(predicate, timeout_s: float = 10.0, what: str = "the condition holds") -> None:
+    """`wait_until` for tests on an event loop: polls without blocking the loop the code under test runs on."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting until {what}"
+        await asyncio.sleep(0.01)
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:

@@ -30,7 +30,7 @@ from services.common.errors import (
 from services.common.grpc_status import to_grpc_status
 from services.openai.app import create_app
 from services.openai.config import OpenAIConfig
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_async
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -242,8 +242,7 @@ async def test_a_stream_closed_by_the_client_cancels_the_call(service):
         break
     await stream.close()
     await asyncio.wait_for(cancelled.wait(), timeout=5)
-    await asyncio.sleep(0.1)
-    assert service.router.in_flight == 0
+    await wait_until_async(lambda: service.router.in_flight == 0, what="the cancelled call leaves the router")
 
 
 @pytest.mark.parametrize("stream", [True, False])
