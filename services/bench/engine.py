@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import queue
+import resource
 import sys
 import time
 from pathlib import Path
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s=round(load_s, 3),
         engine_steps=engine.steps,
         warmup=args.warmup,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     )
     if args.json:
         print(json.dumps(report))

@@ -16,6 +16,7 @@ only the cached tokens of the two rows (this happens when requests join or leave
 from __future__ import annotations
 
 import collections
+import mmap
 
 import numpy as np
 
@@ -24,6 +25,19 @@ from services.modelstore.layout import ModelDirectory
 
 # I/O bindings kept for recently used buffer windows (each holds the KV-cache views of one window)
 _BINDING_CACHE_SIZE = 64
+
+
+def token_paged_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """Zeros whose memory the kernel commits a small page at a time, as positions are first written,
+    so a KV cache of many slots x the whole context costs what its tokens take (a row's positions of
+    one head are contiguous: 16 positions to a 4 KiB page here). np.zeros maps lazily too, but NumPy
+    asks for transparent huge pages on large arrays, and one 2 MiB page commits a row's whole context
+    of a layer at its first token: 32 slots took 3 GB of 2,048-token rows holding 100 tokens each."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class OnnxRuntimeBackend(DecoderBackend):
@@ -50,9 +64,8 @@ class OnnxRuntimeBackend(DecoderBackend):
         self.session = ort.InferenceSession(str(model.path / decoder), options, providers=["CPUExecutionProvider"])
         c = self.config
         shape = (num_slots, c.num_kv_heads, max_context, c.head_dim)
-        # np.zeros maps pages lazily: memory is committed only as rows fill up
-        self.keys = [np.zeros(shape, np.float32) for _ in range(c.num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(c.num_layers)]
+        self.keys = [token_paged_zeros(shape) for _ in range(c.num_layers)]
+        self.values = [token_paged_zeros(shape) for _ in range(c.num_layers)]
         self._row_of_slot = np.arange(num_slots)
         self._slot_of_row = np.arange(num_slots)
         # tokens each buffer row may hold that matter (an upper bound: finished requests are not reported)
