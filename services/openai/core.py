@@ -149,6 +149,7 @@ class Plan:
 
 
 def _sampling(request: _Sampling, max_tokens: int | None, logprobs: int | None) -> pb.SamplingParameters:
+    _check_seed(request)
     sampling = pb.SamplingParameters()
     for name in (
         "temperature",
@@ -179,6 +180,13 @@ def _check_int32(request: _Sampling, names: tuple[str, ...]) -> None:
         value = getattr(request, name, None)
         if value is not None and not -(1 << 31) <= value < 1 << 31:
             raise invalid(f"Invalid '{name}': {value} is out of range.", name)
+
+
+def _check_seed(request: _Sampling) -> None:
+    # vLLM takes any int64 and so do we; a negative seed is its two's complement in the proto's uint64.
+    # Beyond int64 a seed would wrap onto another's, so two different seeds would answer alike.
+    if request.seed is not None and not -(1 << 63) <= request.seed < 1 << 63:
+        raise invalid(f"Invalid 'seed': {request.seed} is out of range (a 64-bit signed integer).", "seed")
 
 
 def _choices(request: _Sampling, prompts: int, max_choices: int) -> int:

@@ -145,6 +145,8 @@ def test_logprobs_switches():
         ({"logprobs": 1}, "logprobs", "invalid_type"),
         ({"seed": True}, "seed", "invalid_type"),
         ({"max_tokens": 1 << 40}, "max_tokens", "invalid_value"),
+        ({"seed": 1 << 63}, "seed", "invalid_value"),
+        ({"seed": -(1 << 63) - 1}, "seed", "invalid_value"),
     ],
 )
 def test_wrong_types_are_refused_naming_the_field(fields, param, code):
