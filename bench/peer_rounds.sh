@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One sitting against llama.cpp's own server: two alternating rounds of llama-server (-np 32, its prompt
+# cache on, as users run it) and the mesh through Envoy (--num-slots=32), the same prompts, client
+# report and settings (greedy, 128 new tokens), then the 1,000-token-prompt row (8 streams).
+#
+#   LLAMA_SERVER=/tmp/lcp/build/bin/llama-server bench/peer_rounds.sh [OUT_DIR]
+#
+# llama-server is built from the llama.cpp vendored in the llama-cpp-python sdist (see
+# bench/llamacpp_peer.py). Each measurement is one JSON report in OUT_DIR (default bench-results/),
+# named ROUND-{peer,mesh}-{c1,c32,long-c8}.json; the peak RSS of both servers is printed.
+# Run it on a quiet machine: the servers, the mesh and the client share its cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LLAMA_SERVER=${LLAMA_SERVER:?set LLAMA_SERVER to the llama-server binary}
+OUT=${1:-bench-results}
+GGUF=models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf
+LONG=bench/data/long_prompts.txt
+PEER_PORT=${PEER_PORT:-8081}
+MESH_PORT=${MESH_PORT:-31000}
+RUN_DIR=$(mktemp -d)
+mkdir -p "$OUT"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$RUN_DIR"' EXIT
+
+start_peer() {
+  "$LLAMA_SERVER" -m "$GGUF" -t 2 -np 32 -c 65536 --host 127.0.0.1 --port "$PEER_PORT" > "$OUT/llama-server.log" 2>&1 &
+  PEER=$!
+  for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PEER_PORT/health" > /dev/null && return; sleep 1; done
+  echo "llama-server did not start: see $OUT/llama-server.log" >&2; exit 1
+}
+stop_peer() { echo "$1 llama-server $(grep VmHWM /proc/$PEER/status | tr -s ' ')"; kill $PEER; wait $PEER || true; }
+start_mesh() {
+  .venv/bin/meshserve up --port "$MESH_PORT" --admin-port $((MESH_PORT + 1)) --router-port $((MESH_PORT + 10)) \
+    --tokenizer-port $((MESH_PORT + 20)) --inference-port $((MESH_PORT + 30)) --openai-port $((MESH_PORT + 40)) \
+    --metrics-port-base $((MESH_PORT + 100)) --run-dir "$RUN_DIR" --inference-arg=--num-slots=32 > "$OUT/mesh.log" 2>&1 &
+  MESH=$!
+  for _ in $(seq 120); do grep -q "is serving on" "$OUT/mesh.log" && return; sleep 1; done
+  echo "the mesh did not start: see $OUT/mesh.log" >&2; exit 1
+}
+stop_mesh() {
+  echo "$1 mesh inference $(grep VmHWM /proc/"$(pgrep -f "serve-inference --port $((MESH_PORT + 30))")"/status | tr -s ' ')"
+  kill -INT $MESH; wait $MESH || true
+}
+peer() { .venv/bin/python bench/llamacpp_peer.py --server "http://127.0.0.1:$PEER_PORT" --prompt-cache --max-tokens 128 --json "$@"; }
+mesh() { .venv/bin/meshserve bench --target "127.0.0.1:$MESH_PORT" --max-tokens 128 --json "$@"; }
+
+for round in 1 2; do
+  start_peer
+  peer --concurrency 1 --requests 16 --warmup 2 > "$OUT/r$round-peer-c1.json"
+  peer --concurrency 32 --requests 96 --warmup 8 > "$OUT/r$round-peer-c32.json"
+  stop_peer "round $round"
+  start_mesh
+  mesh --concurrency 1 --requests 16 --warmup 2 > "$OUT/r$round-mesh-c1.json"
+  mesh --concurrency 32 --requests 96 --warmup 8 > "$OUT/r$round-mesh-c32.json"
+  stop_mesh "round $round"
+done
+for round in 1 2; do
+  start_peer
+  peer --prompts "$LONG" --concurrency 8 --requests 16 --warmup 2 > "$OUT/r$round-peer-long-c8.json"
+  stop_peer "long round $round"
+  start_mesh
+  mesh --prompts "$LONG" --concurrency 8 --requests 16 --warmup 2 > "$OUT/r$round-mesh-long-c8.json"
+  stop_mesh "long round $round"
+done
+.venv/bin/python - "$OUT" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("r*-*.json")):
+    d = json.loads(path.read_text())
+    t, i = d["ttft_ms"], d["itl_ms"]
+    print(f"{path.stem:18s} {d['tokens_per_s']:7.1f} tok/s  TTFT p50/p99 {t['p50']:6.0f}/{t['p99']:6.0f} ms"
+          f"  ITL p50/p99 {i['p50']:5.1f}/{i['p99']:5.1f} ms  errors {d['errors']}")
+PY
