@@ -75,12 +75,6 @@ class ServingMetrics:
             labels,
             buckets=_E2E_BUCKETS,
         ).labels(model_name)
-        self.request_queue_time = Histogram(
-            "meshserve_request_queue_time_seconds",
-            "Time a request waited before its prefill started.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-        ).labels(model_name)
         self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of accepted requests.", labels).labels(
             model_name
         )
@@ -90,12 +84,27 @@ class ServingMetrics:
         self.num_requests_running = Gauge("meshserve_num_requests_running", "Requests being generated.", labels).labels(
             model_name
         )
-        self.num_requests_waiting = Gauge(
-            "meshserve_num_requests_waiting", "Requests waiting to start.", labels
-        ).labels(model_name)
 
     def count_request(self, code: str) -> None:
         self._requests.labels(self._model_name, code).inc()
+
+
+class EngineMetrics(ServingMetrics):
+    """ServingMetrics plus the queue of a process that queues requests (an inference replica). The
+    router admits or refuses at once, so it does not export a queue that would always read zero."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__(model_name)
+        labels = ["model_name"]
+        self.request_queue_time = Histogram(
+            "meshserve_request_queue_time_seconds",
+            "Time a request waited before its prefill started.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+        ).labels(model_name)
+        self.num_requests_waiting = Gauge(
+            "meshserve_num_requests_waiting", "Requests waiting to start.", labels
+        ).labels(model_name)
 
 
 # OpenTelemetry GenAI semantic conventions: bucket boundaries as the conventions specify them

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from services.common.contract import SamplingParams
 from services.common.errors import AbortedError, InternalError, UnavailableError
 from services.common.finish import FinishReason
-from services.common.metrics import ServingMetrics
+from services.common.metrics import EngineMetrics
 from services.inference.engine import Engine, EngineOutput, RequestTimes
 from services.inference.sampling import TokenLogprob
 
@@ -43,7 +43,7 @@ class GenerationResult:
 
 
 class AsyncEngine:
-    def __init__(self, metrics: ServingMetrics) -> None:
+    def __init__(self, metrics: EngineMetrics) -> None:
         self.engine: Engine | None = None
         self.metrics = metrics
         self._sequence = itertools.count()

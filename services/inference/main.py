@@ -9,7 +9,7 @@ import os
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from services.common.metrics import ServingMetrics, kv_cache_usage_gauge, prefix_cache_counters
+from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.base import StepBatch
@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_waiting=args.max_waiting,
         max_prefill_tokens=args.max_prefill_tokens,
     )
-    metrics = ServingMetrics(model.name)
+    metrics = EngineMetrics(model.name)
     async_engine = AsyncEngine(metrics)
     servicer = InferenceServicer(async_engine, config, model, "loading")
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, process.server)

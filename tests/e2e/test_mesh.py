@@ -252,6 +252,9 @@ def test_metrics_count_the_traffic(mesh):
     assert metric_value(after_router, ok, code="OK") - metric_value(before_router, ok, code="OK") == 3
     assert "meshserve_kv_cache_usage_perc" in after_inference
     assert "meshserve_num_requests_waiting" in after_inference
+    # the router refuses instead of queueing: no queue gauge or histogram that would always read zero
+    assert "meshserve_num_requests_waiting" not in after_router
+    assert "meshserve_request_queue_time_seconds" not in after_router
 
 
 def test_cancelling_a_stream_frees_the_inference_slot(mesh):

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from services.common.metrics import ServingMetrics
+from services.common.metrics import EngineMetrics
 from services.inference.async_engine import AsyncEngine
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig
@@ -20,7 +20,7 @@ from services.inference.servicer import InferenceServicer
 
 @pytest.fixture(scope="module")
 def metrics():
-    metrics = ServingMetrics("test-model")
+    metrics = EngineMetrics("test-model")
     yield metrics
     for collector in list(REGISTRY._collector_to_names):  # metrics are process globals; leave none behind
         if any(n.startswith("meshserve_") for n in REGISTRY._collector_to_names[collector]):
