@@ -2,7 +2,7 @@
 time of one 100-token prefill, for one or more prepared model directories, interleaved A/B (each
 round of each model in a fresh process; medians). Rows hold `--context` cached tokens before decoding.
 
-    .venv/bin/python bench/backend_steps.py models/smollm2-135m-instruct/*-v4 --batch 1 8 32 --json
+    .venv/bin/python bench/backend_steps.py models/smollm2-135m-instruct/*-v5 --batch 1 8 32 --json
 """
 
 from __future__ import annotations

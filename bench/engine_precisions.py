@@ -4,8 +4,8 @@ plus the time of one 100-token prefill. The machine is shared and noisy, so each
 run is its own process, the runs alternate A, B, A, B, each measurement waits for a quiet second,
 and medians over `--repeats` are reported.
 
-    .venv/bin/python bench/engine_precisions.py models/smollm2-135m-instruct/*-fp32-v4 \\
-        models/smollm2-135m-instruct/*-int8-v4 --concurrency 1 8 32 --max-tokens 128 --repeats 3
+    .venv/bin/python bench/engine_precisions.py models/smollm2-135m-instruct/*-fp32-v5 \\
+        models/smollm2-135m-instruct/*-int8-v5 --concurrency 1 8 32 --max-tokens 128 --repeats 3
 """
 
 from __future__ import annotations

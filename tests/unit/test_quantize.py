@@ -15,6 +15,7 @@ from services.modelstore.decoder_contract import LlamaConfig
 from services.modelstore.onnx_cpu_export import CpuDecoderWeights
 from services.modelstore.quantize import (
     BLOCK,
+    INT8_BLOCKS,
     NBitsWeight,
     Q80Blocks,
     gptq_4bit,
@@ -27,15 +28,20 @@ from services.modelstore.quantize import (
 )
 
 
-def test_8bit_blocks_stay_within_a_510th_of_their_range_and_keep_zero():
-    w = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
-    w[3, :BLOCK] = 0.0  # an all-zero block
-    w[5, BLOCK:] = np.abs(w[5, BLOCK:])  # blocks of one sign
-    blocks = w.reshape(16, 3, BLOCK)
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_8bit_blocks_stay_within_a_510th_of_their_range_and_keep_zero(block_size):
+    w = np.random.default_rng(0).standard_normal((16, 192)).astype(np.float32)
+    w[3, :block_size] = 0.0  # an all-zero block
+    w[5, block_size:] = np.abs(w[5, block_size:])  # blocks of one sign
+    quantized = quantize_8bit(w, block_size)
+    assert quantized.block_size == block_size and quantized.scales.shape == (16, 192 // block_size)
+    blocks = w.reshape(16, -1, block_size)
     span = np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)
-    error = np.abs(quantize_8bit(w).dequantize() - w).reshape(16, 3, BLOCK)
+    error = np.abs(quantized.dequantize() - w).reshape(16, -1, block_size)
     assert (error <= span[..., None] / 510 + 1e-6).all()
-    assert np.array_equal(quantize_8bit(w).dequantize()[3, :BLOCK], np.zeros(BLOCK, np.float32))
+    assert np.array_equal(quantized.dequantize()[3, :block_size], np.zeros(block_size, np.float32))
+    with pytest.raises(ValueError, match="do not divide"):
+        quantize_8bit(w[:, :160], 64)
 
 
 def _random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -87,6 +93,8 @@ def test_smoothing_moves_scale_between_layers_without_changing_the_function():
             maxima[(kind, i)] = m.astype(np.float32)
     embed = Q80Blocks(np.zeros((32, 2, BLOCK), np.int8), np.ones((32, 2), np.float32))
     int8 = smooth_and_quantize(config, fp32, maxima, embed)
+    for kind, block_size in INT8_BLOCKS.items():
+        assert {w.block_size for w in getattr(int8, kind)} == {block_size}
 
     hd, group, inter = config.head_dim, config.num_heads // config.num_kv_heads, config.intermediate_size
     v_rows = slice((config.num_heads + config.num_kv_heads) * hd, None)
@@ -155,9 +163,9 @@ def _matmulnbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int) -> np.
 @pytest.mark.parametrize("accuracy_level", [1, 4])
 def test_onnxruntime_matmulnbits_reads_our_8bit_blocks(accuracy_level):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((3, 96)).astype(np.float32)
     for weight in (
         quantize_8bit(rng.standard_normal((24, 96)).astype(np.float32)),
+        quantize_8bit(rng.standard_normal((24, 192)).astype(np.float32), 64),
         q8_0_to_nbits(
             Q80Blocks(
                 rng.integers(-127, 128, (24, 3, BLOCK)).astype(np.int8),
@@ -165,6 +173,7 @@ def test_onnxruntime_matmulnbits_reads_our_8bit_blocks(accuracy_level):
             )
         ),
     ):
+        x = rng.standard_normal((3, weight.k)).astype(np.float32)
         expected = x @ weight.dequantize().T
         # level 4 rounds x to int8 blocks
         tolerance = 1e-4 if accuracy_level == 1 else 2e-2 * np.abs(expected).max()
