@@ -7,7 +7,7 @@ of kernels and the KV cache is updated in place:
 * `com.microsoft.GroupQueryAttention` with rotary embedding inside, reading and appending to the
   caller's KV-cache buffers (past and present bound to the same memory), causal, right-padded
   rows of different lengths (`query_seqlens`);
-* `com.microsoft.MatMulNBits` with 8-bit blocks of 32 (precision int8) or 4-bit blocks of 128
+* `com.microsoft.MatMulNBits` with 8-bit blocks of 64 and 32 (precision int8) or 4-bit blocks of 128
   (int4, see quantize.py), or plain `MatMul` (fp32), with q/k/v stacked into one projection
   (GroupQueryAttention takes them packed);
 * `SkipSimplifiedLayerNormalization` for residual add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
