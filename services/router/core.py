@@ -7,6 +7,7 @@ protobuf types; the servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -90,7 +91,10 @@ async def _detokenize(
     """The text of `ids` from the tokenizer's detokenization stream. Its failures are raised as the
     tokenizer's (passed on), never as AioRpcError, so they are not mistaken for a failed replica."""
     try:
-        await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
+        # the stream may have ended already, e.g. at the deadline it shares with the inference call a
+        # moment before that call notices: then the write raises InvalidStateError and the read its status
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
         return (await anext(decoded_texts)).text
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
-from services.common.errors import ResourceExhaustedError, UnavailableError
+from services.common.errors import ResourceExhaustedError, ServingError, UnavailableError
 from services.router.admission import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, admit
 from services.router.replicas import Replica, choose_replica, prefix_key, record_call_error
 
@@ -118,6 +118,31 @@ def test_a_failing_detokenization_stream_is_the_tokenizers_error_not_a_replica_f
         asyncio.run(_detokenize(BrokenStream(), nothing(), [1]))
     with pytest.raises(UnavailableError, match="closed the detokenization stream"):
         asyncio.run(_detokenize(ClosedStream(), nothing(), [1]))
+
+
+def test_a_detokenization_stream_that_ended_at_its_deadline_is_deadline_exceeded_not_internal():
+    """The detokenization stream shares the request's deadline with the inference call and may end
+    first: writing to it then raises InvalidStateError, which reached the client as INTERNAL."""
+    import asyncio
+
+    import grpc
+
+    from services.common.grpc_status import to_grpc_status
+    from services.router.core import _detokenize
+
+    class EndedStream:
+        async def write(self, request):
+            raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def deadline_exceeded():
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Deadline Exceeded"
+        )
+        yield
+
+    with pytest.raises(ServingError) as caught:
+        asyncio.run(_detokenize(EndedStream(), deadline_exceeded(), [1]))
+    assert to_grpc_status(caught.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class _Reports:
