@@ -25,18 +25,9 @@ import numpy as np
 from services.bench.engine import encode_prompts
 from services.bench.prompts import DEFAULT_PROMPTS
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.evaluate import greedy
 from services.modelstore.decoder_contract import StepBatch
 from services.modelstore.layout import ModelDirectory
-
-
-def greedy_answer(backend: OnnxRuntimeBackend, prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
-    token = int(backend.forward(StepBatch.one_row(prompt))[0, -1].argmax())
-    answer, cached = [token], len(prompt)
-    while len(answer) < max_tokens and token not in stop:
-        token = int(backend.forward(StepBatch.one_row([token], cached=cached))[0, -1].argmax())
-        answer.append(token)
-        cached += 1
-    return answer
 
 
 def draft(context: list[int], k: int, min_n: int, max_n: int = 3) -> list[int]:
@@ -104,11 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     model = ModelDirectory(args.model)
     backend = OnnxRuntimeBackend(model, 1, 2048)
-    stop = set(model.eos_token_ids)
-    answers = [
-        (p, greedy_answer(backend, p, args.max_tokens, stop))
-        for p in encode_prompts(model, list(DEFAULT_PROMPTS), True)
-    ]
+    stop = frozenset(model.eos_token_ids)
+    prompts = encode_prompts(model, list(DEFAULT_PROMPTS), True)
+    answers = [(p, greedy(backend, p, args.max_tokens, stop)) for p in prompts]
     print(f"{len(answers)} greedy answers, {sum(len(a) for _, a in answers)} tokens")
     costs = {new: step_ms(backend, new) for new in range(1, 8)}
     print(
