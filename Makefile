@@ -38,7 +38,13 @@ NO_NETWORK := $(shell unshare -rn true 2>/dev/null && echo unshare -rn)
 test-fast: install
 	$(NO_NETWORK) $(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
-install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp
+ORT_OPS := services/inference/backends/ort_ops
+install: $(VENV)/.installed gen/python/.stamp clients/node/node_modules/.stamp $(ORT_OPS)/libmeshserve_ort_ops.so
+
+# meshserve's own ONNX Runtime operators (the w8a8 precision's); build.sh fetches ONNX Runtime's headers
+# from Debian's libonnxruntime-dev once, into ~/.cache/meshserve.
+$(ORT_OPS)/libmeshserve_ort_ops.so: $(ORT_OPS)/meshserve_ops.cc $(ORT_OPS)/build.sh
+	bash $(ORT_OPS)/build.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,4 +79,4 @@ bench: install
 	$(VENV)/bin/meshserve bench --target localhost:$(PORT)
 
 clean:
-	rm -rf gen .run clients/cpp/build
+	rm -rf gen .run clients/cpp/build $(ORT_OPS)/libmeshserve_ort_ops.so

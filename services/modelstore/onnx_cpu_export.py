@@ -42,13 +42,14 @@ from onnx import TensorProto, helper
 
 from services.modelstore.decoder_contract import LlamaConfig
 from services.modelstore.onnx_export import GraphBuilder, rope_inv_freq
-from services.modelstore.quantize import NBitsWeight, Q80Blocks, q8_0_to_nbits
+from services.modelstore.quantize import NBitsWeight, Q80Blocks, RowwiseInt8Weight, q8_0_to_nbits
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+CUSTOM_OPS_DOMAIN = "meshserve.ops"  # services/inference/backends/ort_ops: operators of our own
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 blocks (VNNI dot products)
 
-Linear = np.ndarray | NBitsWeight  # float32 [out, in], or quantized blocks
+Linear = np.ndarray | NBitsWeight | RowwiseInt8Weight  # float32 [out, in], or quantized
 
 
 @dataclass
@@ -63,6 +64,7 @@ class CpuDecoderWeights:
     o: list[Linear] = field(default_factory=list)
     gate_up: list[Linear] = field(default_factory=list)  # gate, up stacked along out
     down: list[Linear] = field(default_factory=list)
+    lm_head: Linear | None = None  # None: the tied embedding
 
     @classmethod
     def from_fp32(cls, config: LlamaConfig, weights: dict[str, np.ndarray]) -> CpuDecoderWeights:
@@ -81,6 +83,9 @@ class CpuDecoderWeights:
 
 def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
     """Output features [start, stop) of a projection."""
+    if isinstance(weight, RowwiseInt8Weight):
+        codes = np.ascontiguousarray(weight.codes[:, start:stop])
+        return replace(weight, n=codes.shape[1], codes=codes, scales=weight.scales[start:stop])
     if isinstance(weight, NBitsWeight):
         zp = None if weight.zero_points is None else weight.zero_points[start:stop]
         codes = weight.codes[start:stop]
@@ -96,7 +101,29 @@ def build_cpu_decoder(
     c = config
     hd = c.head_dim
 
+    row_quantized: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def quantize_rows(x: str, hadamard_block: int) -> tuple[str, str]:
+        """x [..., k] (rotated by Hadamard blocks where asked) as uint8 codes and one scale a row
+        (meshserve.ops RowQuantize); once per tensor: q/k/v, and gate and up, read the same one."""
+        key = (x, hadamard_block)
+        if key not in row_quantized:
+            codes, scale = g.ops(
+                "RowQuantize", [x], "row_quantized", 2, domain=CUSTOM_OPS_DOMAIN, hadamard_block=hadamard_block
+            )
+            row_quantized[key] = (codes, scale)
+        return row_quantized[key]
+
     def linear(x: str, weight: Linear, hint: str, output: str | None = None) -> str:
+        if isinstance(weight, RowwiseInt8Weight):
+            codes, row_scale = quantize_rows(x, weight.hadamard_block)
+            product = g.op(
+                "MatMulIntegerToFloat",
+                [codes, g.const(f"{hint}_q", weight.codes), one, g.const(f"{hint}_scales", weight.scales), zp128],
+                hint,
+                domain=MS_DOMAIN,
+            )
+            return g.op("Mul", [product, row_scale], output=output)
         if isinstance(weight, NBitsWeight):
             inputs = [x, g.const(f"{hint}_q", weight.packed_codes()), g.const(f"{hint}_scales", weight.scales)]
             zero_points = weight.packed_zero_points()
@@ -116,6 +143,9 @@ def build_cpu_decoder(
             )
         w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
         return g.op("MatMul", [x, w], hint, output=output)
+
+    one = g.const("one", np.array(1.0, np.float32))
+    zp128 = g.const("zp128", np.array(128, np.uint8))
 
     # 1. embeddings
     if isinstance(weights.embed, Q80Blocks):
@@ -214,7 +244,7 @@ def build_cpu_decoder(
     # 5. only the requested tokens go through the (large) vocabulary projection
     flat = g.op("Reshape", [x, g.const("flat_shape", np.array([-1, c.hidden_size], np.int64))])
     selected = g.op("Gather", [flat, "logits_indices"], axis=0)
-    linear(selected, lm_head, "lm_head", output="logits")
+    linear(selected, weights.lm_head if weights.lm_head is not None else lm_head, "lm_head", output="logits")
 
     kv_shape: list[str | int] = ["batch", c.num_kv_heads, "capacity", hd]
     inputs = [
@@ -232,7 +262,11 @@ def build_cpu_decoder(
     graph = helper.make_graph(g.nodes, "llama_decoder_cpu", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        opset_imports=[
+            helper.make_opsetid("", OPSET),
+            helper.make_opsetid(MS_DOMAIN, 1),
+            *([helper.make_opsetid(CUSTOM_OPS_DOMAIN, 1)] if row_quantized else []),
+        ],
         producer_name="meshserve",
     )
     model.ir_version = 9

@@ -44,8 +44,11 @@ EXPORT_VERSION = 5
 #         dot products (see quantize.py); perplexity within ~0.3% of fp32's, 2-3x the speed
 #   int4  the lighter variant (the router's fallback tier): 4-bit blocks of 128 by GPTQ, the same
 #         Q8_0 embedding; cheaper than int8 at 1 and at 32 streams, perplexity ~+20% (quantize.py)
+#   w8a8  int8 weights per channel and int8 activations per token (MatMulIntegerToFloat; meshserve's own
+#         RowQuantize operator, so it needs services/inference/backends/ort_ops built); faster than int8
+#         in batches and prefill, slower for one stream, perplexity ~+0.6% (quantize.py)
 # All share EXPORT_VERSION (5: int8 blocks of 64 for q/k/v, o and gate/up).
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "w8a8")
 DEFAULT_PRECISION = "int8"
 
 
@@ -229,7 +232,7 @@ def prepare_model(
     del model
 
     _progress(5, total, f"building the {precision} ONNX Runtime CPU decoder")
-    from services.modelstore.onnx_cpu_export import CpuDecoderWeights, build_cpu_decoder
+    from services.modelstore.onnx_cpu_export import CUSTOM_OPS_DOMAIN, CpuDecoderWeights, build_cpu_decoder
     from services.modelstore.quantize import (
         gguf_embedding_blocks,
         smooth_and_gptq,
@@ -238,7 +241,7 @@ def prepare_model(
 
     cpu_weights = CpuDecoderWeights.from_fp32(config, weights)
     del weights
-    if precision in ("int8", "int4"):
+    if precision in ("int8", "int4", "w8a8"):
         from tokenizers import Tokenizer
 
         from services.modelstore import calibration
@@ -249,6 +252,11 @@ def prepare_model(
         if precision == "int8":
             maxima = calibration.activation_maxima(decoder_path, config, calibration_ids)
             cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
+        elif precision == "w8a8":
+            from services.modelstore.quantize import smooth_and_quantize_rowwise
+
+            maxima = calibration.activation_maxima(decoder_path, config, calibration_ids)
+            cpu_weights = smooth_and_quantize_rowwise(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
         else:
             _progress(5, total, "sampling the float32 model's answers to the calibration prompts")
             prompts = [
@@ -261,6 +269,7 @@ def prepare_model(
             _progress(5, total, f"GPTQ over {sum(map(len, chats)) + len(calibration_ids)} calibration tokens")
             cpu_weights = smooth_and_gptq(config, cpu_weights, activations, gguf_embedding_blocks(reader))
     cpu_model = build_cpu_decoder(config, cpu_weights)
+    custom_ops = sorted({o.domain for o in cpu_model.opset_import} & {CUSTOM_OPS_DOMAIN})
     del cpu_weights
     onnx.save_model(
         cpu_model, str(tmp / "decoder_cpu.onnx"), save_as_external_data=True, location="decoder_cpu.onnx.data"
@@ -275,6 +284,7 @@ def prepare_model(
         "architecture": "llama",
         "config": asdict(config),
         "precision": precision,
+        "custom_ops": custom_ops,  # operator domains decoder_cpu.onnx needs beyond ONNX Runtime's own
         "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_ids": [int(_field(reader, "tokenizer.ggml.eos_token_id"))],
         "files": {

@@ -2,9 +2,9 @@
 the greedy chat answer to "What is the capital of France?" names Paris, and a quantized model's
 perplexity on a fixed English text (tests/data/perplexity_text.txt, 2,135 tokens, prefilled in
 chunks with logits at every position) stays within its bound of the fp32 reference's: 3% for
-int8; int4, the lighter fallback variant, is allowed to cost quality and is held to 30% (measured
-+21%: 23.16 against 19.12). int4 must also be what makes it lighter: 4-bit projections in blocks
-of 128, and a weights file a third smaller than int8's."""
+int8, 1% for w8a8 (measured +0.6%: 19.23); int4, the lighter fallback variant, is allowed to cost
+quality and is held to 30% (measured +21%: 23.16 against 19.12). int4 must also be what makes it
+lighter: 4-bit projections in blocks of 128, and a weights file a third smaller than int8's."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from services.modelstore.prepare import PRECISIONS, prepare_model
 from services.tokenizer.core import ChatMessage, TokenizerCore
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "perplexity_text.txt"
-MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int4": 1.30}
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int4": 1.30, "w8a8": 1.01}
 
 
 @pytest.fixture(scope="session")

@@ -324,3 +324,31 @@ def test_smooth_and_gptq_quantizes_every_projection_to_4bit_against_the_smoothed
             x = activations[(kind, i)] / factors[(kind, i)]
             expected = x @ s.T
             assert np.linalg.norm(x @ q.dequantize().T - expected) < 0.1 * np.linalg.norm(expected)
+
+
+def test_hadamard_blocks_are_orthonormal_and_leave_the_product_unchanged():
+    from services.modelstore.quantize import hadamard, rotate_blocks
+
+    h = hadamard(64)
+    np.testing.assert_allclose(h @ h.T, np.eye(64), atol=1e-6)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 192)), rng.standard_normal((7, 192))
+    np.testing.assert_allclose(rotate_blocks(x, 64) @ rotate_blocks(w, 64).T, x @ w.T, atol=1e-9)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(48)
+
+
+@pytest.mark.parametrize("block", [0, 64])
+def test_rowwise_int8_weights_stay_within_half_a_step_of_their_channel(block):
+    from services.modelstore.quantize import quantize_rowwise_int8, rotate_blocks
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((12, 128)).astype(np.float32)
+    w[4] = 0.0  # an all-zero channel
+    q = quantize_rowwise_int8(w, block)
+    assert q.codes.dtype == np.int8 and q.codes.shape == (128, 12) and q.hadamard_block == block
+    assert np.abs(q.codes.astype(np.int32)).max() <= 127
+    target = rotate_blocks(w, block) if block else w
+    step = np.abs(target).max(1, keepdims=True) / 127
+    assert (np.abs(q.dequantize() - target) <= step / 2 + 1e-7).all()
+    assert (q.dequantize()[4] == 0).all()

@@ -1,0 +1,33 @@
+"""meshserve's own ONNX Runtime operators (domain `meshserve.ops`, meshserve_ops.cc), for the CPU decoder
+graphs that use them (the w8a8 precision's RowQuantize). build.sh compiles the library beside this file
+(`make install` and the CPU image run it); a session registers it with `register_custom_ops_library`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DOMAIN = "meshserve.ops"
+LIBRARY = Path(__file__).with_name("libmeshserve_ort_ops.so")
+BUILD_COMMAND = "bash services/inference/backends/ort_ops/build.sh"
+
+
+def header_dirs() -> list[Path]:
+    """Where build.sh keeps ONNX Runtime's headers (its default cache), if it fetched them there."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshserve" / "onnxruntime-headers"
+    override = os.environ.get("ORT_HEADERS")
+    return [p for p in ([Path(override)] if override else []) + [cache] if (p / "onnxruntime_c_api.h").is_file()]
+
+
+class OpsLibraryMissing(RuntimeError):
+    """The model needs meshserve's operators and their library was not built."""
+
+
+def library_path() -> Path:
+    """The built library, or OpsLibraryMissing naming the command that builds it."""
+    if not LIBRARY.is_file():
+        raise OpsLibraryMissing(
+            f"this model's decoder uses meshserve's ONNX Runtime operators ({DOMAIN}), and {LIBRARY} "
+            f"is not built: run `make install` (or `{BUILD_COMMAND}`)"
+        )
+    return LIBRARY
