@@ -14,7 +14,7 @@ import pytest
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from tests.conftest import free_port, stop_process
+from tests.conftest import free_port, stop_process, wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
 
@@ -129,6 +129,12 @@ def test_the_redis_tier_shares_answers_between_routers(cached_mesh):
     )
 
 
+def routers_ended(mesh, code: str) -> float:
+    return sum(
+        metric_value(mesh.metrics(router), "meshserve_requests_total", code=code) for router in ("router-0", "router-1")
+    )
+
+
 def test_sampled_unseeded_no_cache_and_unfinished_requests_are_never_answered_from_it(cached_mesh):
     bypass = pb.GenerateRequest(
         prompt="A joke:", no_cache=True, sampling=pb.SamplingParameters(temperature=0.0, max_tokens=8)
@@ -139,11 +145,13 @@ def test_sampled_unseeded_no_cache_and_unfinished_requests_are_never_answered_fr
             assert not responses[-1].complete.cached
     # a stream cancelled after its first chunk is not stored
     cancelled = question("Describe the moon.", temperature=0.0)
+    ended_before = routers_ended(cached_mesh, "CANCELLED")
     with grpc.insecure_channel(cached_mesh.target) as channel:
         call = pb_grpc.GenerationServiceStub(channel).Generate(cancelled, timeout=60)
         assert next(call).HasField("chunk")
         call.cancel()
-    time.sleep(0.5)
+    # a router stores an answer before it counts the stream ended: once counted, any wrong store is done
+    wait_until(lambda: routers_ended(cached_mesh, "CANCELLED") > ended_before, 30, "a router ended the stream")
     responses, _, _ = run(cached_mesh.target, cancelled)
     assert not responses[-1].complete.cached
 
