@@ -91,15 +91,13 @@ def content(responses: list[pb.GenerateResponse]) -> tuple:
 
 def test_a_repeated_greedy_request_is_the_same_answer_from_the_cache(cached_mesh):
     request = question("What is the capital of France?", temperature=0.0, logprobs=2)
-    fresh, fresh_ttft, fresh_meta = run(cached_mesh.target, request)
-    hit, hit_ttft, hit_meta = run(cached_mesh.target, request)
+    fresh, _, fresh_meta = run(cached_mesh.target, request)
+    hit, _, hit_meta = run(cached_mesh.target, request)
     assert not fresh[-1].complete.cached and hit[-1].complete.cached
     assert hit[-1].complete.cached_prompt_tokens == hit[-1].complete.prompt_tokens
     assert ("x-meshserve-cache", "miss") in fresh_meta and ("x-meshserve-cache", "hit") in hit_meta
     assert content(hit) == content(fresh)  # chunk for chunk: text, ids, logprobs, finish, counts
-    assert "Paris" in "".join(r.chunk.text for r in hit)
-    print(f"\nTTFT generated {fresh_ttft * 1000:.1f} ms, from the cache {hit_ttft * 1000:.1f} ms")
-    assert hit_ttft < fresh_ttft
+    assert "Paris" in "".join(r.chunk.text for r in hit)  # its speed: bench/result_cache_ttft.py
 
 
 def test_rest_clients_see_the_hit_in_a_header(cached_mesh):
