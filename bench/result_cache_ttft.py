@@ -3,7 +3,8 @@
     python bench/result_cache_ttft.py [--target localhost:8080] [--rounds 5] [--json]
 
 Each round asks a new greedy question twice: the first is generated (a miss), the second replayed from the
-router's result cache (a hit). Prints both times per round and their medians; the test of the cache
+router's result cache (a hit): run it against one router, or routers sharing Redis (each router's memory
+tier is its own, and Envoy spreads the two calls). Prints both times per round and their medians; the test of the cache
 (tests/e2e/test_result_cache.py) asserts the replay's content, this measures its speed.
 """
 
