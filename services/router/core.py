@@ -244,7 +244,9 @@ class Router:
                 if isinstance(passed_on, InvalidArgumentError) and passed_on.field == "text":
                     passed_on = InvalidArgumentError("prompt", passed_on.description)  # the public name
                 raise passed_on from None
-            span.set_attribute("gen_ai.usage.prompt_tokens", len(response.ids))
+            # not a GenAI usage attribute (the deprecated gen_ai.usage.prompt_tokens was): the usage is the
+            # GenAI span's, and tooling that sums gen_ai.usage.* would count the prompt twice
+            span.set_attribute("meshserve.prompt_tokens", len(response.ids))
         return list(response.ids)
 
     async def generate(
