@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -100,8 +101,10 @@ def grpc_errors(method: _Method) -> _Method:
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for item in method(self, request, context):
-                    yield item
+                # closed here when this wrapper is closed (a cancelled call), not left to the garbage collector
+                async with contextlib.aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
@@ -193,8 +196,9 @@ class RejectUndecodableRequests(grpc.aio.ServerInterceptor):  # type: ignore[mis
                     await refuse(context)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
+                    async with contextlib.aclosing(result) as items:
+                        async for item in items:
+                            yield item
                 else:  # a coroutine writing with context.write
                     await result
 

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.grpc_status import RejectUndecodableRequests
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
+from services.common.streams import RecordStreams, WriteStreams
 from services.common.telemetry import server_interceptors, setup_tracing
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class ServiceProcess:
         setup_logging(telemetry_name)
         self.tracer_provider = setup_tracing(telemetry_name)
         self.server = grpc.aio.server(
-            interceptors=[RejectUndecodableRequests(), *server_interceptors()],
+            # WriteStreams outermost and RecordStreams innermost: a cancelled stream closes in its own task
+            interceptors=[WriteStreams(), RejectUndecodableRequests(), *server_interceptors(), RecordStreams()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -7,13 +7,11 @@ protobuf types; the servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,21 +83,44 @@ class _NotServing(Exception):
 MAX_FAILOVERS = 2
 
 
-async def _detokenize(
-    detokenizer: Any, decoded_texts: AsyncIterator[tokenizer_pb.DecodeStreamResponse], ids: list[int]
-) -> str:
-    """The text of `ids` from the tokenizer's detokenization stream. Its failures are raised as the
-    tokenizer's (passed on), never as AioRpcError, so they are not mistaken for a failed replica."""
-    try:
-        # the stream may have ended already, e.g. at the deadline it shares with the inference call a
-        # moment before that call notices: then the write raises InvalidStateError and the read its status
-        with contextlib.suppress(asyncio.InvalidStateError):
-            await detokenizer.write(tokenizer_pb.DecodeStreamRequest(ids=ids))
-        return (await anext(decoded_texts)).text
-    except grpc.aio.AioRpcError as error:
-        raise from_rpc_error(error) from None
-    except StopAsyncIteration:
-        raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
+class _Detokenization:
+    """One request's DecodeStream to the tokenizer. Its requests come from a queue of ours rather than the
+    call's write(): through a client interceptor, write() feeds a task of grpc's that waits for the next
+    write, and when the call ends by itself (at its deadline) nothing ends that task, so the garbage
+    collector destroys it later and logs errors ("Task was destroyed but it is pending", "aclose():
+    asynchronous generator is already running"). Ending our request stream ends that task."""
+
+    def __init__(self, stub: tokenizer_grpc.TokenizerServiceStub, timeout: float | None) -> None:
+        self._requests: asyncio.Queue[tokenizer_pb.DecodeStreamRequest | None] = asyncio.Queue()
+        self.call = stub.DecodeStream(self._request_stream(), timeout=timeout)
+        # read through the call's iterator (not read()): trace interceptors end their span with it
+        self._texts: AsyncIterator[tokenizer_pb.DecodeStreamResponse] = self.call.__aiter__()
+
+    async def _request_stream(self) -> AsyncIterator[tokenizer_pb.DecodeStreamRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def text(self, ids: list[int]) -> str:
+        """The text of `ids`. The stream's failures are raised as the tokenizer's (passed on), never as
+        AioRpcError, so they are not mistaken for a failed replica."""
+        self._requests.put_nowait(tokenizer_pb.DecodeStreamRequest(ids=ids))
+        try:
+            return (await anext(self._texts)).text
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        except StopAsyncIteration:
+            raise UnavailableError("the tokenizer closed the detokenization stream", retry_after_s=1.0) from None
+
+    async def finish(self) -> None:
+        """Ends the request stream and waits for the tokenizer to end its side."""
+        self._requests.put_nowait(None)
+        async for _ in self._texts:
+            pass
+
+    def close(self) -> None:
+        """However the request ended: the request stream ends and the call is cancelled (a no-op once done)."""
+        self._requests.put_nowait(None)
+        self.call.cancel()
 
 
 class Router:
@@ -223,12 +244,14 @@ class Router:
                 if isinstance(passed_on, InvalidArgumentError) and passed_on.field == "text":
                     passed_on = InvalidArgumentError("prompt", passed_on.description)  # the public name
                 raise passed_on from None
-            span.set_attribute("gen_ai.usage.prompt_tokens", len(response.ids))
+            # not a GenAI usage attribute (the deprecated gen_ai.usage.prompt_tokens was): the usage is the
+            # GenAI span's, and tooling that sums gen_ai.usage.* would count the prompt twice
+            span.set_attribute("meshserve.prompt_tokens", len(response.ids))
         return list(response.ids)
 
     async def generate(
         self, request: GenerationRequest, deadline: float | None
-    ) -> AsyncIterator[CacheLookup | TextDelta | Completed]:
+    ) -> AsyncGenerator[CacheLookup | TextDelta | Completed, None]:
         """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value.
 
         If the inference replica fails mid-stream, generation continues on another replica, which
@@ -272,9 +295,7 @@ class Router:
                 return
         streamed: list[CachedDelta] = []  # what the client got, to store a complete answer
         key = prefix_key(prompt_ids)
-        detokenizer = self.tokenizer.DecodeStream(timeout=remaining())
-        # read through the call's iterator (not read()): trace interceptors end their span with it
-        decoded_texts = detokenizer.__aiter__()
+        detokenizer = _Detokenization(self.tokenizer, remaining())
         generated: list[int] = []
         tried: set[str] = set()
         completed: Completed | None = None
@@ -300,7 +321,7 @@ class Router:
                         cached_prompt_tokens = max(cached_prompt_tokens, response.cached_prompt_tokens)
                         if ids:
                             generated += ids
-                            text = stops.push(await _detokenize(detokenizer, decoded_texts, ids))
+                            text = stops.push(await detokenizer.text(ids))
                             logprobs = list(response.logprobs)
                             if cache_as is not None:  # kept only when the answer may be stored
                                 streamed.append(CachedDelta(text, ids, logprobs))
@@ -346,13 +367,11 @@ class Router:
                 if completed is None:
                     log.warning("inference replica %s ended a stream without finishing it", replica.target)
                     raise UnavailableError("an inference replica ended the stream early", retry_after_s=1.0)
-            await detokenizer.done_writing()
-            async for _ in decoded_texts:
-                pass
+            await detokenizer.finish()
         except grpc.aio.AioRpcError as error:  # the tokenizer's, ending its stream
             raise from_rpc_error(error) from None
         finally:
-            detokenizer.cancel()
+            detokenizer.close()
         if cache is not None and cache_as is not None:  # only a complete, successful answer gets here
             await cache.put(
                 cache_as,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -68,42 +69,46 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             telemetry.accepted(generation)
             self.tenant_streams.acquire(caller.tenant)
             counted_stream = True
-            async for event in self.router.generate(generation, deadline):
-                if isinstance(event, CacheLookup):  # REST clients see it as a response header
-                    await context.send_initial_metadata([("x-meshserve-cache", "hit" if event.hit else "miss")])
-                elif isinstance(event, TextDelta):
-                    telemetry.tokens(len(event.token_ids))
-                    yield pb.GenerateResponse(
-                        chunk=pb.GenerateChunk(
-                            text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs)
+            events = self.router.generate(generation, deadline)
+            async with contextlib.aclosing(events):  # a cancelled call closes it here, not in the collector
+                async for event in events:
+                    if isinstance(event, CacheLookup):  # REST clients see it as a response header
+                        await context.send_initial_metadata([("x-meshserve-cache", "hit" if event.hit else "miss")])
+                    elif isinstance(event, TextDelta):
+                        telemetry.tokens(len(event.token_ids))
+                        yield pb.GenerateResponse(
+                            chunk=pb.GenerateChunk(
+                                text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs)
+                            )
                         )
-                    )
-                elif isinstance(event, Completed):
-                    telemetry.completed(
-                        generation.request_id,
-                        event.finish_reason.value,
-                        event.prompt_tokens,
-                        event.completion_tokens,
-                        event.cached_prompt_tokens,
-                    )
-                    yield pb.GenerateResponse(
-                        complete=pb.GenerateComplete(
-                            finish_reason=to_public_proto(event.finish_reason),
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            request_id=generation.request_id,
-                            prompt_logprobs=_logprobs(event.prompt_logprobs),
-                            cached_prompt_tokens=event.cached_prompt_tokens,
-                            cached=event.cached,
-                            model=event.model,
+                    elif isinstance(event, Completed):
+                        telemetry.completed(
+                            generation.request_id,
+                            event.finish_reason.value,
+                            event.prompt_tokens,
+                            event.completion_tokens,
+                            event.cached_prompt_tokens,
                         )
-                    )
+                        yield pb.GenerateResponse(
+                            complete=pb.GenerateComplete(
+                                finish_reason=to_public_proto(event.finish_reason),
+                                prompt_tokens=event.prompt_tokens,
+                                completion_tokens=event.completion_tokens,
+                                request_id=generation.request_id,
+                                prompt_logprobs=_logprobs(event.prompt_logprobs),
+                                cached_prompt_tokens=event.cached_prompt_tokens,
+                                cached=event.cached,
+                                model=event.model,
+                            )
+                        )
         except ServingError as error:
             status = to_grpc_status(error)
             code = status.code.name
             await context.abort_with_status(status)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client went away or its deadline passed: cancelled at an await, or closed at a yield
+            left = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
             raise
         except grpc.aio.AbortError:
             raise

@@ -61,6 +61,11 @@ def test_the_router_span_follows_the_gen_ai_conventions_without_any_text(mesh):
     assert "gen_ai.usage.cache_read.input_tokens" in attributes
     every_value = repr([span for _, span in mesh.receiver.spans])
     assert "SECRET-PROMPT" not in every_value  # no prompt text in any span of any service
+    # names the conventions deprecated appear on no router span (the tokenize span, exported before, included)
+    router_keys = {
+        kv.key for service, s in list(mesh.receiver.spans) if service == "meshserve-router" for kv in s.attributes
+    }
+    assert not router_keys & {"gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens", "gen_ai.system"}
 
 
 def test_a_plain_prompt_is_a_text_completion(mesh):

@@ -25,10 +25,11 @@ def stub_for(mesh) -> tuple[grpc.Channel, pb_grpc.GenerationServiceStub]:
     return channel, pb_grpc.GenerationServiceStub(channel)
 
 
-def chat_request(text: str, max_tokens: int = 64, **sampling) -> pb.GenerateRequest:
+def chat_request(text: str, max_tokens: int = 64, no_cache: bool = False, **sampling) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)]),
         sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, **sampling),
+        no_cache=no_cache,
     )
 
 
@@ -144,14 +145,21 @@ def test_generate_streams_chunks_then_completion(mesh):
 
 def test_seeded_sampling_is_reproducible_through_the_mesh(mesh):
     channel, stub = stub_for(mesh)
+    # no_cache: a seeded request is deterministic, so the result cache would replay the first answer
     request = pb.GenerateRequest(
         prompt="The weather today",
         sampling=pb.SamplingParameters(max_tokens=16, min_tokens=16, temperature=1.0, seed=1234),
+        no_cache=True,
     )
     with channel:
-        first = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
-        second = [tuple(r.chunk.token_ids) for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
-    assert len(sum(first, ())) == 16 and sum(first, ()) == sum(second, ())
+        first = list(stub.Generate(request, timeout=60))
+        second = list(stub.Generate(request, timeout=60))
+        request.sampling.seed = 4321
+        other = [t for r in stub.Generate(request, timeout=60) for t in r.chunk.token_ids]
+    assert not first[-1].complete.cached and not second[-1].complete.cached  # both generated
+    ids = [[t for r in answer for t in r.chunk.token_ids] for answer in (first, second)]
+    assert len(ids[0]) == 16 and ids[0] == ids[1]
+    assert other != ids[0]  # the seed is what makes them equal: another seed samples another answer
 
 
 @pytest.mark.parametrize(
@@ -290,19 +298,23 @@ def test_deadline_shorter_than_generation_ends_with_deadline_exceeded(mesh):
 
 
 def test_concurrent_streams_share_the_batch_and_match_solo_runs(mesh):
+    # no_cache: greedy answers are cached, and a replay of the solo answer would prove nothing about batching
     prompts = ["What is 2+2?", "Name a color.", "Say hello in French."]
     channel, stub = stub_for(mesh)
+
+    def generated(p: str) -> list[int]:
+        responses = list(stub.Generate(chat_request(p, max_tokens=16, no_cache=True), timeout=60))
+        assert not responses[-1].complete.cached
+        return [t for r in responses for t in r.chunk.token_ids]
+
     with channel:
-        solo = {
-            p: [t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids]
-            for p in prompts
-        }
+        solo = {p: generated(p) for p in prompts}
         together: dict[str, list[int]] = {}
+        start = threading.Barrier(len(prompts))
 
         def run(p: str) -> None:
-            together[p] = [
-                t for r in stub.Generate(chat_request(p, max_tokens=16), timeout=60) for t in r.chunk.token_ids
-            ]
+            start.wait()
+            together[p] = generated(p)
 
         threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
         for t in threads:

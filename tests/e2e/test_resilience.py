@@ -14,6 +14,7 @@ import pytest
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+from services.bench.overload import overload
 from tests.conftest import wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
@@ -229,86 +230,22 @@ def latency_mesh(model_dir, otlp_receiver):
         yield mesh
 
 
-async def _timed(stub, req: pb.GenerateRequest) -> tuple[str, float | None, float, bool]:
-    """One request: (status name, time to first token, time to the end, whether the error carries details)."""
-    started, first = time.monotonic(), None
-    try:
-        async for response in stub.Generate(req, timeout=60):
-            if response.HasField("chunk") and first is None:
-                first = time.monotonic() - started
-        return "OK", first, time.monotonic() - started, False
-    except grpc.aio.AioRpcError as error:
-        details = any(k == "grpc-status-details-bin" for k, _ in (error.trailing_metadata() or ()))
-        return error.code().name, None, time.monotonic() - started, details
-
-
-async def _overload(target: str, seconds: float = 5.0) -> dict:
-    """Three measurements of the same requests: one at a time (unloaded); at capacity (7 closed-loop
-    clients, the NORMAL share of 8 slots, for 3 s); then an open-loop offer of 3x capacity for
-    `seconds`: arrivals at 3 x (8 slots / the unloaded service time), whatever the mesh answers."""
-    import asyncio
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        await channel.channel_ready()
-        stub = pb_grpc.GenerationServiceStub(channel)
-
-        def req(i: int) -> pb.GenerateRequest:
-            return request(PROMPTS[i % 4], 24, min_tokens=24)
-
-        await asyncio.gather(*(_timed(stub, request(p, 4)) for p in PROMPTS))  # warm: one-time costs
-        unloaded = [await _timed(stub, req(i)) for i in range(6)]
-
-        async def client(i: int, until: float) -> list:
-            results = []
-            while time.monotonic() < until:
-                results.append(await _timed(stub, req(i)))
-            return results
-
-        until = time.monotonic() + 3
-        at_capacity = [r for rs in await asyncio.gather(*(client(i, until) for i in range(7))) for r in rs]
-        rate = 3 * 8 / (sum(r[2] for r in unloaded) / len(unloaded))
-        tasks, end, i = [], time.monotonic() + seconds, 0
-        while time.monotonic() < end:
-            tasks.append(asyncio.create_task(_timed(stub, req(i))))
-            i += 1
-            await asyncio.sleep(1 / rate)
-        return {"rate": rate, "unloaded": unloaded, "at_capacity": at_capacity, "offered": await asyncio.gather(*tasks)}
-
-
 def test_overload_is_refused_fast_and_accepted_requests_keep_their_latency(latency_mesh):
+    """What overload does, not how fast: bench/overload.py prints the latencies of the same load."""
     import asyncio
 
-    result = asyncio.run(_overload(latency_mesh.target))
-    offered = result["offered"]
-    refused = [r for r in offered if r[0] != "OK"]
-    accepted = [r for r in offered if r[0] == "OK"]
+    result = asyncio.run(overload(latency_mesh.target))
+    refused = [r for r in result.offered if r.code != "OK"]
+    accepted = [r for r in result.offered if r.code == "OK"]
     assert refused and accepted
-    for code, _, took, details in refused:
-        assert code == "RESOURCE_EXHAUSTED" and details  # RetryInfo rides in the status details
-        # the issue asks for 100 ms; timing is not asserted tightly on this shared 2-core machine
-        # (measured p99 25-85 ms, see README), only that refusal is immediate rather than queued
-        assert took < 1.0
-    assert all(first is not None for _, first, _, _ in accepted)
-
-    def p(values, q):
-        values = sorted(values)
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000
-
-    def ttft(results):
-        firsts = [r[1] for r in results if r[0] == "OK"]
-        return f"p50={p(firsts, 0.5):.0f}ms p99={p(firsts, 0.99):.0f}ms" if firsts else "n/a"
-
+    for r in refused:
+        assert r.code == "RESOURCE_EXHAUSTED" and r.details  # RetryInfo rides in the status details
+        # refused at once rather than queued; no tighter bound on this shared 2-core machine
+        assert r.took_s < 1.0
+    assert all(r.first_s is not None for r in accepted)
     # below capacity nothing should be refused; a few may, when a load report is a few ms behind
-    capacity_ok = sum(1 for r in result["at_capacity"] if r[0] == "OK")
-    assert capacity_ok >= 0.8 * len(result["at_capacity"]), [r[0] for r in result["at_capacity"]]
-    print(
-        f"overload: offered={len(offered)} at {result['rate']:.0f}/s for 5 s accepted={len(accepted)} "
-        f"refused={len(refused)} refusal p50={p([r[2] for r in refused], 0.5):.0f}ms "
-        f"p99={p([r[2] for r in refused], 0.99):.0f}ms max={p([r[2] for r in refused], 1):.0f}ms "
-        f"ttft_unloaded {ttft(result['unloaded'])} "
-        f"ttft_at_capacity {ttft(result['at_capacity'])} ({capacity_ok} of {len(result['at_capacity'])} ok) "
-        f"ttft_overloaded {ttft(accepted)}"
-    )
+    capacity_ok = sum(1 for r in result.at_capacity if r.code == "OK")
+    assert capacity_ok >= 0.8 * len(result.at_capacity), [r.code for r in result.at_capacity]
 
 
 def routers_see_running(mesh, count: int) -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from tests.conftest import free_port, stop_process
+from tests.conftest import free_port, stop_process, wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
 
@@ -91,15 +91,13 @@ def content(responses: list[pb.GenerateResponse]) -> tuple:
 
 def test_a_repeated_greedy_request_is_the_same_answer_from_the_cache(cached_mesh):
     request = question("What is the capital of France?", temperature=0.0, logprobs=2)
-    fresh, fresh_ttft, fresh_meta = run(cached_mesh.target, request)
-    hit, hit_ttft, hit_meta = run(cached_mesh.target, request)
+    fresh, _, fresh_meta = run(cached_mesh.target, request)
+    hit, _, hit_meta = run(cached_mesh.target, request)
     assert not fresh[-1].complete.cached and hit[-1].complete.cached
     assert hit[-1].complete.cached_prompt_tokens == hit[-1].complete.prompt_tokens
     assert ("x-meshserve-cache", "miss") in fresh_meta and ("x-meshserve-cache", "hit") in hit_meta
     assert content(hit) == content(fresh)  # chunk for chunk: text, ids, logprobs, finish, counts
-    assert "Paris" in "".join(r.chunk.text for r in hit)
-    print(f"\nTTFT generated {fresh_ttft * 1000:.1f} ms, from the cache {hit_ttft * 1000:.1f} ms")
-    assert hit_ttft < fresh_ttft
+    assert "Paris" in "".join(r.chunk.text for r in hit)  # its speed: bench/result_cache_ttft.py
 
 
 def test_rest_clients_see_the_hit_in_a_header(cached_mesh):
@@ -129,6 +127,12 @@ def test_the_redis_tier_shares_answers_between_routers(cached_mesh):
     )
 
 
+def routers_ended(mesh, code: str) -> float:
+    return sum(
+        metric_value(mesh.metrics(router), "meshserve_requests_total", code=code) for router in ("router-0", "router-1")
+    )
+
+
 def test_sampled_unseeded_no_cache_and_unfinished_requests_are_never_answered_from_it(cached_mesh):
     bypass = pb.GenerateRequest(
         prompt="A joke:", no_cache=True, sampling=pb.SamplingParameters(temperature=0.0, max_tokens=8)
@@ -139,11 +143,13 @@ def test_sampled_unseeded_no_cache_and_unfinished_requests_are_never_answered_fr
             assert not responses[-1].complete.cached
     # a stream cancelled after its first chunk is not stored
     cancelled = question("Describe the moon.", temperature=0.0)
+    ended_before = routers_ended(cached_mesh, "CANCELLED")
     with grpc.insecure_channel(cached_mesh.target) as channel:
         call = pb_grpc.GenerationServiceStub(channel).Generate(cancelled, timeout=60)
         assert next(call).HasField("chunk")
         call.cancel()
-    time.sleep(0.5)
+    # a router stores an answer before it counts the stream ended: once counted, any wrong store is done
+    wait_until(lambda: routers_ended(cached_mesh, "CANCELLED") > ended_before, 30, "a router ended the stream")
     responses, _, _ = run(cached_mesh.target, cancelled)
     assert not responses[-1].complete.cached
 

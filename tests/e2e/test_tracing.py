@@ -9,6 +9,7 @@ import grpc
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
+from tests.conftest import wait_until
 
 SERVICES = {"meshserve-envoy", "meshserve-router", "meshserve-tokenizer", "meshserve-inference"}
 
@@ -68,10 +69,31 @@ def test_one_request_one_trace_through_all_four_services(mesh):
 
 
 def test_health_checks_and_load_polling_are_not_traced(mesh):
-    with grpc.insecure_channel(mesh.target) as channel:  # one traced request, so tracing is known to work
-        request = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=2, temperature=0))
-        list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
-    time.sleep(1.5)  # waiting for an absence: several polling rounds and health checks, exported by now
+    def request(trace_id: bytes) -> None:
+        with grpc.insecure_channel(mesh.target) as channel:
+            traceparent = f"00-{trace_id.hex()}-{os.urandom(8).hex()}-01"
+            generate = pb.GenerateRequest(
+                prompt="Hi", sampling=pb.SamplingParameters(max_tokens=2, temperature=0), no_cache=True
+            )
+            list(
+                pb_grpc.GenerationServiceStub(channel).Generate(
+                    generate, timeout=60, metadata=[("traceparent", traceparent)]
+                )
+            )
+
+    def exported_by_all(trace_id: bytes) -> bool:
+        return {service for service, _ in mesh.receiver.spans_of_trace(trace_id)} >= SERVICES
+
+    # waiting for an absence: the mesh has polled and health-checked since it started, and a first request
+    # shows tracing works; once a second one reached the receiver from every service, each process has
+    # exported what it made before it (a batch span processor exports in order). no_cache: a replay reaches
+    # no replica, so it would never be exported by inference.
+    first = os.urandom(16)
+    request(first)
+    wait_until(lambda: exported_by_all(first), 20, "the first request's spans were exported")
+    marker = os.urandom(16)
+    request(marker)
+    wait_until(lambda: exported_by_all(marker), 20, "the marker request's spans were exported")
     names = {span.name for _, span in list(mesh.receiver.spans)}
     assert "/meshserve.v1.GenerationService/Generate" in names
     # the public API's own info RPCs (GenerationService/GetModelInfo) are client calls, traced like Generate

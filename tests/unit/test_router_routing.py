@@ -98,41 +98,72 @@ def test_a_failing_detokenization_stream_is_the_tokenizers_error_not_a_replica_f
 
     import grpc
 
-    from services.router.core import _detokenize
-
-    class BrokenStream:
-        async def write(self, request):
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "tokenizer gone"
-            )
-
-    class ClosedStream:
-        async def write(self, request):
-            pass
+    async def broken():
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "tokenizer gone"
+        )
+        yield
 
     async def nothing():
         return
         yield
 
     with pytest.raises(UnavailableError, match="tokenizer gone"):
-        asyncio.run(_detokenize(BrokenStream(), nothing(), [1]))
+        asyncio.run(_detokenize_once(broken()))
     with pytest.raises(UnavailableError, match="closed the detokenization stream"):
-        asyncio.run(_detokenize(ClosedStream(), nothing(), [1]))
+        asyncio.run(_detokenize_once(nothing()))
+
+
+class _DecodeStreamCall:
+    """A DecodeStream call standing in for grpc's: a task consumes the request iterator (as grpc's does) while
+    the responses come from `responses`."""
+
+    def __init__(self, requests, responses) -> None:
+        import asyncio
+
+        self.received: list = []
+        self.responses = responses
+        self.consumer = asyncio.get_running_loop().create_task(self._consume(requests))
+
+    async def _consume(self, requests) -> None:
+        async for request in requests:
+            self.received.append(list(request.ids))
+
+    def __aiter__(self):
+        return self.responses
+
+    def cancel(self) -> bool:
+        return False  # like a call that already ended at its deadline: grpc does not cancel the consumer then
+
+
+class _Tokenizer:
+    def __init__(self, responses) -> None:
+        self.responses = responses
+        self.calls: list[_DecodeStreamCall] = []
+
+    def DecodeStream(self, requests, timeout=None):
+        self.calls.append(_DecodeStreamCall(requests, self.responses))
+        return self.calls[-1]
+
+
+async def _detokenize_once(responses) -> str:
+    from services.router.core import _Detokenization
+
+    detokenization = _Detokenization(_Tokenizer(responses), timeout=None)
+    try:
+        return await detokenization.text([1])
+    finally:
+        detokenization.close()
 
 
 def test_a_detokenization_stream_that_ended_at_its_deadline_is_deadline_exceeded_not_internal():
     """The detokenization stream shares the request's deadline with the inference call and may end
-    first: writing to it then raises InvalidStateError, which reached the client as INTERNAL."""
+    first: its read raises the stream's own status, which reaches the client as is (not INTERNAL)."""
     import asyncio
 
     import grpc
 
     from services.common.grpc_status import to_grpc_status
-    from services.router.core import _detokenize
-
-    class EndedStream:
-        async def write(self, request):
-            raise asyncio.InvalidStateError("RPC already finished.")
 
     async def deadline_exceeded():
         raise grpc.aio.AioRpcError(
@@ -141,8 +172,31 @@ def test_a_detokenization_stream_that_ended_at_its_deadline_is_deadline_exceeded
         yield
 
     with pytest.raises(ServingError) as caught:
-        asyncio.run(_detokenize(EndedStream(), deadline_exceeded(), [1]))
+        asyncio.run(_detokenize_once(deadline_exceeded()))
     assert to_grpc_status(caught.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_closing_a_detokenization_ends_its_request_stream_even_when_the_call_ended_first():
+    """grpc consumes a stream's requests in a task of its own that cancelling an ended call leaves waiting;
+    unless the request stream ends, the garbage collector destroys that task with errors in the log."""
+    import asyncio
+
+    from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
+    from services.router.core import _Detokenization
+
+    async def texts():
+        yield tokenizer_pb.DecodeStreamResponse(text="hi")
+
+    async def scenario() -> _DecodeStreamCall:
+        tokenizer = _Tokenizer(texts())
+        detokenization = _Detokenization(tokenizer, timeout=None)
+        assert await detokenization.text([7]) == "hi"
+        detokenization.close()
+        call = tokenizer.calls[0]
+        await asyncio.wait_for(call.consumer, timeout=5)
+        return call
+
+    assert asyncio.run(scenario()).received == [[7]]
 
 
 class _Reports:
