@@ -28,27 +28,17 @@ start_peer() {
   echo "llama-server did not start: see $OUT/llama-server.log" >&2; exit 1
 }
 stop_peer() { echo "$1 llama-server $(grep VmHWM /proc/$PEER/status | tr -s ' ')"; kill $PEER; wait $PEER || true; }
-start_mesh() {
-  .venv/bin/meshserve up --port "$MESH_PORT" --admin-port $((MESH_PORT + 1)) --router-port $((MESH_PORT + 10)) \
-    --tokenizer-port $((MESH_PORT + 20)) --inference-port $((MESH_PORT + 30)) --openai-port $((MESH_PORT + 40)) \
-    --metrics-port-base $((MESH_PORT + 100)) --run-dir "$RUN_DIR" --inference-arg=--num-slots=32 > "$OUT/mesh.log" 2>&1 &
-  MESH=$!
-  for _ in $(seq 120); do grep -q "is serving on" "$OUT/mesh.log" && return; sleep 1; done
-  echo "the mesh did not start: see $OUT/mesh.log" >&2; exit 1
-}
-stop_mesh() {
-  echo "$1 mesh inference $(grep VmHWM /proc/"$(pgrep -f "serve-inference --port $((MESH_PORT + 30))")"/status | tr -s ' ')"
-  kill -INT $MESH; wait $MESH || true
-}
 peer() { .venv/bin/python bench/llamacpp_peer.py --server "http://127.0.0.1:$PEER_PORT" --prompt-cache --max-tokens 128 --json "$@"; }
-mesh() { .venv/bin/meshserve bench --target "127.0.0.1:$MESH_PORT" --max-tokens 128 --json "$@"; }
+MESH_LOG="$OUT/mesh.log"
+# shellcheck source=bench/mesh.sh
+. bench/mesh.sh
 
 for round in 1 2; do
   start_peer
   peer --concurrency 1 --requests 16 --warmup 2 > "$OUT/r$round-peer-c1.json"
   peer --concurrency 32 --requests 96 --warmup 8 > "$OUT/r$round-peer-c32.json"
   stop_peer "round $round"
-  start_mesh
+  start_mesh --inference-arg=--num-slots=32
   mesh --concurrency 1 --requests 16 --warmup 2 > "$OUT/r$round-mesh-c1.json"
   mesh --concurrency 32 --requests 96 --warmup 8 > "$OUT/r$round-mesh-c32.json"
   stop_mesh "round $round"
@@ -57,7 +47,7 @@ for round in 1 2; do
   start_peer
   peer --prompts "$LONG" --concurrency 8 --requests 16 --warmup 2 > "$OUT/r$round-peer-long-c8.json"
   stop_peer "long round $round"
-  start_mesh
+  start_mesh --inference-arg=--num-slots=32
   mesh --prompts "$LONG" --concurrency 8 --requests 16 --warmup 2 > "$OUT/r$round-mesh-long-c8.json"
   stop_mesh "long round $round"
 done
