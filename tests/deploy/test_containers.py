@@ -300,6 +300,17 @@ def test_image_is_small_runs_as_non_root_and_carries_the_served_model(stack):
     assert model["precision"] == "int8"  # serve-inference's default; compose passes no --precision
 
 
+def test_image_carries_the_operator_library_and_it_loads(stack):
+    """w8a8's operators (built in the image's ops stage) load into the image's own onnxruntime."""
+    probe = (
+        "import onnxruntime as ort; from services.inference.backends import ort_ops;"
+        "ort.SessionOptions().register_custom_ops_library(str(ort_ops.library_path()));"
+        "print(ort_ops.library_path())"
+    )
+    path = docker("run", "--rm", stack.image, "python", "-c", probe).stdout.strip()
+    assert path.endswith("services/inference/backends/ort_ops/libmeshserve_ort_ops.so")
+
+
 def test_greedy_chat_answers_paris_through_envoy(stack):
     with grpc.insecure_channel(stack.target) as channel:
         responses = list(
