@@ -62,7 +62,7 @@ somewhat optimistic for other text.
 w8a8, int8 weights and int8 activations: MatMulNBits runs its int8 dot products block by block and
 spends more of a 32-row step scaling blocks than multiplying; ONNX Runtime's u8 x s8 GEMM (MLAS, the
 kernel behind MatMulIntegerToFloat, VNNI here) multiplies whole rows: 2-5x the speed at 32 rows on this
-model's shapes (tables in docs/benchmarks.md). It takes one scale per activation tensor, so the graph
+model's shapes (README, Benchmarks). It takes one scale per activation tensor, so the graph
 quantizes each row itself (meshserve.ops RowQuantize: symmetric int8, one scale a token) and multiplies
 the GEMM's output by that row's scale: every row is exact integer arithmetic on its own values, so a
 row's result does not depend on its batch. The weights are symmetric int8 per output channel. Measured
