@@ -237,11 +237,12 @@ def prepare_model(
         gguf_embedding_blocks,
         smooth_and_gptq,
         smooth_and_quantize,
+        smooth_and_quantize_rowwise,
     )
 
     cpu_weights = CpuDecoderWeights.from_fp32(config, weights)
     del weights
-    if precision in ("int8", "int4", "w8a8"):
+    if precision != "fp32":
         from tokenizers import Tokenizer
 
         from services.modelstore import calibration
@@ -249,14 +250,10 @@ def prepare_model(
         tokenizer = Tokenizer.from_str(tokenizer_json)
         calibration_ids = tokenizer.encode(calibration.CALIBRATION_TEXT, add_special_tokens=False).ids
         decoder_path = tmp / "decoder.onnx"
-        if precision == "int8":
+        if precision in ("int8", "w8a8"):  # smoothed by the calibration text's activation maxima
             maxima = calibration.activation_maxima(decoder_path, config, calibration_ids)
-            cpu_weights = smooth_and_quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
-        elif precision == "w8a8":
-            from services.modelstore.quantize import smooth_and_quantize_rowwise
-
-            maxima = calibration.activation_maxima(decoder_path, config, calibration_ids)
-            cpu_weights = smooth_and_quantize_rowwise(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
+            quantize = smooth_and_quantize if precision == "int8" else smooth_and_quantize_rowwise
+            cpu_weights = quantize(config, cpu_weights, maxima, gguf_embedding_blocks(reader))
         else:
             _progress(5, total, "sampling the float32 model's answers to the calibration prompts")
             prompts = [

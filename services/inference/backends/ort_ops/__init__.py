@@ -4,19 +4,11 @@ graphs that use them (the w8a8 precision's RowQuantize). build.sh compiles the l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 DOMAIN = "meshserve.ops"
 LIBRARY = Path(__file__).with_name("libmeshserve_ort_ops.so")
 BUILD_COMMAND = "bash services/inference/backends/ort_ops/build.sh"
-
-
-def header_dirs() -> list[Path]:
-    """Where build.sh keeps ONNX Runtime's headers (its default cache), if it fetched them there."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshserve" / "onnxruntime-headers"
-    override = os.environ.get("ORT_HEADERS")
-    return [p for p in ([Path(override)] if override else []) + [cache] if (p / "onnxruntime_c_api.h").is_file()]
 
 
 class OpsLibraryMissing(RuntimeError):
