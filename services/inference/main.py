@@ -12,6 +12,7 @@ from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
+from services.inference.backends import ort_ops
 from services.inference.backends.base import StepBatch
 from services.inference.backends.probes import BackendUnavailableError
 from services.inference.backends.selection import BACKEND_CHOICES, create_backend, select_backend
@@ -71,8 +72,13 @@ async def serve(args: argparse.Namespace) -> None:
     except BackendUnavailableError as error:
         raise SystemExit(f"meshserve serve-inference: {error}") from None
     log.info("backend %s: %s", backend_name, reason)
-    process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     model = find_model(args.models_root, args.precision)
+    if backend_name == "onnxruntime":
+        try:  # the same, before a server starts, for a model whose decoder needs our operator library
+            ort_ops.library_for(model.manifest)
+        except BackendUnavailableError as error:
+            raise SystemExit(f"meshserve serve-inference: {error}") from None
+    process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     config = EngineConfig(
         num_slots=args.num_slots,
         max_context=args.max_context,

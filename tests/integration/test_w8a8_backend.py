@@ -4,6 +4,8 @@ or prefilling, and a backend without meshserve's operator library says what to r
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,17 @@ def test_a_missing_operator_library_names_the_command_that_builds_it(w8a8_dir, m
     monkeypatch.setattr(ort_ops, "LIBRARY", tmp_path / "libmeshserve_ort_ops.so")
     with pytest.raises(ort_ops.OpsLibraryMissing, match="make install"):
         OnnxRuntimeBackend(w8a8_dir, num_slots=1, max_context=16)
+
+
+def test_serve_inference_refuses_it_in_one_sentence_before_it_listens(w8a8_dir, monkeypatch, tmp_path):
+    from services.cli.main import build_parser
+    from services.inference import main as inference_main
+    from tests.conftest import MODELS_ROOT
+
+    monkeypatch.setattr(ort_ops, "LIBRARY", tmp_path / "libmeshserve_ort_ops.so")
+    monkeypatch.setattr(inference_main, "ServiceProcess", None)  # fails the test if a server is made first
+    args = build_parser().parse_args(
+        ["serve-inference", "--precision", "w8a8", "--backend", "onnxruntime", "--models-root", str(MODELS_ROOT)]
+    )
+    with pytest.raises(SystemExit, match=r"^meshserve serve-inference: .*make install"):
+        asyncio.run(inference_main.serve(args))

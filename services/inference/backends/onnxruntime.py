@@ -62,8 +62,8 @@ class OnnxRuntimeBackend(DecoderBackend):
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
-        if ort_ops.DOMAIN in model.manifest.get("custom_ops", []):
-            options.register_custom_ops_library(str(ort_ops.library_path()))
+        if (library := ort_ops.library_for(model.manifest)) is not None:
+            options.register_custom_ops_library(str(library))
         self.session = ort.InferenceSession(str(model.path / decoder), options, providers=["CPUExecutionProvider"])
         c = self.config
         shape = (num_slots, c.num_kv_heads, max_context, c.head_dim)

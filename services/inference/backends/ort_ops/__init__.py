@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.inference.backends.probes import BackendUnavailableError
+
 DOMAIN = "meshserve.ops"
 LIBRARY = Path(__file__).with_name("libmeshserve_ort_ops.so")
 BUILD_COMMAND = "bash services/inference/backends/ort_ops/build.sh"
 
 
-class OpsLibraryMissing(RuntimeError):
+class OpsLibraryMissing(BackendUnavailableError):
     """The model needs meshserve's operators and their library was not built."""
 
 
@@ -23,3 +25,9 @@ def library_path() -> Path:
             f"is not built: run `make install` (or `{BUILD_COMMAND}`)"
         )
     return LIBRARY
+
+
+def library_for(manifest: dict) -> Path | None:
+    """The library a model directory's CPU decoder needs (its manifest's `custom_ops`), None when it needs
+    none; OpsLibraryMissing when it needs it and it is not built."""
+    return library_path() if DOMAIN in manifest.get("custom_ops", []) else None
