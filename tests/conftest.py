@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import subprocess
@@ -19,6 +20,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(offsets) -> int:
+    """A base port b such that b + o is free for every o in `offsets`, below the kernel's ephemeral range
+    (where free_port's ports and every client socket live), for a launcher that derives ports from a base."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, 30000 - max(offsets))
+        sockets = []
+        try:
+            for offset in offsets:
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no free block of ports at offsets {sorted(offsets)}")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from services.gateway.config import TlsFiles, envoy_binary, public_channel, validate_envoy_config
-from tests.conftest import MODELS_ROOT, REPO, free_port, stop_process
+from tests.conftest import MODELS_ROOT, REPO, free_port, free_port_block, stop_process
 
 
 class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -116,8 +116,12 @@ def launch_mesh(
 ):
     """Runs `meshserve up` on free ports until the block exits."""
     port = free_port()
-    ports = {name: free_port() for name in ("router", "tokenizer", "inference", "admin", "openai")}
-    metrics_base = 20000 + (port % 20000)
+    ports = {name: free_port() for name in ("tokenizer", "admin", "openai")}
+    # the launcher derives replicas' ports from a base (+100 a replica, +50 for fallbacks; metrics +10 a
+    # replica): one block holds the routers' (base + 0, 100, ...), inference's (base + 25, 75, ...) and metrics'
+    base = free_port_block([*range(0, 400, 100), *range(25, 425, 50), *range(500, 540)])
+    ports |= {"router": base, "inference": base + 25}
+    metrics_base = base + 500
     env = dict(
         os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="200"
     )
