@@ -50,9 +50,7 @@ def run_one(model: Path, concurrency: int, requests: int, max_tokens: int) -> di
     finally:
         engine.stop()
     report = summarize(results, wall_s)
-    report.update(
-        prefill_100_ms=round(prefill, 2), engine_steps=engine.steps, row_moves=getattr(backend, "row_moves", None)
-    )
+    report.update(prefill_100_ms=round(prefill, 2), engine_steps=engine.steps)
     return report
 
 

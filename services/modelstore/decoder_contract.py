@@ -29,6 +29,9 @@ import numpy as np
 MASK_VALUE = -1e9
 """The attention bias where a query may not attend."""
 
+KEY_BLOCK = 16
+"""Positions per block of the CPU decoder's key cache (decoder_cpu.onnx, PackedAttention's layout)."""
+
 
 @dataclass(frozen=True)
 class LlamaConfig:

@@ -1,35 +1,35 @@
 """Builds `decoder_cpu.onnx`: the decoder for ONNX Runtime's CPU execution provider.
 
 `decoder.onnx` (onnx_export.py) keeps to standard operators so that TensorRT reads it; this graph
-computes the same function with ONNX Runtime's fused contrib operators, so each layer is a handful
-of kernels and the KV cache is updated in place:
+computes the same function with fused operators, so each layer is a handful of kernels:
 
-* `com.microsoft.GroupQueryAttention` with rotary embedding inside, reading and appending to the
-  caller's KV-cache buffers (past and present bound to the same memory), causal, right-padded
-  rows of different lengths (`query_seqlens`);
+* one step is a packed run of tokens with no padding: decode rows (one token each) and prefill
+  chunks side by side, every projection one GEMM over all of them;
+* `meshserve.ops.PackedAttention` (services/inference/backends/ort_ops) applies the rotary embedding,
+  writes the step's keys and values into the caller's KV-cache buffers (past and present bound to the
+  same memory) and attends causally within each segment's slot;
 * `com.microsoft.MatMulNBits` with 8-bit blocks of 64 and 32 (precision int8) or 4-bit blocks of 128
-  (int4, see quantize.py), or plain `MatMul` (fp32), with q/k/v stacked into one projection
-  (GroupQueryAttention takes them packed);
+  (int4, see quantize.py), u8s8 `MatMulIntegerToFloat` after meshserve's `RowQuantize` (w8a8), or
+  plain `MatMul` (fp32), with q/k/v stacked into one projection;
 * `SkipSimplifiedLayerNormalization` for residual add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
 * the embedding and the tied lm_head from the GGUF's Q8_0 blocks (`GatherBlockQuantized`,
-  8-bit `MatMulNBits`) in the int8 and int4 precisions.
+  8-bit `MatMulNBits`) in the int8, int4 and w8a8 precisions.
 
 Contract (the ONNX Runtime backend is its only user):
 
 inputs
-  input_ids              int64   [batch, seq]   new tokens of each row, right-padded
-  seqlens_k              int32   [batch]        cached + new tokens of the row, minus one
-  query_lengths          int32   [batch]        real new tokens of the row (the rest is padding)
-  total_sequence_length  int32   []             an upper bound of cached + new over the rows
-  logits_indices         int64   [n]            flat indices (row * seq + position) needing logits
-  past_key_{i}           float32 [batch, kv_heads, capacity, head_dim]  the rows' KV-cache buffers
-  past_value_{i}         float32 [batch, kv_heads, capacity, head_dim]
+  input_ids       int64   [tokens]   the step's new tokens, segment after segment
+  seg_slots       int64   [segments] KV-cache slot of each segment (a request's row)
+  seg_cached      int64   [segments] tokens that slot already holds: the segment's first position
+  seg_lengths     int64   [segments] its new tokens (>= 1; they sum to `tokens`)
+  logits_indices  int64   [n]        which tokens need logits
+  past_key_{i}    float32 [slots, kv_heads, capacity / 16, head_dim, 16]  keys by blocks of 16 positions
+  past_value_{i}  float32 [slots, kv_heads, capacity, head_dim]
 outputs
-  logits                 float32 [n, vocab]
-  present_key_{i}        float32 [batch, kv_heads, capacity, head_dim]  bind to the past_key_{i} buffer
-  present_value_{i}      float32 [batch, kv_heads, capacity, head_dim]
+  logits          float32 [n, vocab]
+  present_key_{i}, present_value_{i}  the caches with the step written in: bind them to the past buffers
 
-Keys are stored after RoPE, as in decoder.onnx. A row needs `cached + seq <= capacity`.
+Keys are stored after RoPE, as in decoder.onnx. A segment needs `cached + length <= capacity`.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from services.modelstore.decoder_contract import LlamaConfig
+from services.modelstore.decoder_contract import KEY_BLOCK, LlamaConfig
 from services.modelstore.onnx_export import GraphBuilder, rope_inv_freq
 from services.modelstore.quantize import NBitsWeight, Q80Blocks, RowwiseInt8Weight, q8_0_to_nbits
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 CUSTOM_OPS_DOMAIN = "meshserve.ops"  # services/inference/backends/ort_ops: operators of our own
+SEGMENT_INPUTS = ("seg_slots", "seg_cached", "seg_lengths")
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 blocks (VNNI dot products)
 
 Linear = np.ndarray | NBitsWeight | RowwiseInt8Weight  # float32 [out, in], or quantized
@@ -173,7 +174,7 @@ def build_cpu_decoder(
         )
         lm_head = weights.embed
 
-    # 2. RoPE tables for GroupQueryAttention: [max_position, head_dim / 2]
+    # 2. RoPE tables for PackedAttention: [max_position, head_dim / 2]
     angles = np.arange(c.max_position_embeddings, dtype=np.float64)[:, None] * rope_inv_freq(c)[None, :]
     cos = g.const("rope_cos", np.cos(angles).astype(np.float32))
     sin = g.const("rope_sin", np.sin(angles).astype(np.float32))
@@ -189,35 +190,15 @@ def build_cpu_decoder(
         stash_type=1,
     )
     for i in range(c.num_layers):
-        # 3. attention: one projection for q/k/v, GQA appends to the cache and attends
+        # 3. attention: one projection for q/k/v; PackedAttention writes the cache and attends
         qkv = linear(x, weights.qkv[i], f"l{i}_qkv")
         attn = g.ops(
-            "GroupQueryAttention",
-            [
-                qkv,
-                "",
-                "",
-                f"past_key_{i}",
-                f"past_value_{i}",
-                "seqlens_k",
-                "total_sequence_length",
-                cos,
-                sin,
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "query_lengths",
-            ],
+            "PackedAttention",
+            [qkv, "seg_slots", "seg_cached", "seg_lengths", cos, sin, f"past_key_{i}", f"past_value_{i}"],
             outputs=[g.name(f"l{i}_attn"), f"present_key_{i}", f"present_value_{i}"],
-            domain=MS_DOMAIN,
+            domain=CUSTOM_OPS_DOMAIN,
             num_heads=c.num_heads,
             kv_num_heads=c.num_kv_heads,
-            do_rotary=1,
-            rotary_interleaved=0,
         )[0]
         o = linear(attn, weights.o[i], f"l{i}_o")
         x, _, _, residual = g.ops(
@@ -246,26 +227,23 @@ def build_cpu_decoder(
     selected = g.op("Gather", [flat, "logits_indices"], axis=0)
     linear(selected, weights.lm_head if weights.lm_head is not None else lm_head, "lm_head", output="logits")
 
-    kv_shape: list[str | int] = ["batch", c.num_kv_heads, "capacity", hd]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("query_lengths", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["n_logits"]),
-    ]
+    key_shape: list[str | int] = ["slots", c.num_kv_heads, "key_blocks", hd, KEY_BLOCK]
+    value_shape: list[str | int] = ["slots", c.num_kv_heads, "capacity", hd]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["tokens"])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, ["segments"]) for n in SEGMENT_INPUTS]
+    inputs.append(helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["n_logits"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", c.vocab_size])]
     for i in range(c.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, kv_shape))
+        for kind, shape in (("key", key_shape), ("value", value_shape)):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, shape))
     graph = helper.make_graph(g.nodes, "llama_decoder_cpu", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,
         opset_imports=[
             helper.make_opsetid("", OPSET),
             helper.make_opsetid(MS_DOMAIN, 1),
-            *([helper.make_opsetid(CUSTOM_OPS_DOMAIN, 1)] if row_quantized else []),
+            helper.make_opsetid(CUSTOM_OPS_DOMAIN, 1),
         ],
         producer_name="meshserve",
     )

@@ -65,8 +65,6 @@ def test_batched_rows_in_any_slots_match_solo(model_dir, solo, slots):
             assert logits[i].argmax() == solo[r][step].argmax()
         tokens = [int(solo[r][step].argmax()) for r in range(3)]
         cached = [c + 1 for c in cached]
-    if slots == [5, 0, 3]:
-        assert backend.row_moves > 0
 
 
 def test_a_padded_chunk_continuing_a_cache_matches_unpadded_rows(model_dir):

@@ -21,6 +21,9 @@ class DecoderBackend(abc.ABC):
     """Runs the exported decoder over a slotted KV cache allocated up front."""
 
     name: str = "abstract"
+    mixed_steps: bool = False
+    """Whether a decode row computes the same logits in a step with prefill chunks as in a decode-only
+    step. Only then does the engine mix them in one step; otherwise it alternates the two kinds."""
 
     def __init__(self, model: ModelDirectory, num_slots: int, max_context: int) -> None:
         self.model = model
