@@ -39,10 +39,15 @@ class EngineConfig:
     max_waiting: int = 64
     """Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED."""
     max_prefill_tokens: int = 128
-    """Prompt tokens per prefill step. Longer prompts are prefilled in chunks, and prefill steps
-    alternate with decode steps, so a long prompt never stalls running streams for more than one chunk.
-    Prefill is compute-bound on CPU (about 600 tokens/s on two cores in int8): 128 tokens bound the
-    stall of running streams to about 0.25 s (bench/long_prompt_itl.py) at no cost in prefill speed."""
+    """Prompt tokens per step while no request is decoding. Longer prompts are prefilled in chunks."""
+    max_num_batched_tokens: int = 48
+    """Tokens per step while requests are decoding (as vLLM's option of that name): every decode row
+    takes one, prefill chunks share what is left, never less than `min_prefill_tokens` (so waiting
+    prompts always advance). Decode rows and prefill chunks run in one step, so a long prompt raises
+    the streams' inter-token time by the cost of its share instead of stalling them for a whole chunk
+    (bench/long_prompt_itl.py measures it)."""
+    min_prefill_tokens: int = 16
+    """The prefill share of a step that decode rows fill up."""
     enable_prefix_caching: bool = True
     """Reuse keys and values already computed for the same leading prompt tokens: those a freed slot
     still holds, or, copied into the new request's slot, those of any other slot (a running request's
@@ -60,8 +65,12 @@ class EngineConfig:
             raise ValueError("max_new_tokens must be smaller than max_context so a prompt fits")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
-        if self.max_prefill_tokens < 4:
-            raise ValueError("max_prefill_tokens must be >= 4 (a prompt chunk and its rest both keep >= 2 tokens)")
+        if min(self.max_prefill_tokens, self.min_prefill_tokens) < 4:
+            raise ValueError(
+                "max_prefill_tokens and min_prefill_tokens must be >= 4 (a chunk and its rest both keep >= 2 tokens)"
+            )
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
 
 
 @dataclass
@@ -119,9 +128,9 @@ class EngineRequest:
 class Engine:
     """Continuous batching over a `DecoderBackend`.
 
-    Each loop iteration is one scheduling decision: admit waiting requests into free slots and
-    prefill them, otherwise decode one token for every running request. Requests join and leave
-    between steps.
+    Each loop iteration is one scheduling decision: admit waiting requests into free slots, then
+    one step that decodes a token for every decoding request and prefills prompt chunks beside them
+    (a mixed, packed batch under a token budget). Requests join and leave between steps.
 
     Greedy output depends on the request alone, not on the batch, the chunking or the cache. The
     backends compute a row independently of the other rows of its step and of where a prompt is
@@ -360,30 +369,34 @@ class Engine:
         return usable
 
     def _plan(self) -> tuple[list[EngineRequest], list[list[int]]]:
-        """One scheduling decision: a prefill chunk step or a decode step.
-
-        Prefill steps take at most `max_prefill_tokens` prompt tokens (oldest admissions first) and
-        alternate with decode steps while streams are decoding, which bounds their inter-token stall."""
-        prefilling = [r for r in self._running.values() if r.prefilling]
+        """One scheduling decision: every decoding request's next token, and prompt chunks of the
+        prefilling ones (oldest admissions first) in the same step, within the step's token budget."""
         decoding = [r for r in self._running.values() if not r.prefilling]
-        if prefilling and (not decoding or self._last_step_decoded):
-            self._last_step_decoded = False
-            rows, chunks, budget = [], [], self.config.max_prefill_tokens
-            for request in prefilling:
-                rest = len(request.prompt_token_ids) - request.num_computed_tokens
-                take = min(rest, budget)
-                if take < rest:  # a chunk of a longer prompt: neither it nor what is left is one token
-                    take = min(take, rest - 2)
-                if take < min(2, rest):
-                    break
-                rows.append(request)
-                chunks.append(
-                    request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take]
-                )
-                budget -= take
-            return rows, chunks
-        self._last_step_decoded = True
-        return decoding, [r.output_token_ids[-1:] for r in decoding]
+        if decoding and not self.backend.mixed_steps:
+            # a backend whose decode rows round differently beside prefill: alternate the two kinds of step
+            prefill_waits = len(decoding) < len(self._running)
+            self._last_step_decoded = not (prefill_waits and self._last_step_decoded)
+            if self._last_step_decoded:
+                return decoding, [r.output_token_ids[-1:] for r in decoding]
+            decoding = []
+        rows, chunks = decoding, [r.output_token_ids[-1:] for r in decoding]
+        c = self.config
+        budget = c.max_prefill_tokens
+        if decoding:
+            budget = min(budget, max(c.max_num_batched_tokens - len(decoding), c.min_prefill_tokens))
+        for request in self._running.values():
+            if not request.prefilling:
+                continue
+            rest = len(request.prompt_token_ids) - request.num_computed_tokens
+            take = min(rest, budget)
+            if take < rest:  # a chunk of a longer prompt: neither it nor what is left is one token
+                take = min(take, rest - 2)
+            if take < min(2, rest):
+                break
+            rows = [*rows, request]
+            chunks.append(request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take])
+            budget -= take
+        return rows, chunks
 
     def _step(self) -> None:
         self._admit()

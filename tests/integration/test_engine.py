@@ -6,6 +6,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -377,14 +378,17 @@ def test_resumed_tokens_must_leave_something_to_generate(engine):
 class RecordingBackend:
     """Stands in for the model to observe the scheduler: the new tokens of every row of every step."""
 
-    def __init__(self, model_dir, num_slots: int, max_context: int) -> None:
+    def __init__(self, model_dir, num_slots: int, max_context: int, mixed_steps: bool = False) -> None:
         self.config, self.num_slots, self.max_context = model_dir.config, num_slots, max_context
+        self.mixed_steps = mixed_steps
         self.steps: list[list[int]] = []
+        self.after_step: Callable[[int], object] = lambda steps: None
 
     def forward(self, batch):
         import numpy as np
 
         self.steps.append(batch.new_lengths.tolist())
+        self.after_step(len(self.steps))
         logits = np.zeros((batch.rows, batch.logits_indices.shape[1], self.config.vocab_size), np.float32)
         logits[..., 7] = 1.0  # greedy picks token 7
         return logits
@@ -416,6 +420,50 @@ def test_prompt_positions_are_never_computed_by_a_one_token_step(model_dir):
     assert engine.prefix_cache_hits == 15 + 17
 
 
+def _steps_of_a_long_prompt_beside_decoding_streams(mixed_steps: bool, model_dir) -> list[list[int]]:
+    """The steps while a 40-token prompt joins 3 decoding streams, under a budget of 8 tokens a step."""
+    backend = RecordingBackend(model_dir, 4, 256, mixed_steps=mixed_steps)
+    config = EngineConfig(
+        num_slots=4, max_context=256, max_new_tokens=64, max_num_batched_tokens=8, min_prefill_tokens=4
+    )
+    engine = Engine(backend, config)
+    collector = Collector()
+    collector.expected = 4
+    greedy = SamplingParams(max_tokens=20, temperature=0.0)
+    for i in range(3):
+        engine.submit(f"stream-{i}", [100 + i, 101, 102], greedy, frozenset(), collector(f"stream-{i}"))
+    long_prompt = list(range(200, 240))
+
+    def after_step(steps: int) -> None:
+        if steps == 3:  # the streams are decoding: the long prompt arrives, between two steps
+            engine.submit("long", long_prompt, SamplingParams(max_tokens=1), frozenset(), collector("long"))
+
+    backend.after_step = after_step
+    engine.start()
+    try:
+        assert collector.done.wait(60)
+    finally:
+        engine.stop()
+    return backend.steps
+
+
+def test_prefill_chunks_join_decode_rows_in_one_step_within_the_token_budget(model_dir):
+    steps = _steps_of_a_long_prompt_beside_decoding_streams(True, model_dir)
+    mixed = [s for s in steps if len(s) > 3 and s[:3] == [1, 1, 1]]
+    # the 40 prompt tokens go 5 a step (8 minus 3 decode rows) beside the three streams, which never wait
+    assert [s[3] for s in mixed] == [5] * 8
+    assert all(sum(s) <= 8 for s in steps if 1 in s)
+    decode_steps = [s for s in steps if s.count(1) == 3]
+    assert len(decode_steps) == 20 - 1  # a step for every token after the first (the prefill samples it)
+
+
+def test_a_backend_without_exact_mixed_steps_alternates_prefill_and_decode(model_dir):
+    steps = _steps_of_a_long_prompt_beside_decoding_streams(False, model_dir)
+    assert all(s == [1, 1, 1] or 1 not in s or s == [1] for s in steps), steps
+    long_chunks = [s for s in steps[3:] if s[0] > 1]  # after the streams' own prefill
+    assert sum(s[0] for s in long_chunks) == 40 and all(len(s) == 1 for s in long_chunks)
+
+
 # -- fault isolation: a request may fail itself, never its neighbours -------------------------
 
 
@@ -428,6 +476,7 @@ class PoisonedBackend:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.config, self.num_slots, self.max_context = inner.config, inner.num_slots, inner.max_context
+        self.mixed_steps = inner.mixed_steps
         self.failed_steps = 0
 
     def forward(self, batch):
