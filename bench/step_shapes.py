@@ -3,7 +3,14 @@ model directories (each precision a candidate runtime path), interleaved A/B, ea
 fresh process; medians of the rounds. Shapes: a decode step of 1 / 8 / 32 rows over 150 or 1,500 cached
 tokens a row, and one 128-token prefill chunk after 896 cached tokens.
 
-    .venv/bin/python bench/step_shapes.py models/smollm2-135m-instruct/*-int8-v5 models/smollm2-135m-instruct/*-w8a8-v5
+    .venv/bin/python bench/step_shapes.py models/smollm2-135m-instruct/*-int8-v6 models/smollm2-135m-instruct/*-w8a8-v6
+
+A model given as DIR@CHECKOUT runs with the backend of another checkout (a git worktree of an older commit,
+with its own prepared DIR), so that two versions of the backend compare in one sitting:
+
+    git worktree add /tmp/before <commit> && ln -s $PWD/models /tmp/before/models
+    .venv/bin/python bench/step_shapes.py models/smollm2-135m-instruct/*-int8-v5@/tmp/before \
+        models/smollm2-135m-instruct/*-int8-v6
 
 Prints milliseconds a step (lower is better) and, for decode, tokens/s.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -64,16 +72,16 @@ def prefill_chunk_ms(backend: OnnxRuntimeBackend, repeats: int = 3) -> float:
     return statistics.median(times[1:]) * 1000
 
 
-def measure_one(model: Path, steps: int, threads: int) -> dict[str, float]:
+def measure_one(model: Path, steps: int, threads: int, idle_wait_s: float) -> dict[str, float]:
     backend = OnnxRuntimeBackend(ModelDirectory(model), max(ROWS), 2048, intra_op_threads=threads)
     out: dict[str, float] = {}
     _fill(backend, 1, CHUNK_AFTER)
-    wait_for_idle()
+    wait_for_idle(timeout_s=idle_wait_s)
     out[f"prefill_{CHUNK}_after_{CHUNK_AFTER}_ms"] = prefill_chunk_ms(backend)
     for context in CONTEXTS:
         _fill(backend, max(ROWS), context)
         for rows in ROWS:
-            wait_for_idle()
+            wait_for_idle(timeout_s=idle_wait_s)
             ms = decode_step_ms(backend, rows, context, steps)
             out[f"decode_{rows}x{context}_ms"] = ms
             out[f"decode_{rows}x{context}_tok_s"] = rows * 1000 / ms
@@ -82,26 +90,31 @@ def measure_one(model: Path, steps: int, threads: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("models", nargs="+", help="prepared model directories, each optionally @CHECKOUT")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="A/B rounds, each model in a fresh process")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--idle-wait", type=float, default=60.0, help="seconds to wait for idle CPUs per shape")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one model, one round
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.models[0], args.steps, args.threads)))
+        print(json.dumps(measure_one(Path(args.models[0]), args.steps, args.threads, args.idle_wait)))
         return 0
-    results: dict[str, dict[str, list[float]]] = {str(m): {} for m in args.models}
+    results: dict[str, dict[str, list[float]]] = {m: {} for m in args.models}
     for _ in range(args.repeats):
         for model in args.models:
-            child = [sys.executable, __file__, str(model), "--one", "--steps", str(args.steps)]
-            child += ["--threads", str(args.threads)]
-            line = subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            for key, value in json.loads(line).items():
-                results[str(model)].setdefault(key, []).append(value)
+            directory, _, checkout = model.partition("@")
+            code = Path(checkout or Path(__file__).parents[1]).resolve()
+            # this harness, importing the backend of `code`
+            child = [sys.executable, __file__, str(Path(directory).resolve()), "--one"]
+            child += ["--steps", str(args.steps), "--threads", str(args.threads), "--idle-wait", str(args.idle_wait)]
+            env = os.environ | {"PYTHONPATH": os.pathsep.join([str(code), str(code / "gen" / "python")])}
+            run = subprocess.run(child, check=True, capture_output=True, text=True, env=env, cwd=code)
+            for key, value in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                results[model].setdefault(key, []).append(value)
     report = {
-        name: {"precision": ModelDirectory(Path(name)).manifest["precision"]}
+        name: {"precision": ModelDirectory(Path(name.partition("@")[0])).manifest["precision"]}
         | {key: round(statistics.median(values), 1) for key, values in metrics.items()}
         for name, metrics in results.items()
     }
