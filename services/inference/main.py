@@ -9,6 +9,7 @@ import os
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.config_flags import add_config_args, config_from_args
 from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
@@ -28,24 +29,11 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("serve-inference", help="run the inference service")
     add_server_args(parser, port=50053, metrics_port=9103)
     add_models_root_arg(parser)
-    defaults = EngineConfig()
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve"
     )
-    parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
-    parser.add_argument(
-        "--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted"
-    )
-    parser.add_argument(
-        "--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before RESOURCE_EXHAUSTED"
-    )
-    parser.add_argument(
-        "--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens, help="prompt tokens per prefill step"
-    )
+    add_config_args(parser.add_argument_group("engine"), EngineConfig)
     parser.add_argument(
         "--threads",
         type=int,
@@ -79,13 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
         except BackendUnavailableError as error:
             raise SystemExit(f"meshserve serve-inference: {error}") from None
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
-    config = EngineConfig(
-        num_slots=args.num_slots,
-        max_context=args.max_context,
-        max_new_tokens=args.max_new_tokens,
-        max_waiting=args.max_waiting,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+    config = config_from_args(EngineConfig, args)
     metrics = EngineMetrics(model.name)
     async_engine = AsyncEngine(metrics)
     servicer = InferenceServicer(async_engine, config, model, "loading")
