@@ -164,13 +164,13 @@ class Router:
                     error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING",
                 )
                 await asyncio.sleep(0.5)
-        # ids the model knows (older replicas do not report it) and the detokenizer can turn into text
-        vocab_size = min(info.vocab_size or tok_info.vocab_size, tok_info.vocab_size)
+        # ids the model knows and the detokenizer can turn into text
+        vocab_size = min(info.vocab_size, tok_info.vocab_size)
         self.limits = ModelLimits(
             info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision, info.precision
         )
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
-        self.max_token_bytes = tok_info.max_token_bytes  # 0 from an older tokenizer: it checks alone
+        self.max_token_bytes = tok_info.max_token_bytes
         if self.config.result_cache_mb:
             self.result_cache = ResultCache(
                 info.model,
@@ -219,14 +219,11 @@ class Router:
         # megabyte travels to the tokenizer (which checks the same again)
         assert self.limits is not None  # connect() learnt them
         max_tokens = self.limits.max_context_tokens - 1
-        if self.max_token_bytes:
-            if request.chat is not None:
-                check_fits_context(
-                    sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat"
-                )
-            else:
-                assert request.prompt is not None  # a request carries token ids, a chat or a prompt
-                check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
+        if request.chat is not None:
+            check_fits_context(sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat")
+        else:
+            assert request.prompt is not None  # a request carries token ids, a chat or a prompt
+            check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
                 chat=tokenizer_pb.ChatMessages(
