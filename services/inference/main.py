@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+from typing import Any, cast
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -19,7 +20,7 @@ from services.inference.backends.probes import BackendUnavailableError
 from services.inference.backends.selection import BACKEND_CHOICES, create_backend, select_backend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
-from services.modelstore.layout import add_models_root_arg, find_model
+from services.modelstore.layout import ModelDirectory, add_models_root_arg, find_model
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,15 @@ def add_parser(subparsers) -> None:
         help="compute threads (0: one per core)",
     )
     parser.set_defaults(func=run)
+
+
+def served_precision(backend_name: str, backend: object, model: ModelDirectory) -> str:
+    """The precision that runs. ONNX Runtime runs the directory's own decoder (`decoder_cpu.onnx`, in the
+    directory's precision); TensorRT builds its engine from `decoder.onnx`, the dequantized float graph,
+    in the precision it resolved (fp32, fp16 or bf16), whatever the directory's."""
+    if backend_name == "tensorrt":
+        return str(cast(Any, backend).precision)
+    return model.precision
 
 
 def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model) -> Engine:
@@ -78,6 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def warm_up() -> None:
         engine = await asyncio.to_thread(load_engine, backend_name, args, config, model)
         servicer.backend_name = backend_name
+        servicer.precision = served_precision(backend_name, engine.backend, model)
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
         prefix_cache_counters(model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits)
