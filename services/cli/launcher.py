@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
         "--fallback-precision",
         choices=PRECISIONS,
         default="int4",
-        help="weights of the fallback tier (int4: 1.2-1.4x int8's tokens/s here, +20%% perplexity)",
+        help="weights of the fallback tier (int4: lighter and faster than int8, lower quality; docs/benchmarks.md)",
     )
     parser.add_argument(
         "--fallback-arg",

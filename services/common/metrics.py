@@ -111,12 +111,12 @@ class EngineMetrics(ServingMetrics):
 _GEN_AI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _GEN_AI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
-_GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 GEN_AI_PROVIDER = "meshserve"
 
 
 class GenAiMetrics:
-    """The OpenTelemetry GenAI metrics, named as the OpenTelemetry-to-Prometheus mapping names them
+    """The model-server metrics of the OpenTelemetry GenAI semantic conventions v0.1.0
+    (`open-telemetry/semantic-conventions-genai`), named as the OpenTelemetry-to-Prometheus mapping names them
     (dots to underscores, the unit appended: `gen_ai.server.time_to_first_token` in seconds becomes
     `gen_ai_server_time_to_first_token_seconds`; `{token}` adds nothing), with the conventions' labels."""
 
@@ -145,12 +145,6 @@ class GenAiMetrics:
             unit="seconds",
             buckets=_GEN_AI_DURATION_BUCKETS,
         )
-        self._tokens = Histogram(
-            "gen_ai_client_token_usage",
-            "Tokens per request, input and output (GenAI conventions).",
-            [*self._LABELS, "gen_ai_token_type"],
-            buckets=_GEN_AI_TOKEN_BUCKETS,
-        )
 
     def _labels(self, operation: str) -> list[str]:
         return [operation, GEN_AI_PROVIDER, self.model_name]
@@ -164,17 +158,16 @@ class GenAiMetrics:
         seconds: float,
         error_type: str,
         exemplar: dict[str, str] | None,
-        input_tokens: int = 0,
         output_tokens: int = 0,
         first_token_s: float | None = None,
     ) -> None:
-        """One request's end: its duration (error_type empty when it succeeded), its token usage and,
-        once more than one token came, its time per output token after the first."""
+        """One request's end: its duration (error_type empty when it succeeded) and, once more than one
+        token came, its time per output token after the first. Token counts are not a server metric of the
+        conventions (v0.1.0 dropped even the client's `gen_ai.client.token.usage`): they are
+        `meshserve_prompt_tokens_total` / `meshserve_generation_tokens_total`."""
         self._duration.labels(*self._labels(operation), error_type).observe(seconds, exemplar)
         if error_type:
             return
-        self._tokens.labels(*self._labels(operation), "input").observe(input_tokens)
-        self._tokens.labels(*self._labels(operation), "output").observe(output_tokens)
         if first_token_s is not None and output_tokens > 1:
             self._tpot.labels(*self._labels(operation)).observe((seconds - first_token_s) / (output_tokens - 1))
 

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.config_flags import add_config_args, config_from_args
 from services.common.grpc_status import RejectUndecodableRequests
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
@@ -30,24 +31,24 @@ class ServerConfig:
     """Where a service listens and how it stops."""
 
     host: str = "127.0.0.1"
-    """Interface to bind; 0.0.0.0 in containers."""
+    """Interface to bind (0.0.0.0 in containers)."""
     port: int = 0
     """gRPC port."""
     metrics_port: int = 0
-    """Prometheus /metrics HTTP port; 0 disables it."""
+    """Prometheus /metrics HTTP port (0: off)."""
     shutdown_grace_s: float = 30.0
     """How long in-flight streams may run after SIGTERM."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        return cls(args.host, args.port, args.metrics_port, args.shutdown_grace_s)
+        return config_from_args(cls, args)
 
 
-def add_server_args(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in containers)")
-    parser.add_argument("--port", type=int, default=port, help="gRPC port")
-    parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (0: off)")
-    parser.add_argument("--shutdown-grace-s", type=float, default=30.0, help="drain time for in-flight streams")
+def add_server_args(
+    parser: argparse.ArgumentParser, port: int, metrics_port: int, helps: dict[str, str] | None = None
+) -> None:
+    """`ServerConfig`'s flags, with this service's own ports as their defaults."""
+    add_config_args(parser, ServerConfig, defaults={"port": port, "metrics_port": metrics_port}, helps=helps)
 
 
 class ServiceProcess:

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from services.gateway.config import (
-    DEFAULT_MAX_REQUEST_BYTES,
     Endpoint,
     JwtAuth,
     TlsFiles,
     parse_otlp_endpoint,
     render_envoy_config,
 )
-from services.gateway.flags import limit_options
+from services.gateway.flags import add_endpoint_args, limit_options
 
 # Where deploy/docker/Dockerfile puts the descriptor set of the public API (built by build_descriptor_set).
 IMAGE_REST_DESCRIPTOR = "/opt/meshserve/envoy/generation_service.pb"
@@ -108,39 +107,13 @@ def add_render_args(parser: argparse.ArgumentParser) -> None:
     )
 
     public = parser.add_argument_group("public endpoint (docs/public-endpoint.md); paths are as Envoy sees them")
-    public.add_argument("--tls-cert", help="serve TLS with this PEM certificate chain (with --tls-key)")
-    public.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    public.add_argument(
-        "--auth",
-        choices=["none", "jwt"],
-        default="none",
-        help="jwt: every call but health checks needs `authorization: Bearer <JWT>`",
-    )
-    public.add_argument("--jwks", help="JWKS file of the keys that sign accepted tokens (with --auth jwt)")
-    public.add_argument("--jwt-issuer", help="required `iss` claim (with --auth jwt)")
-    public.add_argument("--jwt-audience", action="append", help="accepted `aud` value (repeatable; with --auth jwt)")
-    public.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
-    public.add_argument(
-        "--rate-limit-per-tenant",
-        type=int,
-        metavar="N",
-        help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)",
-    )
-    public.add_argument("--rate-limit-interval-s", type=int, default=60)
-    public.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        help="refuse larger generation requests at Envoy (0: no limit)",
-    )
+    add_endpoint_args(public, local=False)
     public.add_argument(
         "--rest-descriptor",
         default=IMAGE_REST_DESCRIPTOR,
         help="descriptor set of the public API for REST/JSON (POST /v1/generate); "
         "the default is where the meshserve image has it",
     )
-    public.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True, help="REST/JSON transcoding")
-    public.add_argument("--grpc-web", action=argparse.BooleanOptionalAction, default=True, help="accept gRPC-Web")
 
 
 def render(args: argparse.Namespace) -> str:
@@ -156,12 +129,12 @@ def render(args: argparse.Namespace) -> str:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.tls_cert:
-        options["tls"] = TlsFiles(Path(args.tls_cert), Path(args.tls_key))
+        options["tls"] = TlsFiles(args.tls_cert, args.tls_key)
     if args.auth == "jwt":
         if not (args.jwks and args.jwt_issuer and args.jwt_audience):
             raise SystemExit("--auth jwt needs --jwks, --jwt-issuer and at least one --jwt-audience")
         options["jwt"] = JwtAuth(
-            jwks=Path(args.jwks),
+            jwks=args.jwks,
             issuer=args.jwt_issuer,
             audiences=tuple(args.jwt_audience),
             tenant_claim=args.jwt_tenant_claim,

@@ -17,18 +17,13 @@ from services.gateway.credentials import (
 )
 
 
-def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `meshserve up` for the public endpoint; `public_endpoint_options` turns them into
-    `render_envoy_config` keyword arguments."""
-    group = parser.add_argument_group("public endpoint (Envoy); see docs/public-endpoint.md")
+def add_endpoint_args(group: argparse._ArgumentGroup, *, local: bool) -> None:
+    """The public endpoint's flags, the one definition `meshserve up` (`local`: files on this machine,
+    development credentials by default) and `meshserve render-envoy` (paths as Envoy sees them in its
+    container, nothing generated) share."""
+    with_jwt = "" if local else " (with --auth jwt)"
     group.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    group.add_argument(
-        "--dev-tls",
-        action="store_true",
-        help="serve TLS with a development CA and certificate generated into the run directory "
-        "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)",
-    )
     group.add_argument(
         "--auth",
         choices=["none", "jwt"],
@@ -38,30 +33,34 @@ def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--jwks",
         type=Path,
-        help="JWKS file of the keys that sign accepted tokens (default with --auth jwt: the dev "
-        "signing key's JWKS in --credentials-dir, as used by `meshserve mint-token`)",
+        help="JWKS file of the keys that sign accepted tokens"
+        + (
+            " (default with --auth jwt: the dev signing key's JWKS in --credentials-dir, as used by "
+            "`meshserve mint-token`)"
+            if local
+            else with_jwt
+        ),
     )
-    group.add_argument("--jwt-issuer", default=DEV_ISSUER, help="required `iss` claim")
+    group.add_argument("--jwt-issuer", default=DEV_ISSUER if local else None, help=f"required `iss` claim{with_jwt}")
     group.add_argument(
         "--jwt-audience",
         action="append",
         default=None,
-        help=f"accepted `aud` value (repeatable; default {DEV_AUDIENCE})",
+        help="accepted `aud` value (repeatable" + (f"; default {DEV_AUDIENCE})" if local else "; with --auth jwt)"),
     )
     group.add_argument("--jwt-tenant-claim", default="tenant", help="claim naming the tenant (for rate limits)")
-    group.add_argument(
-        "--credentials-dir",
-        type=Path,
-        default=DEFAULT_CREDENTIALS_DIR,
-        help="development signing key and JWKS (shared with `meshserve mint-token`)",
-    )
     group.add_argument(
         "--rate-limit-per-tenant",
         type=int,
         metavar="N",
         help="each tenant may start N generations per --rate-limit-interval-s (needs --auth jwt)",
     )
-    group.add_argument("--rate-limit-interval-s", type=int, default=60)
+    group.add_argument(
+        "--rate-limit-interval-s",
+        type=int,
+        default=60,
+        help="the rate limit's interval; refused requests are told to retry after it (Retry-After on HTTP)",
+    )
     group.add_argument(
         "--max-request-bytes",
         type=int,
@@ -79,6 +78,25 @@ def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="accept gRPC-Web (application/grpc-web+proto, ...) from browsers",
+    )
+
+
+def add_public_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `meshserve up` for the public endpoint; `public_endpoint_options` turns them into
+    `render_envoy_config` keyword arguments."""
+    group = parser.add_argument_group("public endpoint (Envoy); see docs/public-endpoint.md")
+    add_endpoint_args(group, local=True)
+    group.add_argument(
+        "--dev-tls",
+        action="store_true",
+        help="serve TLS with a development CA and certificate generated into the run directory "
+        "(RUN_DIR/mesh-PORT/tls/ca.pem is what clients trust)",
+    )
+    group.add_argument(
+        "--credentials-dir",
+        type=Path,
+        default=DEFAULT_CREDENTIALS_DIR,
+        help="development signing key and JWKS (shared with `meshserve mint-token`)",
     )
 
 

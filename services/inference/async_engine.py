@@ -193,23 +193,25 @@ class AsyncEngine:
         generated: int,
         resumed: int,
     ) -> None:
-        # metrics, and the same latencies on the Generate server span (OpenTelemetry's gen_ai names, as vLLM)
+        # metrics, and the same latencies on the Generate server span. meshserve's own names: the GenAI
+        # conventions (v0.1.0) have none for these (vLLM's gen_ai.latency.* never were theirs), and their
+        # gen_ai.* attributes belong on the router's GenAI span alone, where tooling sums the usage once
         m = self.metrics
         request_span = trace.get_current_span()
-        request_span.set_attribute("gen_ai.request.id", request_id)
+        request_span.set_attribute("meshserve.request_id", request_id)
         token_times = list(times.token_times)
         if times.scheduled is not None:
             queued = times.scheduled - times.arrival
             m.request_queue_time.observe(queued)
-            request_span.set_attribute("gen_ai.latency.time_in_queue", queued)
+            request_span.set_attribute("meshserve.latency.time_in_queue", queued)
         if token_times:
             ttft, e2e = token_times[0] - times.arrival, token_times[-1] - times.arrival
             m.time_to_first_token.observe(ttft)
             for earlier, later in itertools.pairwise(token_times):
                 m.inter_token_latency.observe(later - earlier)
             m.e2e_request_latency.observe(e2e)
-            request_span.set_attribute("gen_ai.latency.time_to_first_token", ttft)
-            request_span.set_attribute("gen_ai.latency.e2e", e2e)
+            request_span.set_attribute("meshserve.latency.time_to_first_token", ttft)
+            request_span.set_attribute("meshserve.latency.e2e", e2e)
         # queue wait, prefill and decode as child spans of the Generate server span
         end = times.finished or time.monotonic()
         spans = [("queue_wait", times.arrival, times.scheduled or end)]
@@ -220,12 +222,12 @@ class AsyncEngine:
         for name, start, stop in spans:
             span = tracer.start_span(name, start_time=_epoch_ns(start))
             if name == "prefill":
-                span.set_attribute("gen_ai.usage.prompt_tokens", prompt_tokens)
+                span.set_attribute("meshserve.prompt_tokens", prompt_tokens)
             if name == "decode":
-                span.set_attribute("gen_ai.usage.completion_tokens", generated)
-                span.set_attribute("gen_ai.request.max_tokens", params.max_tokens)
-                span.set_attribute("gen_ai.request.temperature", params.temperature)
-                span.set_attribute("gen_ai.request.top_p", params.top_p)
+                span.set_attribute("meshserve.completion_tokens", generated)
+                span.set_attribute("meshserve.sampling.max_tokens", params.max_tokens)
+                span.set_attribute("meshserve.sampling.temperature", params.temperature)
+                span.set_attribute("meshserve.sampling.top_p", params.top_p)
                 if resumed:  # replayed through decode steps after a failover, not generated again
                     span.set_attribute("meshserve.resumed_tokens", resumed)
             span.end(end_time=_epoch_ns(stop))

@@ -257,7 +257,11 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        return 1.0 - len(self._free_slots) / self.config.num_slots
+        # the fraction of KV positions in use (vLLM's kv_cache_usage_perc), not of slots: running requests'
+        # computed tokens over every slot's max_context. Read from other threads: list() copies the running
+        # requests without releasing the GIL, so the engine thread cannot change the dict under it
+        used = sum(request.num_computed_tokens for request in list(self._running.values()))
+        return min(1.0, used / (self.config.num_slots * self.config.max_context))
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:

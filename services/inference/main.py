@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+from typing import Any, cast
 
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.config_flags import add_config_args, config_from_args
 from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
@@ -18,7 +20,7 @@ from services.inference.backends.probes import BackendUnavailableError
 from services.inference.backends.selection import BACKEND_CHOICES, create_backend, select_backend
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
-from services.modelstore.layout import add_models_root_arg, find_model
+from services.modelstore.layout import ModelDirectory, add_models_root_arg, find_model
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -28,24 +30,11 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("serve-inference", help="run the inference service")
     add_server_args(parser, port=50053, metrics_port=9103)
     add_models_root_arg(parser)
-    defaults = EngineConfig()
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve"
     )
-    parser.add_argument("--num-slots", type=int, default=defaults.num_slots, help="requests running at once")
-    parser.add_argument(
-        "--max-context", type=int, default=defaults.max_context, help="tokens per request (prompt + generated)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="largest max_tokens accepted"
-    )
-    parser.add_argument(
-        "--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before RESOURCE_EXHAUSTED"
-    )
-    parser.add_argument(
-        "--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens, help="prompt tokens per prefill step"
-    )
+    add_config_args(parser.add_argument_group("engine"), EngineConfig)
     parser.add_argument(
         "--threads",
         type=int,
@@ -53,6 +42,15 @@ def add_parser(subparsers) -> None:
         help="compute threads (0: one per core)",
     )
     parser.set_defaults(func=run)
+
+
+def served_precision(backend_name: str, backend: object, model: ModelDirectory) -> str:
+    """The precision that runs. ONNX Runtime runs the directory's own decoder (`decoder_cpu.onnx`, in the
+    directory's precision); TensorRT builds its engine from `decoder.onnx`, the dequantized float graph,
+    in the precision it resolved (fp32, fp16 or bf16), whatever the directory's."""
+    if backend_name == "tensorrt":
+        return str(cast(Any, backend).precision)
+    return model.precision
 
 
 def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model) -> Engine:
@@ -79,13 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
         except BackendUnavailableError as error:
             raise SystemExit(f"meshserve serve-inference: {error}") from None
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
-    config = EngineConfig(
-        num_slots=args.num_slots,
-        max_context=args.max_context,
-        max_new_tokens=args.max_new_tokens,
-        max_waiting=args.max_waiting,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+    config = config_from_args(EngineConfig, args)
     metrics = EngineMetrics(model.name)
     async_engine = AsyncEngine(metrics)
     servicer = InferenceServicer(async_engine, config, model, "loading")
@@ -96,6 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def warm_up() -> None:
         engine = await asyncio.to_thread(load_engine, backend_name, args, config, model)
         servicer.backend_name = backend_name
+        servicer.precision = served_precision(backend_name, engine.backend, model)
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
         prefix_cache_counters(model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits)

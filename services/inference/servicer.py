@@ -37,6 +37,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.config = config
         self.model = model
         self.backend_name = backend_name
+        self.precision = model.precision
+        """The precision that runs, reported by GetModelInfo (see `served_precision`)."""
 
     @grpc_errors
     async def Generate(
@@ -75,7 +77,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_waiting=self.config.max_waiting,
             vocab_size=self.model.config.vocab_size,
             revision=self.model.revision,
-            precision=self.model.precision,
+            precision=self.precision,
         )
 
     @grpc_errors

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.common.config_flags import flag
 
 
 def _is_ip_target(target: str) -> bool:
@@ -19,16 +21,14 @@ def _is_ip_target(target: str) -> bool:
 class OpenAIConfig:
     """Where the service listens and what it talks to."""
 
-    router_targets: tuple[str, ...] = ("127.0.0.1:50051",)
-    """The routers' public gRPC endpoints. One target may be any gRPC name (`dns:///router:50051` spreads
+    router_targets: tuple[str, ...] = field(default=("127.0.0.1:50051",), metadata=flag("--router-target"))
+    """A router's public gRPC endpoint. One target may be any gRPC name (`dns:///router:50051` spreads
     calls over every address it resolves to); several must be IP:port, spread round robin."""
     tokenizer_target: str | None = None
     """The tokenizer service, asked only for the text of tokens in logprobs; without it tokens are named
     `token_id:N` (vLLM's --return-tokens-as-token-ids format)."""
     max_choices: int = 16
     """At most this many generations per request (n times the number of prompts)."""
-    shutdown_grace_s: float = 30.0
-    """How long in-flight requests may run after SIGTERM."""
 
     def __post_init__(self) -> None:
         if not self.router_targets:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.common.config_flags import flag
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """Where the router's dependencies are and the defaults it applies to public requests."""
 
-    tokenizer_target: str
+    tokenizer_target: str = field(metadata=flag(default="127.0.0.1:50052"))
     """host:port of the tokenizer service."""
-    inference_targets: tuple[str, ...]
-    """host:port of every inference replica."""
+    inference_targets: tuple[str, ...] = field(metadata=flag("--inference-target", default=("127.0.0.1:50053",)))
+    """host:port of an inference replica."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset."""
     max_streams_per_tenant: int = 64
@@ -20,20 +22,25 @@ class RouterConfig:
     Unauthenticated requests are all one tenant, "anonymous"."""
     max_stream_duration_s: float = 600.0
     """A stream ends with DEADLINE_EXCEEDED after this long, whatever deadline the client set (or none)."""
-    fallback_targets: tuple[str, ...] = ()
-    """host:port of the fallback tier's replicas (a lighter variant of the model); empty: no fallback."""
+    fallback_targets: tuple[str, ...] = field(default=(), metadata=flag("--fallback-target"))
+    """host:port of a replica of the fallback tier (a lighter variant of the model); none: no fallback."""
     shed_utilisation: float = 0.9
-    """Main-tier utilisation (requests over running slots) above which LOW requests may be shed..."""
+    """Main-tier utilisation (requests over running slots) above which LOW requests are shed, once it
+    has stayed there for --shed-low-after-s."""
     shed_low_after_s: float = 60.0
-    """...once it has stayed there this long (0: never shed)."""
+    """Seconds of sustained utilisation above --shed-utilisation before LOW requests are shed (0: never)."""
     result_cache_mb: float = 64.0
     """Memory tier of the result cache, in MiB (0 turns the cache off)."""
-    result_cache_redis: str | None = None
-    """redis://host:port/db of the shared tier; None: memory only."""
+    result_cache_redis: str | None = field(default=None, metadata=flag(metavar="URL"))
+    """Shared tier of the result cache, e.g. redis://127.0.0.1:6379/0; unset: memory only."""
     result_cache_ttl_s: int = 3600
-    """How long the shared tier keeps an answer."""
+    """Seconds the shared tier keeps an answer."""
+    drain_notice_s: float = 2.0
+    """After SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING."""
 
     def __post_init__(self) -> None:
+        if self.drain_notice_s < 0:
+            raise ValueError("--drain-notice-s must be >= 0")
         if not self.inference_targets:
             raise ValueError("at least one --inference-target is required")
         if self.max_streams_per_tenant < 0:

@@ -164,13 +164,13 @@ class Router:
                     error.code().name if isinstance(error, grpc.aio.AioRpcError) else "NOT_SERVING",
                 )
                 await asyncio.sleep(0.5)
-        # ids the model knows (older replicas do not report it) and the detokenizer can turn into text
-        vocab_size = min(info.vocab_size or tok_info.vocab_size, tok_info.vocab_size)
+        # ids the model knows and the detokenizer can turn into text
+        vocab_size = min(info.vocab_size, tok_info.vocab_size)
         self.limits = ModelLimits(
             info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision, info.precision
         )
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
-        self.max_token_bytes = tok_info.max_token_bytes  # 0 from an older tokenizer: it checks alone
+        self.max_token_bytes = tok_info.max_token_bytes
         if self.config.result_cache_mb:
             self.result_cache = ResultCache(
                 info.model,
@@ -219,14 +219,11 @@ class Router:
         # megabyte travels to the tokenizer (which checks the same again)
         assert self.limits is not None  # connect() learnt them
         max_tokens = self.limits.max_context_tokens - 1
-        if self.max_token_bytes:
-            if request.chat is not None:
-                check_fits_context(
-                    sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat"
-                )
-            else:
-                assert request.prompt is not None  # a request carries token ids, a chat or a prompt
-                check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
+        if request.chat is not None:
+            check_fits_context(sum(len(c.encode()) for _, c in request.chat), self.max_token_bytes, max_tokens, "chat")
+        else:
+            assert request.prompt is not None  # a request carries token ids, a chat or a prompt
+            check_fits_context(len(request.prompt.encode()), self.max_token_bytes, max_tokens, "prompt")
         if request.chat is not None:
             encode = tokenizer_pb.EncodeRequest(
                 chat=tokenizer_pb.ChatMessages(
@@ -262,37 +259,42 @@ class Router:
         def remaining() -> float | None:
             return None if deadline is None else max(0.001, deadline - time.monotonic())
 
+        # the cheap path first: a cached answer needs no slot and no tokenizing, so it is looked up before
+        # admission (a full tier does not refuse it) and before the prompt goes to the tokenizer
+        cache = self.result_cache
+        assert self.limits is not None  # connect() learnt them
+        cache_as = cache_key(request, self.limits) if cache is not None else None
+        if cache is not None and cache_as is not None:
+            found = await cache.get(cache_as, count_miss=False)
+            if found is not None:
+                yield CacheLookup(hit=True)
+                for event in self._replay(*found):
+                    yield event
+                return
         choice = self.choose_tier(request.priority, remaining())
         tier = self.fallback if choice.fallback else self.replicas
         assert tier is not None  # choose_tier picks the fallback tier only where there is one
         variant = self._variant(tier)
         if choice.fallback:
-            assert self.fallback_requests is not None and self.limits is not None  # connect() made them
+            assert self.fallback_requests is not None  # connect() made it
             self.fallback_requests.labels(self.limits.model_name, choice.reason).inc()
             trace.get_current_span().set_attribute("meshserve.fallback.reason", choice.reason)
-        prompt_ids = await self.tokenize(request, remaining())
-        self._check_context(request, len(prompt_ids))
-        cache = self.result_cache
-        cache_as = cache_key(request, prompt_ids, variant) if cache is not None else None
         if cache is not None and cache_as is not None:
-            found = await cache.get(cache_as)
+            # the fallback tier's answers are its own: stored under its variant's key
+            if choice.fallback:
+                cache_as = cache_key(request, variant)
+                assert cache_as is not None  # a request is cacheable or not whatever the tier
+                found = await cache.get(cache_as)
+            else:
+                found = None
+                cache.misses.inc()
             yield CacheLookup(hit=found is not None)
             if found is not None:
-                answer, cache_tier = found
-                trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": cache_tier})
-                for delta in answer.deltas:
-                    yield TextDelta(delta.text, delta.token_ids, delta.logprobs)
-                # nothing was computed: the whole prompt counts as cached
-                yield Completed(
-                    answer.finish_reason,
-                    answer.prompt_tokens,
-                    answer.completion_tokens,
-                    answer.prompt_logprobs,
-                    answer.prompt_tokens,
-                    cached=True,
-                    model=answer.model,
-                )
+                for event in self._replay(*found):
+                    yield event
                 return
+        prompt_ids = await self.tokenize(request, remaining())
+        self._check_context(request, len(prompt_ids))
         streamed: list[CachedDelta] = []  # what the client got, to store a complete answer
         key = prefix_key(prompt_ids)
         detokenizer = _Detokenization(self.tokenizer, remaining())
@@ -385,6 +387,25 @@ class Router:
                 ),
             )
         yield completed
+
+    @staticmethod
+    def _replay(answer: CachedAnswer, cache_tier: str) -> list[TextDelta | Completed]:
+        """A cached answer as the events its generation streamed."""
+        trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": cache_tier})
+        events: list[TextDelta | Completed] = [TextDelta(d.text, d.token_ids, d.logprobs) for d in answer.deltas]
+        # nothing was computed: the whole prompt counts as cached
+        events.append(
+            Completed(
+                answer.finish_reason,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                answer.prompt_logprobs,
+                answer.prompt_tokens,
+                cached=True,
+                model=answer.model,
+            )
+        )
+        return events
 
     def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
         """Refuses, before any inference work, prompts that cannot fit the model's context."""

@@ -38,7 +38,6 @@ class Replica:
     info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
     in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
     load_watch: asyncio.Task[None] | None = None  # follows the replica's WatchLoad stream
-    polls_load: bool = False  # an older replica without WatchLoad: its load is polled with GetLoad
 
     @property
     def max_running(self) -> int:
@@ -122,11 +121,9 @@ class ReplicaSet:
             serving = health.status == health_pb2.HealthCheckResponse.SERVING
             if serving and replica.info is None:
                 replica.info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-            if serving and replica.polls_load:
-                _set_load(replica, await replica.stub.GetLoad(pb.GetLoadRequest(), timeout=1))
         except grpc.aio.AioRpcError:
             serving = False
-        if serving and not replica.polls_load and (replica.load_watch is None or replica.load_watch.done()):
+        if serving and (replica.load_watch is None or replica.load_watch.done()):
             replica.load_watch = asyncio.get_running_loop().create_task(self._watch_load(replica))
         if serving != replica.healthy:
             log.info("inference replica %s is %s", replica.target, "serving" if serving else "not serving")
@@ -145,8 +142,6 @@ class ReplicaSet:
                     break
                 _set_load(replica, report.load)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                replica.polls_load = True
             log.debug("load reports from %s ended: %s", replica.target, error.code().name)
         except TimeoutError:
             log.warning("no load report from %s for %.0f s; reconnecting", replica.target, LOAD_REPORT_TIMEOUT_S)

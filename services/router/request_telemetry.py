@@ -48,7 +48,7 @@ class RequestTelemetry:
             "gen_ai.request.temperature": s.temperature,
             "gen_ai.request.top_p": s.top_p,
             "gen_ai.request.top_k": s.top_k,
-            "gen_ai.request.id": request.request_id,
+            "meshserve.request_id": request.request_id,  # the conventions name only the response id
             "meshserve.priority": Priority.Name(request.priority),
         }
         if s.seed is not None:
@@ -94,7 +94,6 @@ class RequestTelemetry:
             time.monotonic() - self.started,
             error_type,
             self.exemplar,
-            self.prompt_tokens,
             self.completion_tokens,
             self.first_token_s,
         )

@@ -3,10 +3,11 @@
 Two tiers: an in-process LRU bounded in bytes (every router has its own), and optionally Redis,
 shared by every router, with a TTL. A lookup tries memory, then Redis (and keeps what Redis had in
 memory). The key covers everything the answer depends on: the tenant (one tenant never reads another's
-answers), the model's revision and precision, the prompt's token ids and every sampling field. Only
-complete, successful generations are stored. Redis down or slow never fails a request: each call has a
-short timeout, and after a failure Redis is left alone for a while (logged once), so the router serves
-from memory and the replicas.
+answers), the model's revision and precision, the prompt (its text, or its token ids) and every
+sampling field; it is known before tokenizing, so the router looks an answer up before admission and
+before the tokenizer. Only complete, successful generations are stored. Redis down or slow never fails
+a request: each call has a short timeout, and after a failure Redis is left alone for a while (logged
+once), so the router serves from memory and the replicas.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ REDIS_TIMEOUT_S = 0.1
 """A Redis call slower than this counts as a failure: the answer is generated instead."""
 REDIS_RETRY_AFTER_S = 5.0
 """After a Redis failure, this long without trying it again."""
-KEY_PREFIX = "meshserve:result:v1:"
+KEY_PREFIX = "meshserve:result:v2:"
+"""v2: prompts keyed by their text (v1 keyed token ids), so a shared Redis never mixes the two."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +91,30 @@ class CachedAnswer:
         )
 
 
-def cache_key(request: GenerationRequest, prompt_ids: list[int], limits: ModelLimits) -> str | None:
+def cache_key(request: GenerationRequest, limits: ModelLimits) -> str | None:
     """The key of a deterministic request's answer, or None when it may not be cached (sampled
-    without a seed: every call is meant to differ; or the client said no_cache)."""
+    without a seed: every call is meant to differ; or the client said no_cache).
+
+    It is known before the prompt is tokenized: a prompt or chat is keyed by its text, token ids by the
+    ids. Tokenization is a function of the text and the model's revision (the tokenizer and the
+    replicas serve the same prepared model), so two requests tokenized differently never share a key;
+    a prompt and the token ids it encodes to have different keys, which costs a miss, never a wrong
+    answer."""
     s = request.sampling
     if request.no_cache or (not s.greedy and s.seed is None):
         return None
+    if request.token_ids is not None:
+        prompt: dict[str, Any] = {"token_ids": request.token_ids}
+    elif request.chat is not None:
+        prompt = {"chat": [[role, content] for role, content in request.chat]}
+    else:
+        prompt = {"text": request.prompt}
     described = {
         "tenant": request.tenant,
         "model": limits.model_name,
         "revision": limits.revision,
         "precision": limits.precision,
-        "prompt": prompt_ids,
+        "prompt": prompt,
         "sampling": dataclasses.asdict(s),
         "stop": request.stop,
         "stop_token_ids": request.stop_token_ids,
@@ -140,8 +154,9 @@ class ResultCache:
         ).set_function(lambda: self.bytes)
         self._model_name = model_name
 
-    async def get(self, key: str) -> tuple[CachedAnswer, str] | None:
-        """The answer stored under `key` and the tier that had it ("memory" or "redis"), or None."""
+    async def get(self, key: str, count_miss: bool = True) -> tuple[CachedAnswer, str] | None:
+        """The answer stored under `key` and the tier that had it ("memory" or "redis"), or None
+        (counted as a miss unless `count_miss` is false: the caller counts it once it knows)."""
         data = self._entries.get(key)
         tier = "memory"
         if data is not None:
@@ -152,7 +167,8 @@ class ResultCache:
             if data is not None:
                 self._remember(key, data)
         if data is None:
-            self.misses.inc()
+            if count_miss:
+                self.misses.inc()
             return None
         self.hits.labels(self._model_name, tier).inc()
         return CachedAnswer.decode(data), tier

@@ -1,5 +1,6 @@
 """Degrading under pressure with real processes: a fallback tier serves LOW/NORMAL requests the main tier
-cannot take while HIGH ones stay on the main tier, and LOW is shed after utilisation stays high."""
+cannot take while HIGH ones stay on the main tier, LOW is shed after utilisation stays high, and a cached
+answer is replayed whatever the tiers' load."""
 
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ def auth(credentials, tenant: str, **claims):
     return (("authorization", f"Bearer {mint_token(credentials, tenant, **claims)}"),)
 
 
-def request(priority: int, max_tokens: int = 16, **sampling) -> pb.GenerateRequest:
+def request(
+    priority: int, max_tokens: int = 16, prompt: str = "Write about the sea.", **sampling
+) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        prompt="Write about the sea.",
+        prompt=prompt,
         priority=priority,
         sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, **sampling),
     )
@@ -66,6 +69,10 @@ def test_normal_goes_to_the_fallback_high_stays_on_main_and_low_is_shed_under_su
     vip, plain = auth(credentials, "vip", max_priority="high"), auth(credentials, "plain")
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
+        # 0. an answer the result cache now holds
+        faq = request(pb.PRIORITY_HIGH, prompt="What is the capital of France?")
+        generated = list(stub.Generate(faq, metadata=vip, timeout=60))
+        assert not generated[-1].complete.cached
         # 1. two long HIGH streams fill the main tier's two slots
         held = [stub.Generate(request(pb.PRIORITY_HIGH, 1000, min_tokens=1000), metadata=vip) for _ in range(2)]
         try:
@@ -90,6 +97,10 @@ def test_normal_goes_to_the_fallback_high_stays_on_main_and_low_is_shed_under_su
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.Generate(request(pb.PRIORITY_HIGH), metadata=vip, timeout=60))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # 3b. ...but a cached answer needs no slot: the full tier does not refuse its replay
+            replayed = list(stub.Generate(faq, metadata=vip, timeout=60))
+            assert replayed[-1].complete.cached and replayed[-1].complete.model == MODEL
+            assert [r.chunk.text for r in replayed[:-1]] == [r.chunk.text for r in generated[:-1]]
             # 4. utilisation has stayed above 90%: LOW is shed, though the fallback tier has room
             wait_until(
                 lambda: metric_value(mesh.metrics("router"), "meshserve_router_shedding_low") == 1.0,

@@ -110,7 +110,7 @@ def router_priority(mesh, request_id: str) -> str:
     while time.monotonic() < deadline:
         for service, span in list(mesh.receiver.spans):
             attributes = {kv.key: kv.value.string_value for kv in span.attributes}
-            if service == "meshserve-router" and attributes.get("gen_ai.request.id") == request_id:
+            if service == "meshserve-router" and attributes.get("meshserve.request_id") == request_id:
                 return attributes["meshserve.priority"]
         time.sleep(0.2)
     raise AssertionError(f"no router span for {request_id}")

@@ -59,13 +59,13 @@ def test_one_request_one_trace_through_all_four_services(mesh):
     ]
     assert len(generate) == 1
     attributes = {kv.key: kv.value for kv in generate[0].attributes}
-    assert attributes["gen_ai.request.id"].string_value
+    assert attributes["meshserve.request_id"].string_value
     ttft, e2e = (
-        attributes["gen_ai.latency.time_to_first_token"].double_value,
-        attributes["gen_ai.latency.e2e"].double_value,
+        attributes["meshserve.latency.time_to_first_token"].double_value,
+        attributes["meshserve.latency.e2e"].double_value,
     )
     assert 0 < ttft <= e2e
-    assert attributes["gen_ai.latency.time_in_queue"].double_value <= ttft
+    assert attributes["meshserve.latency.time_in_queue"].double_value <= ttft
 
 
 def test_health_checks_and_load_polling_are_not_traced(mesh):

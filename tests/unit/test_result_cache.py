@@ -38,24 +38,24 @@ def answer(text: str = "Paris.") -> CachedAnswer:
 
 
 def test_only_deterministic_requests_have_a_key():
-    assert cache_key(GREEDY, [1, 2], LIMITS) is not None
+    assert cache_key(GREEDY, LIMITS) is not None
     seeded = dataclasses.replace(GREEDY, sampling=SamplingParams(temperature=0.8, seed=3, max_tokens=8))
-    assert cache_key(seeded, [1, 2], LIMITS) is not None
+    assert cache_key(seeded, LIMITS) is not None
     unseeded = dataclasses.replace(GREEDY, sampling=SamplingParams(temperature=0.8, max_tokens=8))
-    assert cache_key(unseeded, [1, 2], LIMITS) is None
-    assert cache_key(dataclasses.replace(GREEDY, no_cache=True), [1, 2], LIMITS) is None
+    assert cache_key(unseeded, LIMITS) is None
+    assert cache_key(dataclasses.replace(GREEDY, no_cache=True), LIMITS) is None
 
 
 def test_the_key_covers_tenant_model_revision_prompt_and_every_sampling_field():
-    base = cache_key(GREEDY, [1, 2], LIMITS)
-    assert cache_key(dataclasses.replace(GREEDY, request_id="other"), [1, 2], LIMITS) == base  # not the id
+    base = cache_key(GREEDY, LIMITS)
+    assert cache_key(dataclasses.replace(GREEDY, request_id="other"), LIMITS) == base  # not the id
     variants = [
-        cache_key(dataclasses.replace(GREEDY, tenant="u"), [1, 2], LIMITS),
-        cache_key(GREEDY, [1, 3], LIMITS),
-        cache_key(GREEDY, [1, 2], dataclasses.replace(LIMITS, revision="def")),
-        cache_key(GREEDY, [1, 2], dataclasses.replace(LIMITS, precision="int4")),
-        cache_key(dataclasses.replace(GREEDY, stop=["x"]), [1, 2], LIMITS),
-        cache_key(dataclasses.replace(GREEDY, stop_token_ids=[7]), [1, 2], LIMITS),
+        cache_key(dataclasses.replace(GREEDY, tenant="u"), LIMITS),
+        cache_key(dataclasses.replace(GREEDY, prompt="hi!"), LIMITS),
+        cache_key(GREEDY, dataclasses.replace(LIMITS, revision="def")),
+        cache_key(GREEDY, dataclasses.replace(LIMITS, precision="int4")),
+        cache_key(dataclasses.replace(GREEDY, stop=["x"]), LIMITS),
+        cache_key(dataclasses.replace(GREEDY, stop_token_ids=[7]), LIMITS),
     ]
     for name, value in [
         ("max_tokens", 9),
@@ -68,7 +68,7 @@ def test_the_key_covers_tenant_model_revision_prompt_and_every_sampling_field():
         ("frequency_penalty", 0.5),
     ]:
         sampling = dataclasses.replace(GREEDY.sampling, **{name: value})
-        variants.append(cache_key(dataclasses.replace(GREEDY, sampling=sampling), [1, 2], LIMITS))
+        variants.append(cache_key(dataclasses.replace(GREEDY, sampling=sampling), LIMITS))
     assert base not in variants and len(set(variants)) == len(variants)
 
 
@@ -98,3 +98,18 @@ async def test_a_redis_that_is_down_costs_a_warning_not_a_request(caplog):
         assert await cache.get("missing") is None
     assert sum("Redis" in r.getMessage() for r in caplog.records) == 1  # then left alone for a while
     await cache.close()
+
+
+def test_the_key_is_known_before_tokenizing_and_differs_by_the_form_of_the_prompt():
+    chat = dataclasses.replace(GREEDY, prompt=None, chat=[("user", "hi")])
+    ids = dataclasses.replace(GREEDY, prompt=None, token_ids=[1, 2])
+    keys = [
+        cache_key(GREEDY, LIMITS),
+        cache_key(chat, LIMITS),
+        cache_key(dataclasses.replace(chat, chat=[("system", "hi")]), LIMITS),
+        cache_key(dataclasses.replace(chat, chat=[("user", "hi"), ("user", "")]), LIMITS),
+        cache_key(ids, LIMITS),
+        cache_key(dataclasses.replace(ids, token_ids=[1, 3]), LIMITS),
+    ]
+    assert None not in keys and len(set(keys)) == len(keys)
+    assert cache_key(dataclasses.replace(chat, request_id="r2"), LIMITS) == keys[1]

@@ -246,15 +246,9 @@ def test_load_reports_update_the_replica_and_a_broken_stream_forgets_them(monkey
     _watch(r, Recording(loads, gone), monkeypatch)
     assert seen[-1] == (3, 1, 0.75, 2)  # applied, with our in-flight count at that report
     assert (r.running, r.waiting, r.in_flight_at_report) == (0, 0, 0)  # a restarted replica starts empty
-    assert not r.polls_load
 
 
-def test_a_silent_load_stream_is_dropped_and_an_old_replica_is_polled(monkeypatch):
-    import grpc
-
+def test_a_silent_load_stream_is_dropped_and_what_it_reported_forgotten(monkeypatch):
     r = replica("a")
     _watch(r, _Reports([pb.GetLoadResponse(running=2)], "silence"), monkeypatch)  # ends after the timeout
-    assert r.running == 0 and not r.polls_load
-    unimplemented = grpc.aio.AioRpcError(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "")
-    _watch(r, _Reports([], unimplemented), monkeypatch)
-    assert r.polls_load  # the health poll reads its load with GetLoad from now on
+    assert r.running == 0
