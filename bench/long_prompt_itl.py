@@ -1,10 +1,10 @@
-"""How much a long prompt arriving disturbs running streams (chunked prefill), engine only.
+"""How much a long prompt arriving disturbs running streams (mixed prefill/decode steps), engine only.
 
-    python bench/long_prompt_itl.py [--streams 4] [--prompt-tokens 1500] [--max-prefill-tokens 512] [--json]
+    python bench/long_prompt_itl.py [--streams 16] [--prompt-tokens 1500] [--max-num-batched-tokens N] [--json]
 
 Starts `--streams` greedy generations, lets them reach steady decoding, then submits one prompt
-of `--prompt-tokens` tokens and reports the running streams' inter-token latency before and
-while it is prefilled, plus the long prompt's own time to first token.
+of `--prompt-tokens` tokens and reports the running streams' inter-token latency in the 3 s before and
+while it is prefilled (and the ratio of the p99s), plus the long prompt's own time to first token.
 """
 
 from __future__ import annotations
@@ -26,17 +26,23 @@ from services.tokenizer.core import TokenizerCore
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=1500)
     parser.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens)
+    parser.add_argument("--precision", default=None, help="a prepared precision (default: meshserve's default)")
     add_models_root_arg(parser)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    model = prepare_model(args.models_root)
+    model = prepare_model(args.models_root, *([args.precision] if args.precision else []))
     tokenizer = TokenizerCore(model)
     config = EngineConfig(
-        num_slots=args.streams + 1, max_context=2048, max_new_tokens=1024, max_prefill_tokens=args.max_prefill_tokens
+        num_slots=args.streams + 1,
+        max_context=2048,
+        max_new_tokens=1024,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     engine = Engine(OnnxRuntimeBackend(model, config.num_slots, config.max_context), config)
     engine.start()
@@ -72,12 +78,14 @@ def main() -> None:
     def gaps(lo: float, hi: float) -> np.ndarray:
         return np.concatenate([np.diff([t for t in ts if lo <= t <= hi]) for ts in times.values()]) * 1000
 
-    before = gaps(0, submitted)
+    before = gaps(submitted - 3.0, submitted)
     during = gaps(submitted, submitted + ttft)
     result = {
         "streams": args.streams,
         "prompt_tokens": len(long_ids),
+        "precision": model.manifest["precision"],
         "max_prefill_tokens": args.max_prefill_tokens,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "long_prompt_ttft_ms": round(ttft * 1000, 1),
         "itl_ms_before": {
             "p50": round(float(np.percentile(before, 50)), 1),
@@ -88,6 +96,7 @@ def main() -> None:
             "p99": round(float(np.percentile(during, 99)), 1),
             "max": round(float(during.max()), 1),
         },
+        "itl_p99_during_over_before": round(float(np.percentile(during, 99) / np.percentile(before, 99)), 2),
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
