@@ -120,7 +120,13 @@ def build_cpu_decoder(
             codes, row_scale = quantize_rows(x, weight.hadamard_block)
             product = g.op(
                 "MatMulIntegerToFloat",
-                [codes, g.const(f"{hint}_q", weight.codes), one, g.const(f"{hint}_scales", weight.scales), zp128],
+                [
+                    codes,
+                    g.const(f"{hint}_q", weight.codes),
+                    shared("one"),
+                    g.const(f"{hint}_scales", weight.scales),
+                    shared("zp128"),
+                ],
                 hint,
                 domain=MS_DOMAIN,
             )
@@ -145,8 +151,14 @@ def build_cpu_decoder(
         w = g.const(f"{hint}_weight", np.ascontiguousarray(weight.T, dtype=np.float32))
         return g.op("MatMul", [x, w], hint, output=output)
 
-    one = g.const("one", np.array(1.0, np.float32))
-    zp128 = g.const("zp128", np.array(128, np.uint8))
+    constants: dict[str, str] = {}
+
+    def shared(name: str) -> str:
+        """A scalar the w8a8 projections share, made on first use (an unused initializer draws a warning)."""
+        if name not in constants:
+            value = np.array(1.0, np.float32) if name == "one" else np.array(128, np.uint8)
+            constants[name] = g.const(name, value)
+        return constants[name]
 
     # 1. embeddings
     if isinstance(weights.embed, Q80Blocks):
