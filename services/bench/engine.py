@@ -28,6 +28,7 @@ from services.bench.pool import positive_int
 from services.bench.prompts import load_prompts
 from services.bench.report import RequestResult, format_table, summarize
 from services.common.finish import FinishReason
+from services.inference.engine import Engine, EngineConfig
 from services.modelstore.prepare import DEFAULT_PRECISION, PRECISIONS, prepare_model
 
 
@@ -152,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         "--num-slots", type=int, help="KV-cache slots (default: the engine default, or concurrency if larger)"
     )
     parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=EngineConfig.num_speculative_tokens,
+        help="prompt-lookup drafts a row",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens, help="tokens a mixed step"
+    )
+    parser.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -168,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.common.contract import SamplingParams
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-    from services.inference.engine import Engine, EngineConfig
 
     model = prepare_model(args.models_root, args.precision)
     defaults = EngineConfig()
-    config = dataclasses.replace(defaults, num_slots=args.num_slots or max(defaults.num_slots, args.concurrency))
+    config = dataclasses.replace(
+        defaults,
+        num_slots=args.num_slots or max(defaults.num_slots, args.concurrency),
+        num_speculative_tokens=args.num_speculative_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     load_started = time.perf_counter()
     backend = OnnxRuntimeBackend(model, config.num_slots, config.max_context, intra_op_threads=args.threads)
     engine = Engine(backend, config)
@@ -196,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = summarize(results, wall_s)
     report.update(
+        speculative_accepted=engine.speculative_accepted,
+        speculative_rejected=engine.speculative_rejected,
         target="engine",
         model=model.path.name,
         backend=backend.name,

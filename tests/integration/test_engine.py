@@ -553,3 +553,58 @@ def test_the_contract_refuses_the_poison_requests_before_they_are_queued(engine)
     with pytest.raises(InvalidArgumentError) as caught:
         engine.submit("x", [1, 2, 3], SamplingParams(max_tokens=8), list(range(73)), lambda o: None)
     assert caught.value.field == "stop_token_ids"
+
+
+# -- speculative decoding (prompt lookup): the same text, in fewer steps -------------------------
+
+REPETITIVE = "List the numbers again, exactly as before: 1 2 3 4 5 6 7 8 9 10 11 12. Again: 1 2 3 4 5 6 7 8"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=40, temperature=0.0),
+        SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.3, logprobs=2),
+        SamplingParams(max_tokens=40, temperature=0.8, seed=5),
+    ],
+    ids=["greedy", "greedy-penalised-logprobs", "seeded"],
+)
+def test_drafted_tokens_change_nothing_but_the_number_of_steps(model_dir, tokenizer, engine, params):
+    prompts = {"repetitive": tokenizer.encode_text(REPETITIVE), "story": tokenizer.encode_text("Once upon a time")}
+    plain = {name: _collect(engine, name, ids, params) for name, ids in prompts.items()}
+    config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, num_speculative_tokens=4)
+    drafting = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+    drafting.start()
+    try:
+        steps_before = drafting.steps
+        drafted = {name: _collect(drafting, name, ids, params) for name, ids in prompts.items()}
+        steps = drafting.steps - steps_before
+    finally:
+        drafting.stop()
+    assert drafted == plain
+    if params.greedy and not params.needs_history:  # (a repetition penalty keeps it from repeating)
+        assert drafting.speculative_accepted > 0  # the repetitive prompt's continuation is in its prompt
+        assert steps < sum(len(t) for t in plain.values()) + 2 * len(prompts)  # fewer steps than tokens
+    assert drafting.speculative_accepted + drafting.speculative_rejected > 0
+
+
+def test_drafts_stop_at_max_tokens_and_at_a_stop_token(model_dir, tokenizer):
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=64, num_speculative_tokens=6)
+    drafting = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+    drafting.start()
+    try:
+        ids = tokenizer.encode_text(REPETITIVE)
+        for max_tokens in (1, 2, 5):
+            tokens = _collect(drafting, f"n{max_tokens}", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            assert len(tokens) == max_tokens
+        greedy = _collect(drafting, "all", ids, SamplingParams(max_tokens=30, temperature=0.0))
+        stop = greedy[5]  # a token the answer reaches: with it as a stop token, the answer ends there
+        collector = Collector()
+        collector.expected = 1
+        params = SamplingParams(max_tokens=30, temperature=0.0)
+        drafting.submit("stop", ids, params, frozenset({stop}), collector("stop"))
+        assert collector.done.wait(60)
+    finally:
+        drafting.stop()
+    assert collector.tokens["stop"] == greedy[: greedy.index(stop) + 1]
+    assert collector.finish["stop"] is FinishReason.STOP
