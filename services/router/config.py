@@ -12,7 +12,10 @@ class RouterConfig:
     tokenizer_target: str
     """host:port of the tokenizer service."""
     inference_targets: tuple[str, ...]
-    """host:port of every inference replica."""
+    """host:port of every inference replica; with DNS discovery, names resolving to any number of them."""
+    inference_discovery: str = "static"
+    """static: each target is one replica; dns: each target's name is resolved again every few seconds and
+    every address it has is a replica (a Swarm service with `endpoint_mode: dnsrr`, a headless Service)."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset."""
     max_streams_per_tenant: int = 64
@@ -36,6 +39,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not self.inference_targets:
             raise ValueError("at least one --inference-target is required")
+        if self.inference_discovery not in ("static", "dns"):
+            raise ValueError("--inference-discovery must be static or dns")
         if self.max_streams_per_tenant < 0:
             raise ValueError("--max-streams-per-tenant must be >= 0 (0: no limit)")
         if not self.max_stream_duration_s > 0:

@@ -23,6 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         dest="inference_targets",
         help="inference replica host:port (repeat for several)",
     )
+    parser.add_argument(
+        "--inference-discovery",
+        choices=["static", "dns"],
+        default=RouterConfig.inference_discovery,
+        help="static: each --inference-target/--fallback-target is one replica; dns: each is a name whose every "
+        "address is a replica, resolved again every few seconds (Swarm dnsrr services, headless Services)",
+    )
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it unset")
     parser.add_argument(
         "--max-streams-per-tenant",
@@ -83,6 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = RouterConfig(
         tokenizer_target=args.tokenizer_target,
         inference_targets=tuple(args.inference_targets or ["127.0.0.1:50053"]),
+        inference_discovery=args.inference_discovery,
         default_max_tokens=args.default_max_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_stream_duration_s=args.max_stream_duration_s,
