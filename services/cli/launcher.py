@@ -68,10 +68,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--inference-cpus",
         action="append",
-        metavar="LIST|auto",
+        metavar="LIST|auto|none",
         help="pin inference replicas to cores: once per replica (--inference-cpus 0 --inference-cpus 1; the "
         "i-th set goes to replica i), or `auto`: the cores this process may use split among the replicas, "
-        "per NUMA node where the machine has several; compute threads follow each set",
+        "per NUMA node where the machine has several; compute threads follow each set. Default: auto with "
+        "several replicas (measured faster than sharing the cores: bench/pinning_rounds.sh), none with one",
     )
     parser.add_argument(
         "--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)"
@@ -133,12 +134,15 @@ def inference_core_sets(
     available: frozenset[int] | None = None,
     nodes: dict[int, frozenset[int]] | None = None,
 ) -> list[str] | None:
-    """The --cpus of each inference replica (cpulists), or None when they are not pinned. Refuses
-    (SystemExit, before anything starts) a set this machine does not have, overlapping sets, or a count
-    that does not match the replicas."""
-    if not spec:
-        return None
+    """The --cpus of each inference replica (cpulists), or None when they are not pinned. Without a spec,
+    several replicas are placed as `auto` where there is a core for each (pinned replicas beat replicas
+    sharing the cores at 1 and at 32 streams, bench/pinning_rounds.sh), and one replica is not pinned.
+    Refuses (SystemExit, before anything starts) a set this machine does not have, overlapping sets, or
+    a count that does not match the replicas."""
     available = available_cpus() if available is None else available
+    if spec == ["none"] or (not spec and (replicas < 2 or len(available) < replicas)):
+        return None
+    spec = spec or ["auto"]
     try:
         if spec == ["auto"]:
             sets = place_replicas(replicas, available, numa_nodes() if nodes is None else nodes)

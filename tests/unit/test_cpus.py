@@ -78,9 +78,12 @@ def test_more_replicas_than_cores_or_a_core_the_machine_lacks_is_refused():
         check_cpus(parse_cpu_list("0-7"), frozenset({0, 1, 2, 3}))
 
 
-def test_launcher_core_sets_per_replica_auto_and_refusals():
+def test_launcher_core_sets_default_per_replica_auto_none_and_refusals():
     two = frozenset({0, 1})
-    assert inference_core_sets(None, 2, two, {}) is None
+    assert inference_core_sets(None, 1, two, {}) is None  # one replica: not pinned unless asked
+    assert inference_core_sets(None, 2, two, {}) == ["0", "1"]  # several: pinned by default (it measured faster)
+    assert inference_core_sets(None, 3, two, {}) is None  # fewer cores than replicas: shared, as before
+    assert inference_core_sets(["none"], 2, two, {}) is None
     assert inference_core_sets(["auto"], 2, two, {}) == ["0", "1"]
     assert inference_core_sets(["1", "0"], 2, two, {}) == ["1", "0"]
     for spec, replicas, message in (
