@@ -18,6 +18,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.cpus import (
+    CpuSetError,
+    available_cpus,
+    check_cpus,
+    format_cpu_list,
+    numa_nodes,
+    parse_cpu_list,
+    place_replicas,
+)
 from services.gateway.config import Endpoint, envoy_binary, parse_otlp_endpoint, public_channel, render_envoy_config
 from services.gateway.flags import add_public_endpoint_args, public_endpoint_options
 from services.modelstore.layout import add_models_root_arg
@@ -56,6 +65,15 @@ def add_parser(subparsers) -> None:
         help="metrics ports: router i at +1+10i, tokenizer +2, inference i at +3+10i, openai +4, fallback i at +5+10i",
     )
     parser.add_argument("--inference-replicas", type=int, default=1, help="inference processes (ports +100 apart)")
+    parser.add_argument(
+        "--inference-cpus",
+        action="append",
+        metavar="LIST|auto|none",
+        help="pin inference replicas to cores: once per replica (--inference-cpus 0 --inference-cpus 1; the "
+        "i-th set goes to replica i), or `auto`: the cores this process may use split among the replicas, "
+        "per NUMA node where the machine has several; compute threads follow each set. Default: auto with "
+        "several replicas (measured faster than sharing the cores: bench/pinning_rounds.sh), none with one",
+    )
     parser.add_argument(
         "--router-replicas", type=int, default=1, help="router processes behind Envoy (ports +100 apart)"
     )
@@ -108,6 +126,45 @@ def inference_threads_args(replicas: int) -> list[str]:
     if replicas <= 1 or os.environ.get("MESHSERVE_INFERENCE_THREADS"):
         return []
     return [f"--threads={max(1, len(os.sched_getaffinity(0)) // replicas)}"]
+
+
+def inference_core_sets(
+    spec: list[str] | None,
+    replicas: int,
+    available: frozenset[int] | None = None,
+    nodes: dict[int, frozenset[int]] | None = None,
+) -> list[str] | None:
+    """The --cpus of each inference replica (cpulists), or None when they are not pinned. Without a spec,
+    several replicas are placed as `auto` where there is a core for each (pinned replicas beat replicas
+    sharing the cores at 1 and at 32 streams, bench/pinning_rounds.sh), and one replica is not pinned.
+    Refuses (SystemExit, before anything starts) a set this machine does not have, overlapping sets, or
+    a count that does not match the replicas."""
+    available = available_cpus() if available is None else available
+    if spec == ["none"] or (not spec and (replicas < 2 or len(available) < replicas)):
+        return None
+    spec = spec or ["auto"]
+    try:
+        if spec == ["auto"]:
+            sets = place_replicas(replicas, available, numa_nodes() if nodes is None else nodes)
+        else:
+            if len(spec) != replicas:
+                raise CpuSetError(
+                    f"{len(spec)} core set(s) for {replicas} inference replica(s): give one --inference-cpus "
+                    "per replica, or --inference-cpus auto"
+                )
+            sets = [parse_cpu_list(text) for text in spec]
+            for cores in sets:
+                check_cpus(cores, available)
+            for i, cores in enumerate(sets):
+                for j in range(i):
+                    if cores & sets[j]:
+                        raise CpuSetError(
+                            f"replicas {j} and {i} would share core(s) {format_cpu_list(cores & sets[j])}: "
+                            "pinned replicas get cores of their own"
+                        )
+    except CpuSetError as error:
+        raise SystemExit(f"meshserve up: --inference-cpus: {error}") from None
+    return [format_cpu_list(cores) for cores in sets]
 
 
 def _fail_if_exited(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -172,6 +229,7 @@ def _wait_http(url: str, deadline: float, procs: list[subprocess.Popen]) -> None
 
 def run(args: argparse.Namespace) -> int:
     warning = check_exposure(args.host, args.auth, args.allow_unauthenticated)
+    core_sets = inference_core_sets(args.inference_cpus, args.inference_replicas)  # before anything starts
     if warning:
         print(warning, file=sys.stderr, flush=True)
     prepare_model(args.models_root, args.precision)
@@ -186,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
     inference_ports = [args.inference_port + 100 * i for i in range(args.inference_replicas)]
     fallback_ports = [args.inference_port + 50 + 100 * i for i in range(args.fallback_replicas)]
     threads = inference_threads_args(args.inference_replicas + args.fallback_replicas)
+    fallback_threads = threads
+    if core_sets:  # pinned: each replica's threads follow its own set; the fallback tier gets what is left
+        threads = []
+        fallback_threads = inference_threads_args(args.fallback_replicas)
     router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
     commands = {
         "tokenizer": base
@@ -202,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             "--precision",
             args.precision,
             *threads,
+            *(["--cpus", core_sets[i]] if core_sets else []),
             *args.inference_arg,
         ]
     for i, port in enumerate(fallback_ports):
@@ -214,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             *common,
             "--precision",
             args.fallback_precision,
-            *threads,
+            *fallback_threads,
             *args.fallback_arg,
         ]
     targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]

@@ -24,6 +24,8 @@ DEFAULT_ROUTER = "router:50051"
 DEFAULT_OPENAI = "openai:50054"
 DEFAULT_OTLP = "http://jaeger:4317"
 DEFAULT_MAX_DOWNSTREAM_CONNECTIONS = 10000
+# Where deploy/swarm/stack.yaml mounts the Swarm secrets of the public endpoint (TLS material and the JWKS).
+SWARM_SECRETS = "/run/secrets"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class DeployConfig:
     purpose: str
 
 
-# Compose and Kubernetes both name the routers `router` and the trace collector `jaeger` (short names resolve
+# Compose, Kubernetes and Swarm all name the routers `router` and the trace collector `jaeger` (short names resolve
 # through the pod's DNS search path in whatever namespace the overlay deploys to), so their flags are alike.
 DEPLOY_CONFIGS = (
     DeployConfig(
@@ -47,6 +49,28 @@ DEPLOY_CONFIGS = (
         "deploy/k8s/base/envoy.yaml",
         ("--openai", DEFAULT_OPENAI),
         "deploy/k8s/base/kustomization.yaml turns it into the envoy-config ConfigMap",
+    ),
+    # Swarm publishes Envoy's port on every node's own address, so this one listens with TLS and JWT from the
+    # start: the certificate, its key and the JWKS are Swarm secrets, never files in the image.
+    DeployConfig(
+        "deploy/swarm/envoy.yaml",
+        (
+            "--openai",
+            DEFAULT_OPENAI,
+            "--tls-cert",
+            f"{SWARM_SECRETS}/server.pem",
+            "--tls-key",
+            f"{SWARM_SECRETS}/server-key.pem",
+            "--auth",
+            "jwt",
+            "--jwks",
+            f"{SWARM_SECRETS}/jwks.json",
+            "--jwt-issuer",
+            "meshserve-dev",
+            "--jwt-audience",
+            "meshserve",
+        ),
+        "deploy/swarm/stack.yaml hands it to Envoy as a Swarm config",
     ),
 )
 

@@ -11,6 +11,14 @@ from typing import Any, cast
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.config_flags import add_config_args, config_from_args
+from services.common.cpus import (
+    CpuSetError,
+    available_cpus,
+    check_cpus,
+    format_cpu_list,
+    parse_cpu_list,
+    pin_current_process,
+)
 from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
@@ -39,7 +47,13 @@ def add_parser(subparsers) -> None:
         "--threads",
         type=int,
         default=int(os.environ.get("MESHSERVE_INFERENCE_THREADS", "0")),
-        help="compute threads (0: one per core)",
+        help="compute threads (0: one per core of --cpus, or ONNX Runtime's choice without it)",
+    )
+    parser.add_argument(
+        "--cpus",
+        metavar="LIST",
+        default=None,
+        help="run on these cores only, e.g. 0-3 or 1,5 (set at start; --threads 0 then means one per core)",
     )
     parser.set_defaults(func=run)
 
@@ -64,7 +78,28 @@ def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model
     return Engine(backend, config)
 
 
+def pin_to_cpus(args: argparse.Namespace) -> None:
+    """--cpus: this process runs on those cores. The compute threads follow the cores it may use (one per
+    core unless --threads says otherwise), whether --cpus, taskset, a container's cpuset or Kubernetes'
+    static CPU manager restricted them: ONNX Runtime's own default counts the machine's cores, and more
+    spinning workers than cores only take turns. SystemExit with one sentence for a set this machine
+    does not have."""
+    if args.cpus:
+        try:
+            cores = parse_cpu_list(args.cpus)
+            check_cpus(cores, available_cpus())
+        except CpuSetError as error:
+            raise SystemExit(f"meshserve serve-inference: --cpus {args.cpus}: {error}") from None
+        pin_current_process(cores)
+    allowed = available_cpus()
+    if not args.threads and (args.cpus or len(allowed) < (os.cpu_count() or len(allowed))):
+        args.threads = len(allowed)
+    if args.cpus or args.threads:
+        log.info("cores %s, %s compute threads", format_cpu_list(allowed), args.threads or "default")
+
+
 async def serve(args: argparse.Namespace) -> None:
+    pin_to_cpus(args)  # before the backend exists: its thread pool inherits the affinity
     try:  # fail at start-up, in one sentence, when the asked-for backend cannot run here
         backend_name, reason = select_backend(args.backend)
     except BackendUnavailableError as error:

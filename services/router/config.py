@@ -14,7 +14,10 @@ class RouterConfig:
     tokenizer_target: str = field(metadata=flag(default="127.0.0.1:50052"))
     """host:port of the tokenizer service."""
     inference_targets: tuple[str, ...] = field(metadata=flag("--inference-target", default=("127.0.0.1:50053",)))
-    """host:port of an inference replica."""
+    """host:port of an inference replica; with DNS discovery, a name resolving to any number of them."""
+    inference_discovery: str = field(default="static", metadata=flag(choices=("static", "dns")))
+    """static: each target is one replica; dns: each target's name is resolved again every few seconds and
+    every address it has is a replica (a Swarm service with `endpoint_mode: dnsrr`, a headless Service)."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset."""
     max_streams_per_tenant: int = 64
@@ -43,6 +46,8 @@ class RouterConfig:
             raise ValueError("--drain-notice-s must be >= 0")
         if not self.inference_targets:
             raise ValueError("at least one --inference-target is required")
+        if self.inference_discovery not in ("static", "dns"):
+            raise ValueError("--inference-discovery must be static or dns")
         if self.max_streams_per_tenant < 0:
             raise ValueError("--max-streams-per-tenant must be >= 0 (0: no limit)")
         if not self.max_stream_duration_s > 0:

@@ -128,8 +128,9 @@ class Router:
         self.config = config
         self.tokenizer_channel = grpc.aio.insecure_channel(config.tokenizer_target, interceptors=client_interceptors())
         self.tokenizer = tokenizer_grpc.TokenizerServiceStub(self.tokenizer_channel)
-        self.replicas = ReplicaSet(config.inference_targets)
-        self.fallback = ReplicaSet(config.fallback_targets) if config.fallback_targets else None
+        discovery = config.inference_discovery
+        self.replicas = ReplicaSet(config.inference_targets, discovery=discovery)
+        self.fallback = ReplicaSet(config.fallback_targets, discovery=discovery) if config.fallback_targets else None
         self.pressure = PressureMonitor(config.shed_utilisation, config.shed_low_after_s)
         self.service_time = ServiceTime()
         self._pressure_task: asyncio.Task[None] | None = None

@@ -3,6 +3,11 @@
 A background task polls every replica's health; each serving replica streams its load to the
 router (WatchLoad: running, waiting, KV usage, sent as requests arrive and finish there). The router
 adds its own in-flight count, which is exact for its own traffic and moves at once.
+
+The replicas are either the targets as given (static discovery: one address per replica) or every
+address the targets' names resolve to, re-resolved every few seconds (DNS discovery: a Swarm service with
+`endpoint_mode: dnsrr`, a headless Kubernetes Service), so replicas that a scheduler adds or moves are
+found without restarting the router.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +46,7 @@ class Replica:
     info: pb.GetModelInfoResponse | None = None  # fetched once it first serves
     in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
     load_watch: asyncio.Task[None] | None = None  # follows the replica's WatchLoad stream
+    gone: bool = False  # its address left DNS: no new work; dropped once its in-flight calls end
 
     @property
     def max_running(self) -> int:
@@ -67,7 +76,7 @@ def choose_replica(replicas: list[Replica], key: bytes, exclude: set[str], affin
     prompt prefix (where its KV blocks are likely cached) wins while it has a free slot and carries
     at most `affinity_slack` requests more than the least loaded healthy replica; a cached prefix
     saves one prefill, never worth waiting in a queue while another replica has room."""
-    candidates = [r for r in replicas if r.healthy and r.target not in exclude]
+    candidates = [r for r in replicas if r.healthy and not r.gone and r.target not in exclude]
     if not candidates:
         return None
     least = min(candidates, key=lambda r: (r.load, r.kv_cache_usage))
@@ -103,16 +112,96 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+DISCOVERY_CHOICES = ("static", "dns")
+
+DNS_REFRESH_S = 2.0
+"""How often DNS discovery resolves the targets' names again."""
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve_addresses(host: str) -> list[str]:
+    """Every address `host` resolves to (A and AAAA records), through the system resolver."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """("name", "port") of "name:port"; ValueError naming the target otherwise."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {target!r}")
+    return host.strip("[]"), port
+
+
+def join_target(address: str, port: str) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 class ReplicaSet:
-    def __init__(self, targets: tuple[str, ...], poll_interval_s: float = 0.25) -> None:
-        self.replicas = []
-        for target in targets:
-            channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
-            self.replicas.append(Replica(target, channel, pb_grpc.InferenceServiceStub(channel)))
+    def __init__(
+        self,
+        targets: tuple[str, ...],
+        poll_interval_s: float = 0.25,
+        discovery: str = "static",
+        dns_refresh_s: float = DNS_REFRESH_S,
+        resolver: Resolver = resolve_addresses,
+    ) -> None:
+        if discovery not in DISCOVERY_CHOICES:
+            raise ValueError(f"discovery must be one of {DISCOVERY_CHOICES}, got {discovery!r}")
+        self.replicas: list[Replica] = []
+        self.names = tuple(targets) if discovery == "dns" else ()
+        for name in self.names:
+            split_target(name)  # a malformed target fails at start-up, not at the first resolution
+        if discovery == "static":
+            for target in targets:
+                self._add(target)
         self.poll_interval_s = poll_interval_s
+        self.dns_refresh_s = dns_refresh_s
+        self._resolver = resolver
+        self._resolved: dict[str, set[str]] = {}  # name -> the replica targets it resolved to last
+        self._next_resolve = 0.0
         self._task: asyncio.Task[None] | None = None
 
+    def _add(self, target: str) -> Replica:
+        channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
+        replica = Replica(target, channel, pb_grpc.InferenceServiceStub(channel))
+        self.replicas.append(replica)
+        return replica
+
+    async def resolve(self) -> None:
+        """DNS discovery: adds a replica for every new address of the targets' names; one whose address
+        is gone takes no new work and is dropped when its last call ends (a draining replica finishes its
+        streams first). A name that does not resolve keeps what it resolved to before: a lookup that
+        fails is not a replica that left, and the health checks take dead ones out of the choice.
+        Static targets are never resolved."""
+        if not self.names:
+            return
+        for name in self.names:
+            host, port = split_target(name)
+            try:
+                self._resolved[name] = {join_target(a, port) for a in await self._resolver(host)}
+            except OSError as error:
+                kept = len(self._resolved.get(name, ()))
+                log.warning("cannot resolve %s (%s); keeping its %d replicas", name, error, kept)
+        wanted = set().union(*self._resolved.values()) if self._resolved else set()
+        known = {r.target for r in self.replicas}
+        for target in sorted(wanted - known):
+            log.info("inference replica %s found in DNS", target)
+            self._add(target)
+        for replica in list(self.replicas):
+            replica.gone = replica.target not in wanted
+            if replica.gone and replica.in_flight == 0:
+                log.info("inference replica %s left DNS; dropping it", replica.target)
+                self.replicas.remove(replica)
+                if replica.load_watch:
+                    replica.load_watch.cancel()
+                await replica.channel.close()
+
     async def poll_once(self) -> None:
+        if self.names and time.monotonic() >= self._next_resolve:
+            await self.resolve()
+            self._next_resolve = time.monotonic() + self.dns_refresh_s
         await asyncio.gather(*(self._poll(r) for r in self.replicas))
 
     async def _poll(self, replica: Replica) -> None:
@@ -161,7 +250,7 @@ class ReplicaSet:
     @property
     def healthy(self) -> list[Replica]:
         """The replicas this router currently sends work to."""
-        return [r for r in self.replicas if r.healthy]
+        return [r for r in self.replicas if r.healthy and not r.gone]
 
     @property
     def capacity(self) -> int:

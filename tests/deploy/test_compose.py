@@ -87,7 +87,9 @@ def test_the_schema_rejects_mistakes():
 
 def test_services_and_commands_follow_the_conventions():
     services = _load(COMPOSE)["services"]
-    assert {"envoy", "openai", *MESHSERVE_SERVICES, "redis", "jaeger", "prometheus", "grafana"} <= set(services)
+    assert {"envoy", "openai", *MESHSERVE_SERVICES, "redis", "jaeger", "prometheus", "alertmanager", "grafana"} <= set(
+        services
+    )
     processes = conventions_processes()
     for name in MESHSERVE_SERVICES:
         service, process = services[name], processes[name]
@@ -213,7 +215,7 @@ def test_startup_order_waits_for_healthy_dependencies():
 
 def test_build_context_and_mounted_files_exist():
     services = _load(COMPOSE)["services"]
-    for name in ("envoy", "openai", *MESHSERVE_SERVICES, "redis", "prometheus"):
+    for name in ("envoy", "openai", *MESHSERVE_SERVICES, "redis", "prometheus", "alertmanager"):
         build = services[name]["build"]
         assert (COMPOSE_DIR / build["context"]).resolve() == REPO
         assert (REPO / build["dockerfile"]).is_file()

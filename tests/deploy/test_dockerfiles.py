@@ -19,7 +19,8 @@ import pytest
 from tests.deploy.conftest import DEPLOY, REPO, run, tool
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
-# the images that run meshserve (Dockerfile.prometheus and Dockerfile.redis are compose's Prometheus and Redis)
+# the images that run meshserve (Dockerfile.alertmanager, .prometheus and .redis are compose's and Swarm's
+# Alertmanager, Prometheus and Redis)
 MESHSERVE_DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.gpu"]
 DOCKERIGNORE = REPO / ".dockerignore"
 
@@ -78,9 +79,10 @@ def runs(stages: list[Stage]) -> str:
     return "\n".join(args for stage in stages for instruction, args in stage.instructions if instruction == "RUN")
 
 
-def test_the_four_images_are_there():
+def test_the_five_images_are_there():
     assert [p.name for p in DOCKERFILES] == [
         "Dockerfile",
+        "Dockerfile.alertmanager",
         "Dockerfile.gpu",
         "Dockerfile.prometheus",
         "Dockerfile.redis",

@@ -6,6 +6,7 @@ template renders and validates with DNS-addressed routers too."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,7 +17,14 @@ import pytest
 import yaml
 
 from services.gateway.config import build_descriptor_set
-from services.gateway.deploy import DEPLOY_CONFIGS, IMAGE_REST_DESCRIPTOR, render, render_args, render_deploy_config
+from services.gateway.deploy import (
+    DEPLOY_CONFIGS,
+    IMAGE_REST_DESCRIPTOR,
+    SWARM_SECRETS,
+    render,
+    render_args,
+    render_deploy_config,
+)
 from tests.conftest import free_port, stop_process
 from tests.deploy.conftest import DEPLOY, REPO, conventions_processes, load_yaml_documents, run, tool
 
@@ -42,6 +50,14 @@ def local_copy(path: Path, directory: Path, descriptor: Path) -> Path:
     """`path` with the image's descriptor path replaced by a local one, so Envoy can load it here."""
     text = path.read_text()
     assert IMAGE_REST_DESCRIPTOR in text
+    if f"{SWARM_SECRETS}/" in text:  # Swarm's: its TLS material and JWKS are secrets mounted there
+        from services.gateway.credentials import ensure_dev_tls, ensure_signing_key
+
+        tls = ensure_dev_tls(directory / "tls")
+        jwks = ensure_signing_key(directory / "credentials").jwks
+        for name, local in (("server.pem", tls.cert), ("server-key.pem", tls.key), ("jwks.json", jwks)):
+            text = text.replace(f"{SWARM_SECRETS}/{name}", str(local))
+        assert f"{SWARM_SECRETS}/" not in text
     copy = directory / path.name
     copy.write_text(text.replace(IMAGE_REST_DESCRIPTOR, str(descriptor)))
     return copy
@@ -154,6 +170,19 @@ def test_envoy_config_shape(path: Path):
     assert tracer["typed_config"]["service_name"] == "meshserve-envoy"
     collector = clusters[tracer["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
     assert _address(collector) == ("jaeger", 4317)
+
+
+def test_swarm_config_serves_tls_and_verifies_jwts_from_swarm_secrets():
+    """Swarm publishes Envoy's port on the node's own addresses: its config never listens in plaintext."""
+    config = yaml.safe_load((DEPLOY / "swarm" / "envoy.yaml").read_text())
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    assert chain["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    certificate = chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
+    assert certificate["certificate_chain"]["filename"] == f"{SWARM_SECRETS}/server.pem"
+    assert certificate["private_key"]["filename"] == f"{SWARM_SECRETS}/server-key.pem"
+    [jwt] = [f for f in _hcm(config)["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
+    assert f"{SWARM_SECRETS}/jwks.json" in json.dumps(jwt)
 
 
 def test_every_option_of_the_template_renders_and_validates_for_containers(tmp_path: Path, descriptor: Path):

@@ -4,6 +4,7 @@ then the wiring: probes on the conventions' ports, drain timing, resources, Serv
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cache
 
@@ -118,7 +119,7 @@ def test_container_args_parse_with_the_real_cli(overlay: str):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_drain(overlay: str):
     for name, workload in workloads(overlay).items():
-        if name in ("jaeger", "redis"):  # not meshserve processes: nothing to drain
+        if name in ("jaeger", "redis", "alertmanager"):  # not meshserve processes: nothing to drain
             continue
         spec = workload["spec"]["template"]["spec"]
         main = container(workload)
@@ -168,9 +169,8 @@ def test_cpu_overlay_runs_onnxruntime_without_gpus():
         assert "nvidia.com/gpu" not in container(workload)["resources"]["limits"], name
     inference = container(workloads("cpu")["inference"])
     assert flag(inference["args"], "--backend") == ["onnxruntime"]
-    assert {container(w)["image"] for n, w in workloads("cpu").items() if n not in ("jaeger", "redis")} == {
-        "meshserve:0.1.0"
-    }
+    others = ("jaeger", "redis", "alertmanager")
+    assert {container(w)["image"] for n, w in workloads("cpu").items() if n not in others} == {"meshserve:0.1.0"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -329,6 +329,7 @@ def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inferen
         "inference": pod("inference"),
         "redis": pod("redis"),
         "jaeger": pod("jaeger"),
+        "alertmanager": pod("alertmanager"),
         "stranger": STRANGER,
         "outside": OUTSIDE,
         "prometheus": PROMETHEUS,
@@ -345,7 +346,17 @@ def test_only_envoy_reaches_routers_and_only_routers_reach_tokenizer_and_inferen
         ("router", "metrics"): {"prometheus"},
         ("tokenizer", "metrics"): {"prometheus"},
         ("inference", "metrics"): {"prometheus"},
-        ("jaeger", "otlp-grpc"): {"envoy", "openai", "router", "tokenizer", "inference", "redis", "jaeger"},
+        ("jaeger", "otlp-grpc"): {
+            "envoy",
+            "openai",
+            "router",
+            "tokenizer",
+            "inference",
+            "redis",
+            "jaeger",
+            "alertmanager",
+        },
+        ("alertmanager", "web"): {"prometheus"},  # alerts come from Prometheus only
     }
     for (target, port), sources in allowed.items():
         for source, identity in everyone.items():
@@ -412,3 +423,37 @@ def test_openai_service_probes_health_and_routers_share_the_redis_cache(overlay:
     redis = container(pods["redis"])
     assert redis["image"].split("/")[-1].startswith("meshserve-redis:")
     assert "--save" in redis["args"] and redis["args"][redis["args"].index("--save") + 1] == ""
+
+
+def test_alertmanager_gets_the_one_alertmanager_config():
+    """deploy/k8s/base/alertmanager.yml is a copy (kustomize loads nothing from outside the base) of the file
+    compose, Swarm and tests/deploy/test_alertmanager.py use: they must not drift apart."""
+    copy, source = K8S / "base" / "alertmanager.yml", K8S.parent / "alertmanager" / "alertmanager.yml"
+    assert copy.read_text() == source.read_text(), f"cp {source} {copy}"
+    for overlay in OVERLAYS:
+        [config] = [c for name, c in objects(overlay, "ConfigMap").items() if name.startswith("alertmanager-config")]
+        assert config["data"]["alertmanager.yml"] == source.read_text()
+        pod = workloads(overlay)["alertmanager"]["spec"]["template"]["spec"]
+        assert pod["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
+        assert container(workloads(overlay)["alertmanager"])["image"] == "meshserve-alertmanager:0.1.0"
+
+
+def test_the_pinned_inference_component_makes_guaranteed_pods_with_whole_cpus(tmp_path):
+    """The CPU manager's static policy pins a container only in a Guaranteed pod (requests == limits for every
+    container) that asks for a whole number of CPUs; the component must produce exactly that, and only for
+    inference."""
+    overlay, component = (
+        os.path.relpath(K8S / part, tmp_path) for part in ("overlays/cpu", "components/pinned-inference")
+    )
+    (tmp_path / "kustomization.yaml").write_text(  # kustomize takes relative roots only
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{overlay}]\ncomponents: [{component}]\n"
+    )
+    result = run([tool("kubectl"), "kustomize", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    built = {d["metadata"]["name"]: d for d in load_yaml_documents(result.stdout) if d["kind"] == "StatefulSet"}
+    [inference] = built["inference"]["spec"]["template"]["spec"]["containers"]
+    resources = inference["resources"]
+    assert resources["requests"] == resources["limits"], "not Guaranteed: the static policy would not pin it"
+    assert str(resources["limits"]["cpu"]).isdigit(), "a fractional CPU is never given exclusive cores"
+    assert container(workloads("cpu")["inference"])["resources"]["requests"] != resources["limits"]

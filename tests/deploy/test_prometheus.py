@@ -17,9 +17,12 @@ CONFIG = PROMETHEUS / "prometheus.yml"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 
 
-def _alert_rules() -> dict[str, dict]:
+def _alert_rules() -> dict[tuple[str, str], dict]:
+    """{(alertname, severity): rule}: graded alerts have one name at two severities."""
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+    rules = {(rule["alert"], rule["labels"]["severity"]): rule for group in groups for rule in group["rules"]}
+    assert len(rules) == sum(len(group["rules"]) for group in groups), "two rules share a name and a severity"
+    return rules
 
 
 def test_promtool_check_config_and_rules():
@@ -49,19 +52,28 @@ def test_rule_unit_tests_catch_a_wrong_threshold(tmp_path: Path):
 
 def test_every_alert_has_a_unit_test():
     tests = yaml.safe_load(RULES_TEST.read_text())["tests"]
-    tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    tested = {
+        (case["alertname"], alert["exp_labels"]["severity"])
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        for alert in case["exp_alerts"]
+    }
     assert tested == set(_alert_rules())
 
 
 def test_required_alerts_use_the_conventions_metrics():
     rules = _alert_rules()
-    ttft = rules["MeshserveTimeToFirstTokenHigh"]
+    ttft = rules["MeshserveTimeToFirstTokenHigh", "warning"]
     assert "histogram_quantile(0.99" in ttft["expr"] and "meshserve_time_to_first_token_seconds_bucket" in ttft["expr"]
     assert ttft["for"] == "5m" and "> 0.5" in ttft["expr"]
-    assert 'meshserve_requests_total{code!="OK"}' in rules["MeshserveErrorRatioHigh"]["expr"]
-    assert "meshserve_num_requests_waiting" in rules["MeshserveQueueSaturated"]["expr"]
-    assert "meshserve_kv_cache_usage_perc" in rules["MeshserveKVCacheNearlyFull"]["expr"]
-    for name, rule in rules.items():
+    assert "> 2" in rules["MeshserveTimeToFirstTokenHigh", "critical"]["expr"]
+    assert 'meshserve_requests_total{code!="OK"}' in rules["MeshserveErrorRatioHigh", "critical"]["expr"]
+    assert "> 0.01" in rules["MeshserveErrorRatioHigh", "warning"]["expr"]
+    assert "meshserve_num_requests_waiting" in rules["MeshserveQueueSaturated", "warning"]["expr"]
+    assert "meshserve_kv_cache_usage_perc" in rules["MeshserveKVCacheNearlyFull", "warning"]["expr"]
+    down = rules["MeshserveInferenceDown", "critical"]
+    assert down["labels"]["job"] == "meshserve-inference"  # what Alertmanager's inhibition matches on
+    for (name, _), rule in rules.items():
         used = promql_metric_names(rule["expr"]) - {"up"}
         assert used <= allowed_series_names(), f"{name} uses {used - allowed_series_names()}"
         assert rule["labels"]["severity"] in {"warning", "critical"}
@@ -88,3 +100,12 @@ def test_scrape_jobs_cover_every_service_and_envoy_admin():
         assert host in compose_services
         assert port == process.metrics_port
         assert path == ("/stats/prometheus" if process.name == "envoy" else "/metrics")
+
+
+def test_prometheus_sends_alerts_to_the_alertmanager_service():
+    """prometheus.yml (compose and Swarm) delivers to the `alertmanager` service both of them run."""
+    config = yaml.safe_load(CONFIG.read_text())
+    [manager] = config["alerting"]["alertmanagers"]
+    [sd] = manager["dns_sd_configs"]
+    assert sd["names"] == ["alertmanager"] and sd["port"] == 9093
+    assert "alertmanager" in yaml.safe_load(COMPOSE.read_text())["services"]
