@@ -12,6 +12,7 @@ below), so one pair of functions reads and writes either.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
@@ -24,7 +25,8 @@ from services.common.errors import InvalidArgumentError
 MAX_PROMPT_BYTES = 1 << 20
 """A prompt (or a chat's contents together), in UTF-8 bytes; Envoy's request limit is the same 1 MiB."""
 MAX_CHAT_MESSAGES = 256
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""`tool` carries a tool's result back to the model (the chat template renders it as a turn of its own)."""
 MAX_MODEL_NAME_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
@@ -42,10 +44,38 @@ MAX_PENALTY = 2.0
 PRIORITIES = range(0, 4)
 """meshserve.v1.Priority values: UNSPECIFIED, LOW, NORMAL, HIGH."""
 DEFAULT_MAX_TOKENS = 256
+MAX_CONSTRAINT_BYTES = 64 << 10
+"""A JSON schema, regex or grammar, in UTF-8 bytes."""
+MAX_SCHEMA_DEPTH = 32
+"""Nesting of a JSON schema's JSON (objects and arrays): deeper is refused before any compiler sees it."""
+MAX_CHOICES = 256
+MAX_CHOICE_BYTES = 256
+MAX_LOGIT_BIAS = 300
+"""Entries of logit_bias (OpenAI's limit)."""
+MAX_LOGIT_BIAS_VALUE = 100.0
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+"""The arms of SamplingParameters' `constraint` oneof, in both protos."""
 TENANT_HEADER = "x-meshserve-tenant"
 """Set by Envoy from the verified token's tenant claim (a client's own is removed at Envoy)."""
 MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 """Set by Envoy from the token's max_priority claim: the highest priority the tenant may use."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The structure an output must have: one arm of the protos' `constraint` oneof."""
+
+    kind: str
+    """One of CONSTRAINT_KINDS."""
+    spec: str = ""
+    """The JSON schema (JSON text), the regex or the Lark grammar; empty for json_object and choice."""
+    choices: tuple[str, ...] = ()
+    """The strings of a choice."""
+
+    @property
+    def field(self) -> str:
+        """Its field in the public API, for violations."""
+        return f"sampling.{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +103,10 @@ class SamplingParams:
     """Return the chosen token's log-probability and this many top alternatives (None: none)."""
     prompt_logprobs: int | None = None
     """Return the log-probability of every prompt token after the first, with this many alternatives."""
+    constraint: Constraint | None = None
+    """Grammar-constrained decoding: the output's structure (None: free)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling, sorted by token id."""
 
     @property
     def greedy(self) -> bool:
@@ -83,7 +117,20 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("constraint", "logit_bias"))
+"""The scalar fields, read and written by name."""
+
+
+def constraint_from_proto(message: Any) -> Constraint | None:
+    """The `constraint` oneof of a `SamplingParameters` message (public or internal)."""
+    kind = message.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not message.json_object):
+        return None
+    if kind == "choice":
+        return Constraint(kind, choices=tuple(message.choice.choices))
+    if kind == "json_object":
+        return Constraint(kind)
+    return Constraint(kind, getattr(message, kind))
 
 
 def sampling_from_proto(message: Any, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
@@ -93,6 +140,8 @@ def sampling_from_proto(message: Any, default_max_tokens: int = DEFAULT_MAX_TOKE
     for name in _SAMPLING_FIELDS:
         if message.HasField(name):
             values[name] = getattr(message, name)
+    values["constraint"] = constraint_from_proto(message)
+    values["logit_bias"] = tuple(sorted(message.logit_bias.items()))
     return SamplingParams(**values)
 
 
@@ -102,7 +151,81 @@ def sampling_to_proto(params: SamplingParams, message: Any) -> Any:
         value = getattr(params, name)
         if value is not None:
             setattr(message, name, value)
+    constraint = params.constraint
+    if constraint is not None:
+        if constraint.kind == "choice":
+            message.choice.choices.extend(constraint.choices)
+        elif constraint.kind == "json_object":
+            message.json_object = True
+        else:
+            setattr(message, constraint.kind, constraint.spec)
+    for token, bias in params.logit_bias:
+        message.logit_bias[token] = bias
     return message
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (a hostile schema may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_SCHEMA_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def validate_constraint(constraint: Constraint | None) -> None:
+    """The size bounds of a constraint (its compilation, bounded in time, is the inference replica's):
+    InvalidArgumentError naming `sampling.<kind>`."""
+    if constraint is None:
+        return
+    field = constraint.field
+    if constraint.kind not in CONSTRAINT_KINDS:
+        raise InvalidArgumentError("sampling.constraint", f"unknown constraint {constraint.kind!r}")
+    if constraint.kind == "choice":
+        if not 1 <= len(constraint.choices) <= MAX_CHOICES:
+            raise InvalidArgumentError(f"{field}.choices", f"must hold 1 to {MAX_CHOICES} strings")
+        for i, choice in enumerate(constraint.choices):
+            if not 1 <= len(choice.encode()) <= MAX_CHOICE_BYTES:
+                raise InvalidArgumentError(f"{field}.choices[{i}]", f"must be 1 to {MAX_CHOICE_BYTES} bytes")
+        return
+    if constraint.kind == "json_object":
+        return
+    if not constraint.spec.strip():
+        raise InvalidArgumentError(field, "must not be empty")
+    if len(constraint.spec.encode()) > MAX_CONSTRAINT_BYTES:
+        raise InvalidArgumentError(field, f"at most {MAX_CONSTRAINT_BYTES} bytes of UTF-8")
+    if constraint.kind == "json_schema":
+        try:
+            schema = json.loads(constraint.spec)
+        except (ValueError, RecursionError) as error:
+            raise InvalidArgumentError(field, f"is not valid JSON: {str(error)[:120]}") from None
+        if not isinstance(schema, dict | bool):
+            raise InvalidArgumentError(field, "must be a JSON object (a JSON schema)")
+        if _json_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise InvalidArgumentError(field, f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+
+
+def validate_logit_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int) -> None:
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgumentError("sampling.logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(logit_bias)}")
+    for token, bias in logit_bias:
+        if not 0 <= token < vocab_size:
+            raise InvalidArgumentError(
+                "sampling.logit_bias", f"token id {token} is outside the vocabulary of {vocab_size}"
+            )
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE):
+            raise InvalidArgumentError(
+                "sampling.logit_bias", f"the bias of token {token} must be in [-100, 100], got {bias}"
+            )
 
 
 def validate_sampling(params: SamplingParams, max_new_tokens: int) -> None:
@@ -138,6 +261,7 @@ def validate_sampling(params: SamplingParams, max_new_tokens: int) -> None:
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(params, name) is not None:
             check(0 <= getattr(params, name) <= MAX_LOGPROBS, name, f"in [0, {MAX_LOGPROBS}]")
+    validate_constraint(params.constraint)
 
 
 def request_id_or_new(request_id: str) -> str:
@@ -236,6 +360,7 @@ def validate_generation(
     validate_token_ids(stop_token_ids, limits.vocab_size, "stop_token_ids", MAX_ENGINE_STOP_TOKEN_IDS)
     validate_priority(priority)
     validate_sampling(params, limits.max_new_tokens)
+    validate_logit_bias(params.logit_bias, limits.vocab_size)
     if len(resumed_token_ids) >= params.max_tokens:
         raise InvalidArgumentError(
             "resumed_token_ids",
