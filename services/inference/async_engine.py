@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from services.common.contract import SamplingParams
-from services.common.errors import AbortedError, InternalError, UnavailableError
+from services.common.errors import AbortedError, InternalError, InvalidArgumentError, UnavailableError
 from services.common.finish import FinishReason
 from services.common.metrics import EngineMetrics
+from services.inference.constraints import GrammarCompiler
 from services.inference.engine import Engine, EngineOutput, RequestTimes
 from services.inference.sampling import TokenLogprob
 
@@ -43,9 +44,11 @@ class GenerationResult:
 
 
 class AsyncEngine:
-    def __init__(self, metrics: EngineMetrics) -> None:
+    def __init__(self, metrics: EngineMetrics, grammars: GrammarCompiler | None = None) -> None:
         self.engine: Engine | None = None
         self.metrics = metrics
+        self.grammars = grammars
+        """Compiles constrained requests' grammars before they are queued (None: constraints are refused)."""
         self._sequence = itertools.count()
         # request id -> {engine id: tenant} of its running generations (an id may repeat), for Abort
         self._active: dict[str, dict[str, str]] = {}
@@ -135,6 +138,13 @@ class AsyncEngine:
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
         # client-chosen ids may repeat; the engine needs one that is unique
         engine_id = f"{request_id}#{next(self._sequence)}"
+        constraint = None
+        if params.constraint is not None:
+            # the cheap checks first; then the grammar, off the loop and the engine thread, bounded in time
+            engine.validate(prompt_token_ids, params, stop_token_ids, resumed_token_ids, priority)
+            if self.grammars is None:
+                raise InvalidArgumentError(params.constraint.field, "this replica serves no constrained decoding")
+            constraint = await self.grammars.compile_async(params.constraint, resumed_token_ids)
         times = engine.submit(
             engine_id,
             prompt_token_ids,
@@ -143,6 +153,7 @@ class AsyncEngine:
             lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
             priority,
             resumed_token_ids,
+            constraint,
         )
         self._active.setdefault(request_id, {})[engine_id] = tenant
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))

@@ -26,6 +26,7 @@ from services.inference.backends import ort_ops
 from services.inference.backends.base import StepBatch
 from services.inference.backends.probes import BackendUnavailableError
 from services.inference.backends.selection import BACKEND_CHOICES, create_backend, select_backend
+from services.inference.constraints import GrammarCompiler
 from services.inference.engine import Engine, EngineConfig
 from services.inference.servicer import InferenceServicer
 from services.modelstore.layout import ModelDirectory, add_models_root_arg, find_model
@@ -98,6 +99,11 @@ def pin_to_cpus(args: argparse.Namespace) -> None:
         log.info("cores %s, %s compute threads", format_cpu_list(allowed), args.threads or "default")
 
 
+def grammar_compiler(model: ModelDirectory) -> GrammarCompiler:
+    """Constrained decoding over the model's own tokenizer (its vocabulary and end-of-sequence ids)."""
+    return GrammarCompiler(model.tokenizer_path.read_text(), model.eos_token_ids, model.config.vocab_size)
+
+
 async def serve(args: argparse.Namespace) -> None:
     pin_to_cpus(args)  # before the backend exists: its thread pool inherits the affinity
     try:  # fail at start-up, in one sentence, when the asked-for backend cannot run here
@@ -122,6 +128,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     async def warm_up() -> None:
         engine = await asyncio.to_thread(load_engine, backend_name, args, config, model)
+        async_engine.grammars = await asyncio.to_thread(grammar_compiler, model)
         servicer.backend_name = backend_name
         servicer.precision = served_precision(backend_name, engine.backend, model)
         async_engine.attach(engine)

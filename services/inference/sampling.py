@@ -25,6 +25,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def apply_logit_bias(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """`logits` with the request's logit_bias added (a new array; the same one when there is none)."""
+    if not params.logit_bias:
+        return logits
+    biased = logits.astype(np.float32, copy=True)
+    tokens = np.fromiter((t for t, _ in params.logit_bias), dtype=np.int64, count=len(params.logit_bias))
+    biased[tokens] += np.fromiter((b for _, b in params.logit_bias), dtype=np.float32, count=len(params.logit_bias))
+    return biased
+
+
 def apply_penalties(
     logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], output_ids: list[int], stop_ids: frozenset[int]
 ) -> np.ndarray:
