@@ -12,6 +12,7 @@ from services.common.contract import (
     request_id_or_new,
     sampling_from_proto,
     validate_chat,
+    validate_logit_bias,
     validate_model_name,
     validate_priority,
     validate_prompt_text,
@@ -95,6 +96,7 @@ def to_generation_request(
     validate_token_ids(s.stop_token_ids, limits.vocab_size, "sampling.stop_token_ids", MAX_STOP_TOKEN_IDS)
     sampling = sampling_from_proto(s, min(default_max_tokens, limits.max_new_tokens))
     validate_sampling(sampling, limits.max_new_tokens)
+    validate_logit_bias(sampling.logit_bias, limits.vocab_size)
     validate_priority(request.priority)
     priority = request.priority or pb.PRIORITY_NORMAL
     return GenerationRequest(

@@ -11,6 +11,7 @@ from meshserve.v1 import generation_service_pb2 as pb
 from services.common.contract import (
     MAX_CHAT_MESSAGES,
     MAX_PROMPT_BYTES,
+    Constraint,
     EngineLimits,
     SamplingParams,
     request_id_or_new,
@@ -18,6 +19,7 @@ from services.common.contract import (
     sampling_to_proto,
     validate_chat,
     validate_generation,
+    validate_logit_bias,
     validate_prompt_text,
     validate_sampling,
     validate_stop_strings,
@@ -172,3 +174,70 @@ def test_the_engine_boundary_rechecks_the_same_contract():
         field_of(lambda: validate_generation(LIMITS, [1], SamplingParams(temperature=math.nan, max_tokens=8)))
         == "sampling.temperature"
     )
+
+
+# -- constraints and logit_bias ----------------------------------------------------------------
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize(
+    "constraint, field",
+    [
+        (Constraint("json_schema", "not json"), "sampling.json_schema"),
+        (Constraint("json_schema", "[1, 2]"), "sampling.json_schema"),
+        (Constraint("json_schema", ""), "sampling.json_schema"),
+        (Constraint("json_schema", _nested(33)), "sampling.json_schema"),
+        (Constraint("json_schema", "[" * 100_000 + "]" * 100_000), "sampling.json_schema"),
+        (Constraint("json_schema", '{"enum": ["' + "x" * (64 << 10) + '"]}'), "sampling.json_schema"),
+        (Constraint("regex", "a" * ((64 << 10) + 1)), "sampling.regex"),
+        (Constraint("grammar", "   "), "sampling.grammar"),
+        (Constraint("choice", choices=()), "sampling.choice.choices"),
+        (Constraint("choice", choices=tuple(str(i) for i in range(257))), "sampling.choice.choices"),
+        (Constraint("choice", choices=("ok", "")), "sampling.choice.choices[1]"),
+        (Constraint("choice", choices=("x" * 257,)), "sampling.choice.choices[0]"),
+    ],
+)
+def test_constraints_out_of_bounds_name_their_field(constraint, field):
+    assert field_of(lambda: validate_sampling(SamplingParams(max_tokens=8, constraint=constraint), 64)) == field
+
+
+def test_constraints_inside_the_bounds_are_accepted():
+    for constraint in (
+        Constraint("json_schema", _nested(31)),
+        Constraint("json_object"),
+        Constraint("regex", "[a-z]+"),
+        Constraint("choice", choices=tuple(str(i) for i in range(256))),
+        Constraint("grammar", 'start: "a"'),
+    ):
+        validate_sampling(SamplingParams(max_tokens=8, constraint=constraint), 64)
+
+
+def test_logit_bias_is_bounded_in_entries_ids_and_values():
+    validate_logit_bias([(0, -100.0), (999, 100.0)], 1000)
+    for bias in ([(1000, 1.0)], [(1, 100.5)], [(1, math.nan)], [(i, 1.0) for i in range(301)]):
+        assert field_of(lambda bias=bias: validate_logit_bias(bias, 1000)) == "sampling.logit_bias"
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        Constraint("json_schema", '{"type": "object"}'),
+        Constraint("json_object"),
+        Constraint("regex", "[0-9]+"),
+        Constraint("choice", choices=("yes", "no")),
+        Constraint("grammar", 'start: "a"'),
+    ],
+)
+def test_a_constraint_and_logit_bias_travel_router_to_engine_unchanged(constraint):
+    params = SamplingParams(max_tokens=9, constraint=constraint, logit_bias=((3, -1.5), (7, 2.0)))
+    public = sampling_to_proto(params, pb.SamplingParameters())
+    assert sampling_from_proto(pb.SamplingParameters.FromString(public.SerializeToString()), 9) == params
+    internal = sampling_to_proto(sampling_from_proto(public, 9), inference_pb.SamplingParameters())
+    assert sampling_from_proto(inference_pb.SamplingParameters.FromString(internal.SerializeToString()), 9) == params
+
+
+def test_json_object_false_is_no_constraint():
+    assert sampling_from_proto(pb.SamplingParameters(json_object=False)).constraint is None

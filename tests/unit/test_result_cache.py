@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
-from services.common.contract import SamplingParams
+from services.common.contract import Constraint, SamplingParams
 from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
@@ -70,6 +70,27 @@ def test_the_key_covers_tenant_model_revision_prompt_and_every_sampling_field():
         sampling = dataclasses.replace(GREEDY.sampling, **{name: value})
         variants.append(cache_key(dataclasses.replace(GREEDY, sampling=sampling), LIMITS))
     assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_the_key_covers_the_constraint_and_logit_bias():
+    def key(**fields) -> str | None:
+        sampling = dataclasses.replace(GREEDY.sampling, **fields)
+        return cache_key(dataclasses.replace(GREEDY, sampling=sampling), [1, 2], LIMITS)
+
+    keys = [
+        key(),
+        key(constraint=Constraint("json_object")),
+        key(constraint=Constraint("json_schema", '{"type": "object"}')),
+        key(constraint=Constraint("json_schema", '{"type": "array"}')),
+        key(constraint=Constraint("regex", '{"type": "array"}')),
+        key(constraint=Constraint("choice", choices=("a", "b"))),
+        key(constraint=Constraint("choice", choices=("b", "a"))),
+        key(constraint=Constraint("grammar", 'start: "a"')),
+        key(logit_bias=((5, 1.0),)),
+        key(logit_bias=((5, 2.0),)),
+    ]
+    assert len(set(keys)) == len(keys)
+    assert key(constraint=Constraint("regex", "a+")) == key(constraint=Constraint("regex", "a+"))
 
 
 def test_an_answer_survives_encoding_unchanged():
