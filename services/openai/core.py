@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from meshserve.v1 import generation_service_pb2 as pb
+from services.common.contract import CONSTRAINT_KINDS
 from services.common.errors import (
     DownstreamError,
     InvalidArgumentError,
@@ -30,6 +31,7 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.common.finish import from_public_proto
+from services.openai import tools as tools_
 from services.openai.schemas import FIELD_NAMES, ChatCompletionRequest, CompletionRequest, Endpoint, _Sampling
 
 MAX_N = 4
@@ -146,6 +148,10 @@ class Plan:
     max_tokens_param: str
     """The field the client set the token limit with (max_tokens or max_completion_tokens)."""
     created: int = field(default_factory=lambda: int(time.time()))
+    tools: tools_.ToolMode | None = None
+    """How the model may call tools (None: it may not); outputs that are call envelopes become tool_calls."""
+    constraint_param: str | None = None
+    """The OpenAI field the request's constraint came from (response_format, tools, structured_outputs.*)."""
 
 
 def _sampling(request: _Sampling, max_tokens: int | None, logprobs: int | None) -> pb.SamplingParameters:
@@ -171,7 +177,23 @@ def _sampling(request: _Sampling, max_tokens: int | None, logprobs: int | None) 
         sampling.stop.extend([request.stop] if isinstance(request.stop, str) else request.stop)
     if logprobs is not None:
         sampling.logprobs = logprobs
+    for key, bias in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= 1 << 32:
+            raise invalid(f"Invalid 'logit_bias': {key!r} is not a token id.", "logit_bias")
+        sampling.logit_bias[int(key)] = bias
     return sampling
+
+
+def _constrain(sampling: pb.SamplingParameters, constraint: pb.SamplingParameters | None) -> None:
+    if constraint is not None:
+        sampling.MergeFrom(constraint)
+
+
+def _structure(request: _Sampling) -> tuple[pb.SamplingParameters, str] | None:
+    try:
+        return tools_.format_constraint(request)
+    except tools_.ToolsError as error:
+        raise invalid(error.message, error.param) from None
 
 
 def _check_int32(request: _Sampling, names: tuple[str, ...]) -> None:
@@ -250,16 +272,41 @@ def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int 
         max_tokens, max_tokens_param = request.max_completion_tokens, "max_completion_tokens"
     # "developer" is OpenAI's newer name for the system role
     messages = [
-        pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=_message_content(m.content, i))
+        pb.ChatMessage(
+            role="system" if m.role == "developer" else m.role,
+            content=tools_.assistant_content(m, _message_content(m.content, i)),
+        )
         for i, m in enumerate(request.messages)
     ]
+    structure = _structure(request)
+    constraint, constraint_param = structure if structure is not None else (None, None)
+    try:
+        mode, offered = tools_.tool_mode(request)
+    except tools_.ToolsError as error:
+        raise invalid(error.message, error.param) from None
+    if mode is not None:
+        if constraint is not None:
+            raise invalid(
+                "response_format or structured_outputs with tools is not served; set tool_choice to 'none'.",
+                constraint_param,
+                "unsupported_parameter",
+            )
+        described = tools_.tools_prompt(offered, mode)
+        if messages[0].role == "system":
+            messages[0].content = f"{messages[0].content}\n\n{described}"
+        else:
+            messages.insert(0, pb.ChatMessage(role="system", content=described))
+        constraint = tools_.tool_constraint(offered, mode, request.parallel_tool_calls is not False)
+        constraint_param = "tools"
     n = _choices(request, 1, max_choices)
     plan_id = f"chatcmpl-{uuid.uuid4().hex}"
+    sampling = _sampling(request, max_tokens, logprobs)
+    _constrain(sampling, constraint)
     requests = _fan_out(
         [{"chat": pb.ChatMessages(messages=messages)}],
         n,
         request,
-        _sampling(request, max_tokens, logprobs),
+        sampling,
         request.model,
         plan_id,
     )
@@ -273,6 +320,8 @@ def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int 
         bool(request.stream and request.stream_options and request.stream_options.include_usage),
         logprobs,
         max_tokens_param,
+        tools=mode,
+        constraint_param=constraint_param,
     )
 
 
@@ -293,7 +342,10 @@ def plan_completion(request: CompletionRequest, model_name: str, max_choices: in
     n = _choices(request, len(inputs), max_choices)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     plan_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = _fan_out(inputs, n, request, _sampling(request, max_tokens, request.logprobs), request.model, plan_id)
+    sampling = _sampling(request, max_tokens, request.logprobs)
+    structure = _structure(request)
+    _constrain(sampling, structure[0] if structure else None)
+    requests = _fan_out(inputs, n, request, sampling, request.model, plan_id)
     return Plan(
         "completion",
         plan_id,
@@ -304,6 +356,7 @@ def plan_completion(request: CompletionRequest, model_name: str, max_choices: in
         bool(request.stream and request.stream_options and request.stream_options.include_usage),
         request.logprobs,
         "max_tokens",
+        constraint_param=structure[1] if structure else None,
     )
 
 
@@ -320,6 +373,9 @@ def openai_param(field_path: str, plan: Plan | None) -> str | None:
     """The OpenAI field a meshserve field violation names: sampling.top_p -> top_p, chat.messages[0].role ->
     messages[0].role, sampling.logprobs -> top_logprobs (chat) or logprobs (completions)."""
     endpoint = plan.endpoint if plan else "chat"
+    constraint_fields = tuple(f"sampling.{kind}" for kind in CONSTRAINT_KINDS)
+    if field_path.startswith(constraint_fields) and plan is not None and plan.constraint_param:
+        return plan.constraint_param
     if field_path == "sampling.max_tokens":
         return plan.max_tokens_param if plan else "max_tokens"
     if field_path == "sampling.logprobs":
@@ -465,6 +521,10 @@ class ChoiceState:
     text_offset: int = 0
     """Characters of completion text so far (completions' logprobs.text_offset)."""
     started: bool = False
+    held: list[str] = field(default_factory=list)
+    """Streamed text not sent yet: it may be (or is) a tool-call envelope, sent as tool_calls at the end."""
+    streams_text: bool = False
+    """With tools: the output turned out to be text (its first character is not "{"), streamed as content."""
 
 
 class ResponseBuilder:
@@ -519,10 +579,14 @@ class ResponseBuilder:
         for choice in self.choices:
             text = "".join(choice.text)
             if self.plan.endpoint == "chat":
+                calls = self._tool_calls(text, choice)
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if calls is not None:
+                    message = {"role": "assistant", "content": None, "tool_calls": calls}
                 choices.append(
                     {
                         "index": choice.index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": self._chat_logprobs(choice.logprobs, texts),
                         "finish_reason": choice.finish_reason,
                     }
@@ -545,6 +609,55 @@ class ResponseBuilder:
             "usage": self.usage(),
             "system_fingerprint": None,
         }
+
+    def _tool_calls(self, text: str, choice: ChoiceState) -> list[dict[str, Any]] | None:
+        """The output's tool calls when the request offered tools and the output is a complete call envelope;
+        the choice's finish reason becomes "tool_calls"."""
+        if self.plan.tools is None or choice.finish_reason != "stop":
+            return None
+        calls = tools_.parse_tool_calls(text)
+        if calls is not None:
+            choice.finish_reason = "tool_calls"
+        return calls
+
+    def _hold_for_tools(self, choice: ChoiceState, text: str) -> str | None:
+        """With tools, the text to stream now (None: hold it). Text that starts with "{" is a call envelope
+        (the constraint allows nothing else to start so), held until the output completes."""
+        if self.plan.tools is None or choice.streams_text:
+            return text
+        choice.held.append(text)
+        held = "".join(choice.held)
+        if not held or (self.plan.tools.choice != "auto" or held.startswith("{")):
+            return None
+        choice.streams_text, choice.held = True, []
+        return held
+
+    def _tool_call_chunks(self, index: int, choice: ChoiceState) -> list[dict[str, Any]]:
+        """At the end of a choice that held its text: its tool_calls deltas (one naming each call, one with
+        its arguments), or the held text as content when it is no complete envelope (cut by max_tokens)."""
+        held = "".join(choice.held)
+        choice.held = []
+        if not held:
+            return []
+        calls = self._tool_calls(held, choice)
+        if calls is None:
+            return [self._chunk({"index": index, "delta": {"content": held}, "logprobs": None, "finish_reason": None})]
+        out = []
+        for i, call in enumerate(calls):
+            named = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            arguments = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+            for delta in (named, arguments):
+                out.append(
+                    self._chunk(
+                        {"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
+                    )
+                )
+        return out
 
     # logprobs in the two OpenAI formats
 
@@ -618,16 +731,18 @@ class ResponseBuilder:
             if not chunk.text and not (self.plan.logprobs is not None and chunk.logprobs):
                 return out  # nothing to show yet (a multi-byte character still incomplete)
             if self.plan.endpoint == "chat":
-                out.append(
-                    self._chunk(
-                        {
-                            "index": index,
-                            "delta": {"content": chunk.text},
-                            "logprobs": self._chat_logprobs(list(chunk.logprobs), texts),
-                            "finish_reason": None,
-                        }
+                shown = self._hold_for_tools(choice, chunk.text)
+                if shown is not None:
+                    out.append(
+                        self._chunk(
+                            {
+                                "index": index,
+                                "delta": {"content": shown},
+                                "logprobs": self._chat_logprobs(list(chunk.logprobs), texts),
+                                "finish_reason": None,
+                            }
+                        )
                     )
-                )
             else:
                 logprobs = self._completion_logprobs(list(chunk.logprobs), texts, choice.text_offset)
                 out.append(
@@ -639,6 +754,7 @@ class ResponseBuilder:
             return out
         self._complete(choice, response.complete)
         if self.plan.endpoint == "chat":
+            out += self._tool_call_chunks(index, choice)
             out.append(
                 self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason})
             )
