@@ -156,7 +156,7 @@ def test_tool_calls_stream_as_delta_tool_calls():
 
 def test_with_tool_choice_auto_a_text_answer_streams_as_content_at_once():
     builder = core.ResponseBuilder(chat(tools=[WEATHER], stream=True))
-    first = [c for c in builder.chunks(0, pb.GenerateResponse(chunk=pb.GenerateChunk(text="It is")), {})]
+    first = list(builder.chunks(0, pb.GenerateResponse(chunk=pb.GenerateChunk(text="It is")), {}))
     assert first[-1]["choices"][0]["delta"] == {"content": "It is"}
     rest = [c for r in _answer([" sunny."]) for c in builder.chunks(0, r, {})]
     assert rest[-1]["choices"][0]["finish_reason"] == "stop"
