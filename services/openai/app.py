@@ -25,8 +25,9 @@ from starlette.types import Receive, Scope, Send
 
 from meshserve.v1 import generation_service_pb2 as pb
 from services.common.contract import MAX_PROMPT_BYTES
-from services.openai import core
+from services.openai import core, responses
 from services.openai.config import OpenAIConfig
+from services.openai.schemas import ChatCompletionRequest
 from services.openai.upstream import Generation, RouterClient, TokenTexts, forwarded_metadata
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,96 @@ async def _events(
     yield core.SSE_DONE
 
 
+def _parse_responses(body: bytes) -> tuple[responses.ResponsesRequest, ChatCompletionRequest]:
+    request = core._parse(responses.ResponsesRequest, body, responses.RESPONSES_FIELDS)
+    try:
+        return request, responses.to_chat(request)
+    except responses.ResponsesError as error:
+        raise core.invalid(error.message, error.param) from None
+
+
+def _as_responses_error(error: core.OpenAIError) -> core.OpenAIError:
+    error.param = responses.responses_param(error.param)
+    return error
+
+
+async def _respond(service: OpenAIService, request: Request) -> Response:
+    """POST /v1/responses: one chat generation, answered as a Response object or its stream of events."""
+    life = _Life(service, request, "/v1/responses")
+    generation: Generation | None = None
+    stream: _EventStream | None = None
+    try:
+        body = await _bounded_body(request)
+        asked, chat = _parse_responses(body)
+        model = (await service.model_info()).model
+        plan = life.plan = core.plan_chat(chat, model, 1)
+        timeout_s = core.request_timeout(request.headers, plan.stream)
+        with life.current():
+            generation = Generation(service.router, plan.requests, forwarded_metadata(request.headers), timeout_s)
+        builder = core.ResponseBuilder(plan)
+        response_id = "resp_" + plan.id.removeprefix("chatcmpl-")
+        if plan.stream:
+            first = await _unless_client_leaves(request, generation.first_answers())
+
+            def close(calls: Generation = generation) -> None:
+                calls.cancel()
+                life.end(499)
+
+            translator = responses.EventTranslator(asked, response_id, model)
+            events = _response_events(life, _answers(generation, first), builder, translator)
+            stream = _EventStream(events, close, response_id)
+            return stream
+        await _unless_client_leaves(request, _collect(generation, builder))
+        chat_body = builder.body({})
+        life.usage = chat_body["usage"]
+        life.end(200)
+        return JSONResponse(responses.from_chat_body(asked, chat_body), headers={"x-request-id": response_id})
+    except ClientGone:
+        life.end(499)
+        return Response(status_code=499)
+    except Exception as error:
+        mapped = _as_responses_error(core.to_openai_error(error, life.plan))
+        if mapped.status == 500:
+            log.error("internal error", exc_info=error, extra={"request_id": life.plan.id if life.plan else ""})
+        life.end(mapped.status, mapped)
+        return _error_response(mapped)
+    finally:
+        if generation is not None and stream is None:
+            generation.cancel()
+
+
+def _response_event(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\n".encode() + core.sse(event)
+
+
+async def _response_events(
+    life: _Life,
+    answers: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    builder: core.ResponseBuilder,
+    translator: responses.EventTranslator,
+) -> AsyncIterator[bytes]:
+    """The Responses stream: the chat chunks of the one choice, translated into Responses events."""
+    status, error = 499, None
+    try:
+        for event in translator.start():
+            yield _response_event(event)
+        async for index, response in answers:
+            for chunk in builder.chunks(index, response, {}):
+                for event in translator.chunk(chunk):
+                    yield _response_event(event)
+        for event in translator.finish(builder.usage()):
+            yield _response_event(event)
+        status = 200
+        life.usage = builder.usage()
+    except Exception as failure:
+        error = _as_responses_error(core.to_openai_error(failure, builder.plan))
+        status = error.status
+        failed = {"type": "error", "sequence_number": translator.sequence, **error.body()["error"]}
+        yield _response_event(failed)
+    finally:
+        life.end(status, error)
+
+
 def create_app(config: OpenAIConfig) -> FastAPI:
     """The app; the gRPC channels are opened when it starts and closed when it stops."""
 
@@ -326,6 +417,10 @@ def create_app(config: OpenAIConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _generate(request.app.state.service, request, "completion")
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await _respond(request.app.state.service, request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

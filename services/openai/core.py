@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from meshserve.v1 import generation_service_pb2 as pb
 from services.common.contract import CONSTRAINT_KINDS
@@ -80,19 +80,19 @@ def invalid(message: str, param: str | None, code: str = "invalid_value") -> Ope
 # 1. Parsing
 
 
-def _param_of(location: tuple[str | int, ...]) -> str:
+def _param_of(location: tuple[str | int, ...], names: frozenset[str] = FIELD_NAMES) -> str:
     """A pydantic error location as an OpenAI param path: ('messages', 0, 'content') -> messages[0].content.
     Union members add their tag to the location ('stop', 'list[str]', 0); tags are not field names."""
     param = ""
     for part in location:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part in FIELD_NAMES:
+        elif part in names:
             param += f".{part}" if param else part
     return param
 
 
-def _parse(model: type[_Sampling], body: bytes) -> Any:
+def _parse(model: type[BaseModel], body: bytes, names: frozenset[str] = FIELD_NAMES) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
@@ -101,14 +101,14 @@ def _parse(model: type[_Sampling], body: bytes) -> Any:
         # A union's members each report an error; the deepest path of the first field's is the most precise
         # (stop: ["a", 3] -> stop[1], not "stop should be a string").
         same_field = [e for e in errors if e["loc"][:1] == first["loc"][:1]]
-        first = max(same_field, key=lambda e: (len(_param_of(e["loc"])), not e["type"].endswith("_type")))
+        first = max(same_field, key=lambda e: (len(_param_of(e["loc"], names)), not e["type"].endswith("_type")))
         if first["type"] == "json_invalid":
             raise invalid(
                 f"We could not parse the JSON body of your request: {first['msg']}", None, "invalid_json"
             ) from None
         if first["type"] == "model_type":
             raise invalid("The request body must be a JSON object.", None, "invalid_json") from None
-        param = _param_of(first["loc"])
+        param = _param_of(first["loc"], names)
         if first["type"] == "missing":
             raise invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter") from None
         if first["type"].endswith("_type"):
@@ -296,7 +296,7 @@ def plan_chat(request: ChatCompletionRequest, model_name: str, max_choices: int 
             messages[0].content = f"{messages[0].content}\n\n{described}"
         else:
             messages.insert(0, pb.ChatMessage(role="system", content=described))
-        constraint = tools_.tool_constraint(offered, mode, request.parallel_tool_calls is not False)
+        constraint = tools_.tool_constraint(offered, mode, request.parallel_tool_calls is True)
         constraint_param = "tools"
     n = _choices(request, 1, max_choices)
     plan_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -13,6 +13,9 @@ valid by construction:
 - `"auto"` (the default when tools are given): a Lark grammar allowing either the envelope or free text
   that does not start with `{`, so the first token tells which it is and text streams at once.
 - `"none"`: no tools in the prompt and no constraint from them.
+
+`parallel_tool_calls` unset means one call per answer (OpenAI's default is parallel): SmolLM2-135M, allowed
+several, repeats its first call until max_tokens. `true` allows up to MAX_PARALLEL_CALLS.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from meshserve.v1 import generation_service_pb2 as pb
 from services.openai.schemas import ChatCompletionRequest, ChatMessage, StructuredOutputs, Tool, _Sampling
 
 MAX_TOOLS = 64
+MAX_PARALLEL_CALLS = 8
+"""Calls in one answer when parallel_tool_calls is true."""
 ENVELOPE_KEY = "tool_calls"
 
 
@@ -63,8 +68,7 @@ def _envelope_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
         for t in tools
     ]
     array: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
-    if not parallel:
-        array["maxItems"] = 1
+    array["maxItems"] = MAX_PARALLEL_CALLS if parallel else 1
     return {
         "type": "object",
         "properties": {ENVELOPE_KEY: array},

@@ -53,9 +53,10 @@ def test_openai_paths_route_to_the_openai_cluster_over_http1_before_grpc(tmp_pat
     assert [r["match"] for r in openai] == [
         {"path": "/v1/chat/completions"},
         {"path": "/v1/completions"},
+        {"path": "/v1/responses"},
         {"path_separated_prefix": "/v1/models"},
     ]
-    assert routes[:3] == openai  # before the catch-all gRPC routes
+    assert routes[:4] == openai  # before the catch-all gRPC routes
     assert all(r["route"]["timeout"] == "0s" for r in openai)  # streams last as long as the generation
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     assert "typed_extension_protocol_options" not in clusters["openai"]  # Envoy's default upstream: HTTP/1.1
@@ -80,7 +81,14 @@ def test_envoy_refusals_on_openai_paths_are_openai_errors(tmp_path, secured):
     regex = openai[0]["filter"]["and_filter"]["filters"][0]["header_filter"]["header"]["string_match"]["safe_regex"][
         "regex"
     ]
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/x", "/v1/completions?x=1"):
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/models",
+        "/v1/models/x",
+        "/v1/completions?x=1",
+    ):
         assert re.match(regex, path), path
     for path in ("/v1/generate", "/meshserve.v1.GenerationService/Generate", "/v1/completionsX"):
         assert not re.match(regex, path), path

@@ -54,6 +54,14 @@ def test_tools_go_into_a_system_turn_and_constrain_the_output_to_calls():
     schema = json.loads(plan.requests[0].sampling.json_schema)
     calls = schema["properties"]["tool_calls"]
     assert calls["maxItems"] == 1 and len(calls["items"]["anyOf"]) == 2
+    parallel = chat(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=True)
+    assert json.loads(parallel.requests[0].sampling.json_schema)["properties"]["tool_calls"]["maxItems"] == 8
+    assert (
+        json.loads(chat(tools=[WEATHER], tool_choice="required").requests[0].sampling.json_schema)["properties"][
+            "tool_calls"
+        ]["maxItems"]
+        == 1
+    )  # unset: one call (see services/openai/tools.py)
     assert plan.tools == tools.ToolMode("required", ("get_weather", "get_time"))
 
 
