@@ -4,6 +4,7 @@ Two inference replicas and two routers behind Envoy."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -115,6 +116,42 @@ def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clien
         assert after.text == before.text
         assert after.complete.completion_tokens == before.complete.completion_tokens
     # the launcher restarts the killed replica; wait so later tests see two again
+    wait_until(lambda: "restarting" in open(mesh2.log_path).read())
+    wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
+
+
+LIST_SCHEMA = (
+    '{"type":"object","properties":{"facts":{"type":"array","minItems":6,"maxItems":6,'
+    '"items":{"type":"string","maxLength":60}}},"required":["facts"],"additionalProperties":false}'
+)
+
+
+def test_sigkill_mid_stream_resumes_a_constrained_stream_in_the_same_grammar_state(mesh2):
+    """The replica that takes over replays the tokens already streamed through its own matcher of the
+    same schema, so the answer is the undisturbed one, and still valid against the schema."""
+    reqs = []
+    for prompt in PROMPTS:
+        req = request(f"List six facts. {prompt}", 160)
+        req.sampling.json_schema = LIST_SCHEMA
+        reqs.append(req)
+    undisturbed = run_streams(mesh2.target, reqs)
+    assert all(s.error is None for s in undisturbed)
+    streams = [Stream(mesh2.target, r) for r in reqs]
+    for s in streams:
+        s.start()
+    wait_until(lambda: all(len(s.tokens) >= 10 for s in streams))
+    victim, running = busiest_inference(mesh2)
+    assert running >= 1
+    os.kill(mesh2.pids()[victim], signal.SIGKILL)
+    for s in streams:
+        s.join(180)
+    for before, after in zip(undisturbed, streams):
+        assert after.error is None, after.error
+        assert after.tokens == before.tokens
+        assert after.text == before.text
+        if after.complete.finish_reason == pb.FINISH_REASON_STOP:
+            assert len(json.loads(after.text)["facts"]) == 6
+    assert any(s.complete.finish_reason == pb.FINISH_REASON_STOP for s in streams)
     wait_until(lambda: "restarting" in open(mesh2.log_path).read())
     wait_until(lambda: _serving(mesh2, victim), timeout_s=120)
 
