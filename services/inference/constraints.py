@@ -92,6 +92,7 @@ class RowConstraint:
         self._pool = pool
         self._bitmask = llnp.allocate_token_bitmask(1, vocab_size)
         self._pending: concurrent.futures.Future[None] | None = None
+        self._done = bool(matcher.is_stopped())
         self._prefetch()
 
     def _compute(self) -> None:
@@ -112,19 +113,22 @@ class RowConstraint:
 
     def accept(self, token: int) -> None:
         """Advances the grammar by the token generated (or replayed); raises ConstraintError if it is not
-        allowed. The next mask starts computing at once, during the next forward pass."""
+        allowed. The next mask starts computing at once, during the next forward pass: from then on only
+        the worker touches the matcher (it is not shareable while it computes), until `apply` waits for it."""
         if self._pending is not None:  # the mask of the state being left (unused when replaying)
             self._pending.result()
             self._pending = None
         if not self._matcher.consume_token(token) or self._matcher.is_error():
             raise ConstraintError(_first_line(self._matcher.get_error()))
-        if not self._matcher.is_stopped():
+        self._done = bool(self._matcher.is_stopped())
+        if not self._done:
             self._prefetch()
 
     @property
     def done(self) -> bool:
-        """The output is complete: the grammar allows nothing more (the request finishes with STOP)."""
-        return bool(self._matcher.is_stopped())
+        """The output is complete: the grammar allows nothing more (the request finishes with STOP). Read
+        from the last `accept`, never from the matcher, which the worker may be computing with."""
+        return self._done
 
 
 class GrammarCompiler:

@@ -183,3 +183,46 @@ async def test_a_compilation_past_the_timeout_is_invalid_argument(grammars, monk
     assert caught.value.field == "sampling.regex" and "took more than" in caught.value.description
     assert time.monotonic() - started < 0.9
     slow.close()
+
+
+class _BusyMatcher:
+    """A matcher that, like llguidance's, may not be used while it computes a mask (which takes a while here)."""
+
+    def __init__(self) -> None:
+        self.computing = False
+
+    def _check(self) -> None:
+        if self.computing:
+            raise RuntimeError("Already mutably borrowed")
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        self._check()
+        self.computing = True
+        time.sleep(0.2)
+        self.computing = False
+
+    def consume_token(self, token: int) -> bool:
+        self._check()
+        return True
+
+    def is_error(self) -> bool:
+        self._check()
+        return False
+
+    def is_stopped(self) -> bool:
+        self._check()
+        return False
+
+
+def test_the_engine_thread_never_touches_a_matcher_while_its_next_mask_is_computed():
+    import concurrent.futures
+
+    from services.inference.constraints import RowConstraint
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        row = RowConstraint(_BusyMatcher(), 257, pool)
+        row.apply(np.zeros(257, np.float32))
+        row.accept(1)  # starts the next mask on the worker
+        time.sleep(0.05)
+        assert not row.done  # read while the worker computes: must not touch the matcher
+        row.apply(np.zeros(257, np.float32))
