@@ -41,7 +41,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_TEXT_BYTES = 1 << 20
 MAX_MODEL_CHARS = 256
 MAX_MESSAGES = 256
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP = 8
 MAX_STOP_BYTES = 64
 MAX_STOP_IDS = 64
@@ -283,7 +283,7 @@ def _chat(draw, message_cls, hostile: bool):
         return [message_cls(role=r, content=draw(st.sampled_from(SHORT_PROMPTS))) for r in roles]
     n = draw(st.sampled_from([0, 1, 2, 3, 255, 256, 257, 1000, 20_000]))
     role = draw(
-        st.one_of(st.sampled_from(ROLES), st.sampled_from(["", "User", "tool", "wizard", "system "]), odd_strings)
+        st.one_of(st.sampled_from(ROLES), st.sampled_from(["", "User", "function", "wizard", "system "]), odd_strings)
     )
     # contents huge alone, or 4 kB x 256 (1 MiB in all), or tiny x 20,000: never past a few MB in all
     content = draw(

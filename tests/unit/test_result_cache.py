@@ -75,7 +75,7 @@ def test_the_key_covers_tenant_model_revision_prompt_and_every_sampling_field():
 def test_the_key_covers_the_constraint_and_logit_bias():
     def key(**fields) -> str | None:
         sampling = dataclasses.replace(GREEDY.sampling, **fields)
-        return cache_key(dataclasses.replace(GREEDY, sampling=sampling), [1, 2], LIMITS)
+        return cache_key(dataclasses.replace(GREEDY, sampling=sampling), LIMITS)
 
     keys = [
         key(),
