@@ -119,7 +119,8 @@ class RowConstraint:
             self._pending.result()
             self._pending = None
         if not self._matcher.consume_token(token) or self._matcher.is_error():
-            raise ConstraintError(_first_line(self._matcher.get_error()))
+            # the token id only: llguidance's message quotes the output, which stays out of the logs
+            raise ConstraintError(f"the grammar does not allow token {token} here")
         self._done = bool(self._matcher.is_stopped())
         if not self._done:
             self._prefetch()
