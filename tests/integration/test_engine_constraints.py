@@ -152,3 +152,29 @@ def test_logit_bias_moves_the_greedy_choice(engine, grammars, tokenizer):
     forced = tokenizer.encode_text(" banana")[0]
     pushed = SamplingParams(max_tokens=1, temperature=0.0, logit_bias=((forced, 100.0),))
     assert _run(engine, grammars, {"f": (prompt, pushed)}).tokens["f"] == [forced]
+
+
+@pytest.fixture(scope="module")
+def speculative_engine(model_dir):
+    config = EngineConfig(
+        num_slots=4, max_context=384, max_new_tokens=96, max_waiting=4, num_speculative_tokens=4, speculative_max_rows=4
+    )
+    engine = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def test_speculative_drafts_keep_a_constrained_row_in_its_grammar(engine, speculative_engine, grammars, tokenizer):
+    """Drafts are verified position by position through `_sample`, so the matcher accepts exactly the kept
+    tokens: with speculation the constrained answer is the one without, and so is a resumed one."""
+    params = SamplingParams(max_tokens=80, temperature=0.0, constraint=Constraint("json_schema", json.dumps(PERSON)))
+    prompt = _chat(tokenizer, 'Repeat this JSON exactly: {"name":"Ada Lovelace","age":36}')
+    plain = _run(engine, grammars, {"c": (prompt, params)}).tokens["c"]
+    accepted_before = speculative_engine.speculative_accepted
+    drafted = _run(speculative_engine, grammars, {"c": (prompt, params)}).tokens["c"]
+    assert speculative_engine.speculative_accepted > accepted_before  # drafts were taken
+    assert drafted == plain
+    json.loads(_text(tokenizer, drafted))
+    resumed = _run(speculative_engine, grammars, {"r": (prompt, params)}, resumed={"r": plain[:3]}).tokens["r"]
+    assert resumed == plain[3:]
