@@ -44,13 +44,18 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     encoded = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
         for p in load_prompts(None)
     ]
     scheduler = ov_genai.SchedulerConfig()
@@ -61,7 +66,7 @@ def main() -> int:
     config = ov_genai.GenerationConfig()
     config.max_new_tokens = args.max_tokens
     config.do_sample = False
-    config.eos_token_id = tokenizer.eos_token_id
+    config.set_eos_token_id(tokenizer.eos_token_id)
 
     def run(total: int, max_tokens: int) -> tuple[list[RequestResult], float]:
         config.max_new_tokens = max_tokens
@@ -72,7 +77,7 @@ def main() -> int:
         def send() -> None:
             nonlocal sent
             ids = encoded[sent % len(encoded)]
-            handle = pipe.add_request(sent, ov.Tensor([ids]), config)
+            handle = pipe.add_request(sent, ov.Tensor(np.array([ids], np.int64)), config)
             in_flight[sent] = {"handle": handle, "start": time.perf_counter(), "times": [], "prompt": len(ids)}
             sent += 1
 

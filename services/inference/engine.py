@@ -56,12 +56,12 @@ class EngineConfig:
     (bench/long_prompt_itl.py measures it)."""
     min_prefill_tokens: int = 16
     """The prefill share of a step that decode rows fill up."""
-    num_speculative_tokens: int = 0
+    num_speculative_tokens: int = 4
     """Draft tokens per decode row, guessed by prompt lookup (the tokens that followed the last earlier
     occurrence of the row's latest n-gram in its prompt and output) and checked in the same step: each
     accepted draft is a token gained without a step of its own. The text does not change: every position
     is sampled as without drafts (same logits, same random draws), a draft only survives if it equals
-    that token. 0 disables."""
+    that token. 0 disables (docs/benchmarks.md has what it gains at one stream)."""
     speculative_max_rows: int = 2
     """Rows a step may decode and still draft for: drafts pay where a step is bound by reading the
     weights (few rows), not where it computes (many)."""

@@ -569,9 +569,16 @@ REPETITIVE = "List the numbers again, exactly as before: 1 2 3 4 5 6 7 8 9 10 11
     ],
     ids=["greedy", "greedy-penalised-logprobs", "seeded"],
 )
-def test_drafted_tokens_change_nothing_but_the_number_of_steps(model_dir, tokenizer, engine, params):
+def test_drafted_tokens_change_nothing_but_the_number_of_steps(model_dir, tokenizer, params):
     prompts = {"repetitive": tokenizer.encode_text(REPETITIVE), "story": tokenizer.encode_text("Once upon a time")}
-    plain = {name: _collect(engine, name, ids, params) for name, ids in prompts.items()}
+    plain_config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, num_speculative_tokens=0)
+    plain_engine = Engine(OnnxRuntimeBackend(model_dir, 4, 256), plain_config)
+    plain_engine.start()
+    try:
+        plain = {name: _collect(plain_engine, name, ids, params) for name, ids in prompts.items()}
+    finally:
+        plain_engine.stop()
+    assert plain_engine.speculative_accepted == 0
     config = EngineConfig(num_slots=4, max_context=256, max_new_tokens=64, num_speculative_tokens=4)
     drafting = Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config)
     drafting.start()
