@@ -39,12 +39,12 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 # Weights of decoder_cpu.onnx (decoder.onnx is always float32, for TensorRT):
 #   fp32  the dequantized GGUF: the reference (tests/reference compares it with transformers)
 #   int8  smoothed 8-bit MatMulNBits blocks of 64 and 32, the GGUF's Q8_0 embedding and lm_head exactly, int8
-#         dot products (see quantize.py); perplexity within ~0.3% of fp32's, 2-3x the speed
+#         dot products (see quantize.py); the default
 #   int4  the lighter variant (the router's fallback tier): 4-bit blocks of 128 by GPTQ, the same
-#         Q8_0 embedding; cheaper than int8 at 1 and at 32 streams, perplexity ~+20% (quantize.py)
+#         Q8_0 embedding; cheaper, and allowed to cost quality (quantize.py)
 #   w8a8  int8 weights per channel and int8 activations per token (MatMulIntegerToFloat and meshserve's own
-#         RowQuantize operator); faster than int8
-#         in batches and prefill, slower for one stream, perplexity ~+0.6% (quantize.py)
+#         RowQuantize operator), for batches and prefill (quantize.py)
+# What each costs and gains, measured and dated: docs/benchmarks.md.
 # All share layout.EXPORT_VERSION.
 PRECISIONS = ("fp32", "int8", "int4", "w8a8")
 DEFAULT_PRECISION = "int8"

@@ -1,5 +1,7 @@
 """Weights for ONNX Runtime's `com.microsoft.MatMulNBits` (precisions int8 and int4 of decoder_cpu.onnx)
-and its int8 x int8 GEMM `MatMulIntegerToFloat` (precision w8a8).
+and its int8 x int8 GEMM `MatMulIntegerToFloat` (precision w8a8). The layouts below were chosen by
+measurement: the perplexities and step rates of each alternative are in docs/benchmarks.md ("Weight
+layouts"), with their dates.
 
 MatMulNBits computes y = x @ W.T with W stored in blocks of weights along the input dimension,
 each dequantized as (code - zero_point) * scale. With `accuracy_level=4` ONNX Runtime also
@@ -15,68 +17,43 @@ its scale, so a row's result does not depend on the other rows of its batch.
   s_k = max|x_k|^a / max|W[:, k]|^(1-a) from a calibration run (calibration.py). The division
   is folded into the layer that produces the input (the RMSNorm weight for q/k/v and gate/up, v's
   rows for o, up's rows for down), so the graph is unchanged and computes the same function;
-  only the int8 activation rounding hurts less. On tests/data/perplexity_text.txt it brings the
-  perplexity change from +1.2% to +0.25% of fp32's.
+  only the int8 activation rounding hurts less.
   Block sizes: ONNX Runtime quantizes each row of x to int8 per block too, and every block costs
-  a scaling of its int32 dot product, so larger blocks are cheaper (backend alone, 2-core machine,
-  interleaved rounds; 32-row decode / 1-row decode / 100-token prefill against blocks of 32 for all:
-  blocks of 64 for q/k/v, o, gate/up and 32 for down (this) +23% / +13% / +9%, 128/128/128/32
-  +10% / +5% / +16%). Coarser activation blocks before both MLP projections tip near ties:
-  with gate/up and down both at 64 or above the greedy answer to "What is the capital of
-  France?" starts with "L'" instead of "The" (fp32's margin there is 0.08 logits) and never says
-  Paris, though perplexity hardly moves (19.16-19.21). In one context: fp32 19.12, this 19.13,
-  all blocks of 32 19.17; greedy 48-token answers equal to fp32's on 8 of 17 prompts (7 of 17).
+  a scaling of its int32 dot product, so larger blocks are cheaper; but coarser activation blocks
+  before both MLP projections tip near ties (the greedy answer to "What is the capital of France?"
+  stops saying Paris with gate/up and down both at 64 or above, though perplexity hardly moves).
+  Hence blocks of 64 for q/k/v, o and gate/up, 32 for down.
 
 Why not the GGUF's 4-bit blocks: ONNX Runtime's fast MatMulNBits kernels take integer zero points
 only, and Q4_1's offset m = -zero_point * d is not a multiple of d. Rounding the zero point costs
-about 19% perplexity; exact float zero points make the CPU kernel dequantize the whole matrix on
-every call (9 tokens/s). 8 bits carry the Q4_1 weights within 1/32 of their step instead.
+much perplexity; exact float zero points make the CPU kernel dequantize the whole matrix on every
+call. 8 bits carry the Q4_1 weights within 1/32 of their step instead.
 
 int4, the lighter variant (the router's fallback tier: cheaper, and allowed to cost quality). The
 smoothed float projections are requantized to asymmetric 4-bit blocks of 128 with integer zero
 points (a block's zero point and scale chosen by a search minimizing its squared error), by GPTQ
 (Frantar et al. 2022): each column's rounding error is compensated in the columns not yet
 quantized, using the calibration inputs' X^T X, which minimizes the error of the projection's
-outputs rather than of its weights. The embedding / lm_head stay the Q8_0 blocks. What was measured
-(tests/data/perplexity_text.txt in one context, fp32 19.12; step rates of the backend alone on the
-2-core machine, quiet; int8 in the same sittings: 70-89 tokens/s at 1 row, 356-384 at 32):
-
-  4-bit layout                            perplexity       1 row     32 rows
-  blocks of 32, error-minimizing search   21.9 (+15%)      93-98     366-401 (no cheaper than int8)
-  blocks of 16                            20.5 (+7%)       89-98     354-361 (slower)
-  blocks of 64                            24.9 (+30%)      115-119   337-444
-  blocks of 128                           29.4 (+54%)      119-124   402-473
-  blocks of 128, GPTQ (this)              23.16 (+21%)     (the same layout as above)
-  symmetric blocks of 32                  23.5 (+23%, no longer answers "Paris")
-  4-bit embedding / lm_head too           +24% (vs +15%; no longer answers "Paris")
-
-At one row decoding reads the weights, so halving them pays at any block size; at 32 rows the
-int8 dot products are the work and each block's scaling is their overhead, so only blocks larger
-than int8's 32 are cheaper there. GPTQ needs many more calibration tokens than the int8 text's
-~300 (with those it fits the text and is worse than no compensation: +31% at blocks of 32): the
-calibration set is that text and the float model's own sampled answers to a few prompts (~3,700
-tokens, calibration.py). Its damping (0.3 of the Hessian's mean diagonal) and a lighter smoothing
-(a = 0.4; 0.3: +31%, 0.5: +21%, 0.7: +26%) were chosen on the perplexity text, so that number is
-somewhat optimistic for other text.
+outputs rather than of its weights. The embedding / lm_head stay the Q8_0 blocks (4-bit ones lose
+the Paris answer). At one row decoding reads the weights, so halving them pays at any block size; at
+32 rows the int8 dot products are the work and each block's scaling is their overhead, so only blocks
+larger than int8's 32 are cheaper there. GPTQ needs many more calibration tokens than the int8 text's
+~300 (with those it fits the text and is worse than no compensation): the calibration set is that
+text and the float model's own sampled answers to a few prompts (calibration.py). Its damping (0.3 of
+the Hessian's mean diagonal) and a lighter smoothing (a = 0.4) were chosen on the perplexity text, so
+its perplexity there is somewhat optimistic for other text.
 
 w8a8, int8 weights and int8 activations: MatMulNBits runs its int8 dot products block by block and
-spends more of a 32-row step scaling blocks than multiplying; ONNX Runtime's u8 x s8 GEMM (MLAS, the
-kernel behind MatMulIntegerToFloat, VNNI here) multiplies whole rows: 2-5x the speed at 32 rows on this
-model's shapes (README, Benchmarks). It takes one scale per activation tensor, so the graph
-quantizes each row itself (meshserve.ops RowQuantize: symmetric int8, one scale a token) and multiplies
-the GEMM's output by that row's scale: every row is exact integer arithmetic on its own values, so a
-row's result does not depend on its batch. The weights are symmetric int8 per output channel. Measured
-on tests/data/perplexity_text.txt in one context (fp32 19.12, int8 above 19.13):
-  every projection and the lm_head per channel, smoothing a = 0.7   19.49 (+1.9%, no longer "Paris")
-  the same, down kept in 8-bit blocks of 32                         19.23 (+0.6%)
-  the same, down and the lm_head in blocks                          19.17 (+0.3%)
-  down's input in per-channel int8, 8 to 64 outlier channels float  19.30-19.45
-  down's and the lm_head's inputs rotated by Hadamard blocks, a 0.5 19.23 (+0.6%, this)
-down's input (silu(gate) * up) carries the MLP's outlier channels: per row and per channel its matmul
-error is 2.2% against 0.8% in blocks of 32 (calibration inputs, relative Frobenius error). An orthonormal
-block-diagonal Hadamard rotation H (QuaRot, Ashkboos et al. 2024), x W^T = (x H)(W H)^T, spreads each
-outlier over its block of 64 and brings that to 1.0%; W H is folded into the weights offline, x H is
-computed by RowQuantize before it quantizes (a fast Walsh-Hadamard transform, no matmul).
+spends more of a many-row step scaling blocks than multiplying; ONNX Runtime's u8 x s8 GEMM (MLAS, the
+kernel behind MatMulIntegerToFloat, VNNI here) multiplies whole rows. It takes one scale per
+activation tensor, so the graph quantizes each row itself (meshserve.ops RowQuantize: symmetric int8,
+one scale a token) and multiplies the GEMM's output by that row's scale: every row is exact integer
+arithmetic on its own values, so a row's result does not depend on its batch. The weights are
+symmetric int8 per output channel, except where per-channel int8 lost too much: down's input
+(silu(gate) * up) carries the MLP's outlier channels. An orthonormal block-diagonal Hadamard rotation
+H (QuaRot, Ashkboos et al. 2024), x W^T = (x H)(W H)^T, spreads each outlier over its block of 64; W H
+is folded into the weights offline, x H is computed by RowQuantize before it quantizes (a fast
+Walsh-Hadamard transform, no matmul), for down's and the lm_head's inputs.
 """
 
 from __future__ import annotations
