@@ -13,10 +13,8 @@ from grpc_status import rpc_status
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from services.gateway.config import Endpoint, JwtAuth, render_envoy_config
-from services.gateway.credentials import ensure_signing_key, mint_token
-from tests.conftest import free_port
-from tests.e2e.conftest import launch_mesh, metric_value, running_envoy
+from services.gateway.credentials import mint_token
+from tests.e2e.conftest import launch_mesh, metric_value, secured_envoy
 
 STREAMS_PER_TENANT = 2
 MAX_STREAM_S = 8.0
@@ -25,26 +23,18 @@ MAX_STREAM_S = 8.0
 @pytest.fixture(scope="module")
 def policed(model_dir, otlp_receiver):
     args = [f"--max-streams-per-tenant={STREAMS_PER_TENANT}", f"--max-stream-duration-s={MAX_STREAM_S}"]
-    with launch_mesh(otlp_receiver, inference_args=["--num-slots=8"], router_args=args) as mesh:
+    # no speculative drafts: a 1,000-token stream must outlast the duration limit, and drafts on its
+    # repetitive story can make it finish first
+    inference = ["--num-slots=8", "--num-speculative-tokens=0"]
+    with launch_mesh(otlp_receiver, inference_args=inference, router_args=args) as mesh:
         yield mesh
 
 
 @pytest.fixture(scope="module")
 def jwt_endpoint(policed, tmp_path_factory) -> Iterator[tuple[str, object]]:
     """An Envoy with JWT auth in front of the policed mesh's router; yields its target and the credentials dir."""
-    directory = tmp_path_factory.mktemp("tenancy")
-    credentials = directory / "credentials"
-    port = free_port()
-    config = render_envoy_config(
-        port,
-        free_port(),
-        [Endpoint("127.0.0.1", policed.router_port)],
-        None,
-        "127.0.0.1",
-        jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
-    )
-    with running_envoy(config, directory, port, None):
-        yield f"127.0.0.1:{port}", credentials
+    with secured_envoy(policed, tmp_path_factory.mktemp("tenancy")) as envoy:
+        yield envoy.target, envoy.credentials
 
 
 def long_request(request_id: str = "", priority: int = pb.PRIORITY_NORMAL) -> pb.GenerateRequest:

@@ -29,7 +29,9 @@ def metrics():
 
 @pytest.fixture
 async def service(model_dir, metrics):
-    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=200, max_waiting=1)
+    # no speculative drafts: these tests need a request still running once its first tokens arrive, and
+    # drafts can finish a 150-token greedy answer in a fraction of a second
+    config = EngineConfig(num_slots=2, max_context=256, max_new_tokens=200, max_waiting=1, num_speculative_tokens=0)
     async_engine = AsyncEngine(metrics)
     async_engine.attach(Engine(OnnxRuntimeBackend(model_dir, config.num_slots, config.max_context), config))
     server = grpc.aio.server()
