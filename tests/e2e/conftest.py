@@ -19,7 +19,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from services.gateway.config import TlsFiles, envoy_binary, public_channel, validate_envoy_config
+from services.gateway.config import (
+    Endpoint,
+    JwtAuth,
+    TenantRateLimit,
+    TlsFiles,
+    build_descriptor_set,
+    envoy_binary,
+    public_channel,
+    render_envoy_config,
+    validate_envoy_config,
+)
+from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
 from tests.conftest import MODELS_ROOT, REPO, free_port, free_port_block, stop_process
 
 
@@ -229,3 +240,63 @@ def running_envoy(config: str, directory: Path, port: int, tls: TlsFiles | None)
         yield process
     finally:
         stop_process(process)
+
+
+@dataclass
+class SecuredEnvoy:
+    """A running Envoy with JWT auth (and optionally TLS, a rate limit, REST, gRPC-Web, OpenAI routes) in front
+    of a mesh's router: what the e2e tests of the secured public endpoint share."""
+
+    port: int
+    directory: Path
+    credentials: Path
+    """The development signing key's directory: tokens minted from it verify."""
+    ca: Path | None
+    process: subprocess.Popen
+
+    @property
+    def target(self) -> str:
+        return f"{'localhost' if self.ca else '127.0.0.1'}:{self.port}"
+
+    def token(self, tenant: str, **claims) -> str:
+        return mint_token(self.credentials, tenant, **claims)
+
+    def bearer(self, tenant: str, **claims) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata carrying a token of `tenant`."""
+        return (("authorization", f"Bearer {self.token(tenant, **claims)}"),)
+
+
+@contextlib.contextmanager
+def secured_envoy(
+    mesh: Mesh,
+    directory: Path,
+    *,
+    tls: bool = False,
+    rate_limit: TenantRateLimit | None = None,
+    rest: bool = False,
+    grpc_web: bool = False,
+    max_request_bytes: int | None = None,
+    openai: bool = False,
+) -> Iterator[SecuredEnvoy]:
+    """Renders, validates and runs a JWT-secured Envoy (the one template, as `meshserve up --auth jwt` does)
+    in front of `mesh`'s router until the block exits."""
+    credentials = directory / "credentials"
+    dev_tls = ensure_dev_tls(directory / "tls") if tls else None
+    tls_files = TlsFiles(dev_tls.cert, dev_tls.key, dev_tls.ca) if dev_tls else None
+    port = free_port()
+    config = render_envoy_config(
+        port,
+        free_port(),
+        [Endpoint("127.0.0.1", mesh.router_port)],
+        None,
+        "127.0.0.1",
+        tls=tls_files,
+        jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
+        rate_limit=rate_limit,
+        rest_descriptor=build_descriptor_set(directory / "generation_service.pb") if rest else None,
+        grpc_web=grpc_web,
+        max_request_bytes=max_request_bytes,
+        openai_endpoints=[Endpoint("127.0.0.1", mesh.openai_port)] if openai else None,
+    )
+    with running_envoy(config, directory, port, tls_files) as process:
+        yield SecuredEnvoy(port, directory, credentials, dev_tls.ca if dev_tls else None, process)

@@ -12,10 +12,9 @@ import pytest
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from services.gateway.config import Endpoint, JwtAuth, render_envoy_config
-from services.gateway.credentials import ensure_signing_key, mint_token
-from tests.conftest import free_port, wait_until
-from tests.e2e.conftest import launch_mesh, metric_value, running_envoy
+from services.gateway.credentials import mint_token
+from tests.conftest import wait_until
+from tests.e2e.conftest import launch_mesh, metric_value, secured_envoy
 
 MODEL = "SmolLM2-135M-Instruct"
 SHED_AFTER_S = 3
@@ -32,22 +31,13 @@ def tiered(model_dir, otlp_receiver, tmp_path_factory):
         "--fallback-arg=--max-waiting=0",
     ]
     router = [f"--shed-low-after-s={SHED_AFTER_S}", "--shed-utilisation=0.9"]
-    with launch_mesh(
-        otlp_receiver, inference_args=["--num-slots=2", "--max-waiting=0"], router_args=router, up_args=up
-    ) as mesh:
-        directory = tmp_path_factory.mktemp("tiers")
-        credentials = directory / "credentials"
-        port = free_port()
-        config = render_envoy_config(
-            port,
-            free_port(),
-            [Endpoint("127.0.0.1", mesh.router_port)],
-            None,
-            "127.0.0.1",
-            jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
-        )
-        with running_envoy(config, directory, port, None):
-            yield mesh, f"127.0.0.1:{port}", credentials
+    with (
+        launch_mesh(
+            otlp_receiver, inference_args=["--num-slots=2", "--max-waiting=0"], router_args=router, up_args=up
+        ) as mesh,
+        secured_envoy(mesh, tmp_path_factory.mktemp("tiers")) as envoy,
+    ):
+        yield mesh, envoy.target, envoy.credentials
 
 
 def auth(credentials, tenant: str, **claims):

@@ -11,10 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from services.gateway.config import Endpoint, JwtAuth, TlsFiles, render_envoy_config
-from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
-from tests.conftest import REPO, free_port
-from tests.e2e.conftest import running_envoy
+from tests.conftest import REPO
+from tests.e2e.conftest import secured_envoy
 
 CLIENT = REPO / "clients" / "node" / "client.js"
 
@@ -31,21 +29,8 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def secured(mesh, tmp_path_factory) -> Iterator[dict]:
-    directory = tmp_path_factory.mktemp("node-client")
-    tls = ensure_dev_tls(directory / "tls")
-    port = free_port()
-    tls_files = TlsFiles(tls.cert, tls.key, tls.ca)
-    config = render_envoy_config(
-        port,
-        free_port(),
-        [Endpoint("127.0.0.1", mesh.router_port)],
-        None,
-        "127.0.0.1",
-        tls=tls_files,
-        jwt=JwtAuth(ensure_signing_key(directory / "credentials").jwks, "meshserve-dev", ("meshserve",)),
-    )
-    with running_envoy(config, directory, port, tls_files):
-        yield {"target": f"localhost:{port}", "ca": tls.ca, "token": mint_token(directory / "credentials", "node")}
+    with secured_envoy(mesh, tmp_path_factory.mktemp("node-client"), tls=True) as envoy:
+        yield {"target": envoy.target, "ca": envoy.ca, "token": envoy.token("node")}
 
 
 def run_client(node: str, *args: str) -> subprocess.CompletedProcess:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from services.gateway.config import Endpoint, JwtAuth, TenantRateLimit, build_descriptor_set, render_envoy_config
-from services.gateway.credentials import ensure_signing_key, mint_token
-from tests.conftest import free_port
-from tests.e2e.conftest import metric_value, running_envoy
+from services.gateway.config import TenantRateLimit
+from services.gateway.credentials import mint_token
+from tests.e2e.conftest import metric_value, secured_envoy
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -275,23 +274,15 @@ class SecuredEndpoint:
 
 @pytest.fixture(scope="module")
 def secured(mesh, tmp_path_factory) -> Iterator[SecuredEndpoint]:
-    directory = tmp_path_factory.mktemp("openai-secured")
-    credentials = directory / "credentials"
-    port = free_port()
-    config = render_envoy_config(
-        port,
-        free_port(),
-        [Endpoint("127.0.0.1", mesh.router_port)],
-        None,
-        "127.0.0.1",
-        jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
+    with secured_envoy(
+        mesh,
+        tmp_path_factory.mktemp("openai-secured"),
         rate_limit=TenantRateLimit(RATE_LIMIT, 60),
         max_request_bytes=64 * 1024,
-        rest_descriptor=build_descriptor_set(directory / "generation_service.pb"),
-        openai_endpoints=[Endpoint("127.0.0.1", mesh.openai_port)],
-    )
-    with running_envoy(config, directory, port, None):
-        yield SecuredEndpoint(port, credentials)
+        rest=True,
+        openai=True,
+    ) as envoy:
+        yield SecuredEndpoint(envoy.port, envoy.credentials)
 
 
 def test_no_valid_token_is_an_authentication_error(secured):

@@ -22,16 +22,10 @@ import pytest
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 from services.gateway.config import (
-    Endpoint,
-    JwtAuth,
     TenantRateLimit,
-    TlsFiles,
-    build_descriptor_set,
-    render_envoy_config,
 )
-from services.gateway.credentials import ensure_dev_tls, ensure_signing_key, mint_token
-from tests.conftest import free_port
-from tests.e2e.conftest import running_envoy
+from services.gateway.credentials import mint_token
+from tests.e2e.conftest import secured_envoy
 
 MAX_REQUEST_BYTES = 64 * 1024
 RATE_LIMIT = 2  # generations per tenant per minute; every test uses its own tenants
@@ -61,26 +55,17 @@ class PublicEndpoint:
 
 @pytest.fixture(scope="module")
 def endpoint(mesh, tmp_path_factory) -> Iterator[PublicEndpoint]:
-    directory = tmp_path_factory.mktemp("public-endpoint")
-    credentials = directory / "credentials"
-    tls = ensure_dev_tls(directory / "tls")
-    port = free_port()
-    tls_files = TlsFiles(tls.cert, tls.key, tls.ca)
-    config = render_envoy_config(
-        port,
-        free_port(),
-        [Endpoint("127.0.0.1", mesh.router_port)],
-        None,
-        "127.0.0.1",
-        tls=tls_files,
-        jwt=JwtAuth(ensure_signing_key(credentials).jwks, "meshserve-dev", ("meshserve",)),
+    with secured_envoy(
+        mesh,
+        tmp_path_factory.mktemp("public-endpoint"),
+        tls=True,
         rate_limit=TenantRateLimit(RATE_LIMIT, 60),
-        rest_descriptor=build_descriptor_set(directory / "generation_service.pb"),
+        rest=True,
         grpc_web=True,
         max_request_bytes=MAX_REQUEST_BYTES,
-    )
-    with running_envoy(config, directory, port, tls_files) as process:
-        yield PublicEndpoint(port, tls.ca, credentials, process)
+    ) as envoy:
+        assert envoy.ca is not None
+        yield PublicEndpoint(envoy.port, envoy.ca, envoy.credentials, envoy.process)
 
 
 def router_requests(mesh) -> float:
