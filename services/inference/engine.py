@@ -155,13 +155,14 @@ class Engine:
     one step that decodes a token for every decoding request and prefills prompt chunks beside them
     (a mixed, packed batch under a token budget). Requests join and leave between steps.
 
-    Greedy output depends on the request alone, not on the batch, the chunking or the cache. The
-    backends compute a row independently of the other rows of its step and of where a prompt is
-    split into chunks, but a row with one new token takes the decode kernels, whose rounding differs
-    from the prefill kernels' (with int8 activations, by tenths of a logit). So every prompt position
-    is computed by a prefill of >= 2 tokens (no chunk and no uncached rest is a single token, and
-    the prefix cache reuses only prefill-computed positions), and every generated position by a
-    decode step, including the tokens a resumed request replays.
+    Greedy output depends on the request alone, not on the batch, the chunking, the drafts or the cache.
+    The backends compute a row independently of the other rows of its step and of where a prompt is
+    split into chunks. Where a row with one new token takes other kernels than a longer one (int4's
+    projections, the attention of older graphs; by tenths of a logit), the backend says so
+    (`mixed_steps` False) and decode and prefill steps alternate. And every prompt position is computed
+    by a prefill of >= 2 tokens (no chunk and no uncached rest is a single token, and the prefix cache
+    reuses only prefill-computed positions), every generated position by a decode row, including the
+    tokens a resumed request replays.
     """
 
     def __init__(self, backend: DecoderBackend, config: EngineConfig) -> None:
@@ -414,12 +415,11 @@ class Engine:
                 return decoding, [r.output_token_ids[-1:] for r in decoding]
             decoding = []
         c = self.config
-        speculate = (
-            c.num_speculative_tokens > 0 and self.backend.mixed_steps and len(decoding) <= c.speculative_max_rows
-        )
+        # (a backend without mixed steps never gets here with decode rows)
+        speculate = c.num_speculative_tokens > 0 and len(decoding) <= c.speculative_max_rows
         for request in decoding:
             request.draft = self._draft(request) if speculate else []
-        rows, chunks = decoding, [r.output_token_ids[-1:] + r.draft for r in decoding]
+        rows, chunks = list(decoding), [r.output_token_ids[-1:] + r.draft for r in decoding]
         budget = c.max_prefill_tokens
         if decoding:
             budget = min(budget, max(c.max_num_batched_tokens - len(decoding), c.min_prefill_tokens))
@@ -432,7 +432,7 @@ class Engine:
                 take = min(take, rest - 2)
             if take < min(2, rest):
                 break
-            rows = [*rows, request]
+            rows.append(request)
             chunks.append(request.prompt_token_ids[request.num_computed_tokens : request.num_computed_tokens + take])
             budget -= take
         return rows, chunks
@@ -453,9 +453,10 @@ class Engine:
         for n in (3, 2):
             if len(history) <= n:
                 continue
-            tail = history[-n:]
+            tail, last = history[-n:], history[-1]
             for start in range(len(history) - n - 1, -1, -1):
-                if history[start : start + n] == tail:
+                # the cheap test first: most positions fail on the n-gram's last token, without a slice
+                if history[start + n - 1] == last and history[start : start + n] == tail:
                     return history[start + n : start + n + room]
         return []
 
