@@ -96,20 +96,26 @@ def busiest_inference(mesh) -> tuple[str, float]:
     return victim, running[victim]
 
 
-def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clients(mesh2):
-    reqs = [request(p, 160) for p in PROMPTS]
-    undisturbed = run_streams(mesh2.target, reqs)
+def _undisturbed_and_killed_mid_stream(mesh, reqs) -> tuple[list[Stream], list[Stream], str]:
+    """The streams of `reqs` run once undisturbed, then again while the busiest inference replica is
+    SIGKILLed once every stream has 10 tokens; returns both runs and the replica killed."""
+    undisturbed = run_streams(mesh.target, reqs)
     assert all(s.error is None for s in undisturbed)
-
-    streams = [Stream(mesh2.target, r) for r in reqs]
+    streams = [Stream(mesh.target, r) for r in reqs]
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 10 for s in streams))
-    victim, running = busiest_inference(mesh2)
+    victim, running = busiest_inference(mesh)
     assert running >= 1  # streams are mid-generation on the replica about to die
-    os.kill(mesh2.pids()[victim], signal.SIGKILL)
+    os.kill(mesh.pids()[victim], signal.SIGKILL)
     for s in streams:
         s.join(180)
+    return undisturbed, streams, victim
+
+
+def test_sigkill_of_an_inference_replica_mid_stream_is_invisible_to_greedy_clients(mesh2):
+    reqs = [request(p, 160) for p in PROMPTS]
+    undisturbed, streams, victim = _undisturbed_and_killed_mid_stream(mesh2, reqs)
     for before, after in zip(undisturbed, streams):
         assert after.error is None, after.error
         assert after.tokens == before.tokens
@@ -134,17 +140,7 @@ def test_sigkill_mid_stream_resumes_a_constrained_stream_in_the_same_grammar_sta
         req = request(f"List six facts. {prompt}", 160)
         req.sampling.json_schema = LIST_SCHEMA
         reqs.append(req)
-    undisturbed = run_streams(mesh2.target, reqs)
-    assert all(s.error is None for s in undisturbed)
-    streams = [Stream(mesh2.target, r) for r in reqs]
-    for s in streams:
-        s.start()
-    wait_until(lambda: all(len(s.tokens) >= 10 for s in streams))
-    victim, running = busiest_inference(mesh2)
-    assert running >= 1
-    os.kill(mesh2.pids()[victim], signal.SIGKILL)
-    for s in streams:
-        s.join(180)
+    undisturbed, streams, victim = _undisturbed_and_killed_mid_stream(mesh2, reqs)
     for before, after in zip(undisturbed, streams):
         assert after.error is None, after.error
         assert after.tokens == before.tokens

@@ -15,25 +15,7 @@ from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.common.finish import FinishReason
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.engine import Engine, EngineConfig
-from services.tokenizer.core import TokenizerCore
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {}
-        self.finish: dict[str, FinishReason] = {}
-        self.done = threading.Event()
-        self.expected = 0
-
-    def __call__(self, request_id: str):
-        def on_output(output) -> None:
-            self.tokens.setdefault(request_id, []).extend(output.token_ids)
-            if output.finish_reason:
-                self.finish[request_id] = output.finish_reason
-                if len(self.finish) >= self.expected:
-                    self.done.set()
-
-        return on_output
+from tests.integration.conftest import Collector
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +25,6 @@ def engine(model_dir):
     engine.start()
     yield engine
     engine.stop()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return TokenizerCore(model_dir)
 
 
 def run_all(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> Collector:

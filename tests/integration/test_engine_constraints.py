@@ -14,8 +14,8 @@ from services.common.finish import FinishReason
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.constraints import GrammarCompiler
 from services.inference.engine import Engine, EngineConfig
-from services.tokenizer.core import ChatMessage, TokenizerCore
-from tests.integration.test_engine import Collector
+from services.tokenizer.core import ChatMessage
+from tests.integration.conftest import Collector
 
 PERSON = {
     "type": "object",
@@ -32,11 +32,6 @@ def engine(model_dir):
     engine.start()
     yield engine
     engine.stop()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return TokenizerCore(model_dir)
 
 
 @pytest.fixture(scope="module")
