@@ -27,10 +27,12 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO, wait_until
+from tests.e2e.conftest import launch_mesh
 from tests.e2e.innocents import GreedyStream, greedy_request
 from tests.fuzzing import ENVOY_MAX_REQUEST_BYTES, outcome_of_error
 
@@ -157,7 +159,16 @@ def _overlapping(gaps: np.ndarray, windows: list[tuple[float, float]]) -> np.nda
     return gaps[keep, 1] - gaps[keep, 0]
 
 
-def test_a_running_stream_keeps_its_pace_while_huge_inputs_arrive(mesh):
+@pytest.fixture(scope="module")
+def steady_mesh(model_dir, otlp_receiver):
+    """A mesh whose stream advances one token a step: prompt-lookup drafts make a single stream's gaps
+    uneven (a step of several tokens, then a longer one), which would blur the stalls this test bounds."""
+    with launch_mesh(otlp_receiver, inference_args=["--num-slots=8", "--num-speculative-tokens=0"]) as mesh:
+        yield mesh
+
+
+def test_a_running_stream_keeps_its_pace_while_huge_inputs_arrive(steady_mesh):
+    mesh = steady_mesh
     prompts, chats = _huge_prompts(), _huge_chats()
     for r in prompts + chats:  # under Envoy's limit: they reach the router and the tokenizer
         assert len(r.SerializeToString()) + 5 < ENVOY_MAX_REQUEST_BYTES
