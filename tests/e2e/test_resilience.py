@@ -197,7 +197,8 @@ def test_sigterm_of_an_inference_replica_under_load_loses_no_request(mesh2):
 
 
 def test_sigkill_of_a_router_fails_only_its_streams_and_new_requests_succeed(mesh2):
-    streams = [Stream(mesh2.target, request(p, 120)) for p in PROMPTS]
+    # min_tokens: no stream may end by itself between reading the gauges and the kill.
+    streams = [Stream(mesh2.target, request(p, 120, min_tokens=120)) for p in PROMPTS]
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.tokens) >= 3 for s in streams))
