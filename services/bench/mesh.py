@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,29 +20,7 @@ from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
 from services.bench.pool import Progress, run_pool
 from services.bench.report import RequestResult, summarize
-
-
-@dataclass(frozen=True)
-class MeshBenchSettings:
-    """One run of the mesh benchmark."""
-
-    target: str
-    """The public endpoint, host:port."""
-    requests: int
-    """Requests to send in all (warm-ups not included)."""
-    concurrency: int = 1
-    """Streams open at once."""
-    max_tokens: int = 128
-    chat: bool = True
-    """Send each prompt as a user chat message; False sends it as a plain prompt."""
-    temperature: float = 0.0
-    seed: int | None = None
-    warmup: int = 0
-    """Requests sent one at a time before measuring, not reported."""
-    timeout_s: float | None = None
-    """Per-request deadline."""
-    connect_timeout_s: float = 10.0
-    """How long to wait for the endpoint; asyncio.TimeoutError after it."""
+from services.bench.settings import MeshBenchSettings
 
 
 def build_request(prompt: str, settings: MeshBenchSettings, request_id: str) -> pb.GenerateRequest:
@@ -110,8 +87,10 @@ async def run_bench(settings: MeshBenchSettings, prompts: list[str], progress: b
             name = f"bench-{i}" if i >= 0 else f"bench-warmup-{-1 - i}"
             return one_request(stub, build_request(prompts[i % len(prompts)], settings, name), settings.timeout_s)
 
-        bar = Progress(settings.requests, progress)
-        results, wall_s = await run_pool(settings.requests, settings.concurrency, settings.warmup, one, bar.update)
+        bar = Progress(settings.total_requests, progress)
+        results, wall_s = await run_pool(
+            settings.total_requests, settings.concurrency, settings.warmup, one, bar.update
+        )
         bar.close()
 
     report = summarize(results, wall_s)

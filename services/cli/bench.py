@@ -22,63 +22,32 @@ import json
 import sys
 from pathlib import Path
 
-from services.bench.pool import positive_int
 from services.bench.prompts import load_prompts
+from services.bench.settings import MeshBenchSettings
+from services.common.config_flags import add_config_args, config_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Registers `meshserve bench` on an argparse subparsers object."""
+    """Registers `meshserve bench` on an argparse subparsers object; its settings' flags come from
+    MeshBenchSettings."""
     parser = subparsers.add_parser(
         "bench",
         help="measure throughput, TTFT and inter-token latency of the public endpoint",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", default="localhost:8080", help="public endpoint host:port (default %(default)s)")
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=1, help="streams open at once (default %(default)s)"
-    )
-    parser.add_argument("--requests", type=positive_int, help="requests to send in all (default: 4 x concurrency)")
-    parser.add_argument(
-        "--max-tokens", type=positive_int, default=128, help="tokens to generate per request (default %(default)s)"
-    )
-    parser.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="send each prompt as a user chat message (default); --no-chat sends it as a plain prompt",
-    )
+    add_config_args(parser, MeshBenchSettings)
     parser.add_argument("--prompts", type=Path, help="file with one prompt per line (default: 16 built-in prompts)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default %(default)s)")
-    parser.add_argument("--seed", type=int, help="sampling seed, for temperature > 0")
-    parser.add_argument(
-        "--warmup", type=int, default=0, help="requests sent before measuring, not reported (default 0)"
-    )
-    parser.add_argument("--timeout", type=float, help="per-request deadline in seconds")
-    parser.add_argument(
-        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the endpoint (default %(default)s)"
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run_from_args)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Runs `meshserve bench`; exits 0 when every request succeeded, 1 otherwise."""
-    from services.bench.mesh import MeshBenchSettings, run_bench  # grpc and the stubs only when it runs
+    from services.bench.mesh import run_bench  # grpc and the stubs only when it runs
     from services.bench.report import format_table
 
-    settings = MeshBenchSettings(
-        target=args.target,
-        requests=args.requests or 4 * args.concurrency,
-        concurrency=args.concurrency,
-        max_tokens=args.max_tokens,
-        chat=args.chat,
-        temperature=args.temperature,
-        seed=args.seed,
-        warmup=args.warmup,
-        timeout_s=args.timeout,
-        connect_timeout_s=args.connect_timeout,
-    )
+    settings = config_from_args(MeshBenchSettings, args)
     try:
         prompts = load_prompts(args.prompts)
     except ValueError as exc:
@@ -86,7 +55,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(run_bench(settings, prompts, progress=not args.json))
     except TimeoutError:
-        print(f"meshserve bench: {args.target} is not reachable (waited {args.connect_timeout:g}s)", file=sys.stderr)
+        waited = f"waited {settings.connect_timeout_s:g}s"
+        print(f"meshserve bench: {settings.target} is not reachable ({waited})", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report))

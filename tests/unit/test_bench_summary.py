@@ -10,7 +10,9 @@ import pytest
 
 from services.bench.prompts import load_prompts
 from services.bench.report import RequestResult, format_table, percentile, summarize
+from services.bench.settings import MeshBenchSettings
 from services.cli import bench
+from services.common.config_flags import config_from_args
 
 
 def ok(
@@ -136,8 +138,11 @@ def test_add_parser_registers_bench_with_its_defaults() -> None:
         False,
     )
     assert parser.parse_args(["bench", "--no-chat"]).chat is False
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--concurrency", "0"])
+    settings = config_from_args(MeshBenchSettings, parser.parse_args(["bench", "--concurrency", "3", "--timeout", "5"]))
+    assert (settings.total_requests, settings.timeout_s, settings.seed) == (12, 5.0, None)
+    for bad, flag_name in ((["--concurrency", "0"], "--concurrency"), (["--requests", "0"], "--requests")):
+        with pytest.raises(SystemExit, match=flag_name):
+            config_from_args(MeshBenchSettings, parser.parse_args(["bench", *bad]))
 
 
 def test_load_prompts_reads_one_prompt_per_non_blank_line(tmp_path) -> None:
