@@ -117,8 +117,9 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("constraint", "logit_bias"))
-"""The scalar fields, read and written by name."""
+SAMPLING_SCALAR_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("constraint", "logit_bias"))
+"""The scalar fields, read and written by name: the one list of them (the protos' SamplingParameters and the
+OpenAI service's request fields use the same names)."""
 
 
 def constraint_from_proto(message: Any) -> Constraint | None:
@@ -137,7 +138,7 @@ def sampling_from_proto(message: Any, default_max_tokens: int = DEFAULT_MAX_TOKE
     """The parameters a `SamplingParameters` message (public or internal) asks for: unset fields
     take the defaults, `max_tokens` the server's `default_max_tokens`. Not validated yet."""
     values: dict[str, Any] = {"max_tokens": default_max_tokens}
-    for name in _SAMPLING_FIELDS:
+    for name in SAMPLING_SCALAR_FIELDS:
         if message.HasField(name):
             values[name] = getattr(message, name)
     values["constraint"] = constraint_from_proto(message)
@@ -147,7 +148,7 @@ def sampling_from_proto(message: Any, default_max_tokens: int = DEFAULT_MAX_TOKE
 
 def sampling_to_proto(params: SamplingParams, message: Any) -> Any:
     """Sets every field of `message` (a `SamplingParameters`) from validated `params`."""
-    for name in _SAMPLING_FIELDS:
+    for name in SAMPLING_SCALAR_FIELDS:
         value = getattr(params, name)
         if value is not None:
             setattr(message, name, value)

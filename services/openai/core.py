@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from meshserve.v1 import generation_service_pb2 as pb
-from services.common.contract import CONSTRAINT_KINDS
+from services.common.contract import CONSTRAINT_KINDS, SAMPLING_SCALAR_FIELDS
 from services.common.errors import (
     DownstreamError,
     InvalidArgumentError,
@@ -154,18 +154,19 @@ class Plan:
     """The OpenAI field the request's constraint came from (response_format, tools, structured_outputs.*)."""
 
 
+_SAME_AS_OURS = tuple(
+    name
+    for name in SAMPLING_SCALAR_FIELDS
+    if name in _Sampling.model_fields and name not in ("max_tokens", "top_k", "seed")
+)
+"""OpenAI (and vLLM) sampling fields that mean what ours of the same name mean, copied as they are; max_tokens
+has its aliases, top_k vLLM's -1, seed a value per choice (below)."""
+
+
 def _sampling(request: _Sampling, max_tokens: int | None, logprobs: int | None) -> pb.SamplingParameters:
     _check_seed(request)
     sampling = pb.SamplingParameters()
-    for name in (
-        "temperature",
-        "top_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "min_p",
-        "repetition_penalty",
-        "min_tokens",
-    ):
+    for name in _SAME_AS_OURS:
         value = getattr(request, name)
         if value is not None:
             setattr(sampling, name, value)
