@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import sqlite3
+import threading
+import time
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,7 +19,7 @@ from prometheus_client import REGISTRY
 from services.common.config_flags import add_config_args, config_from_args
 from services.router.config import RouterConfig
 from services.router.result_cache import ResultCache
-from services.router.result_cache_disk import APPLICATION_ID, DiskStore, DiskTier
+from services.router.result_cache_disk import APPLICATION_ID, DISK_TIMEOUT_S, DiskStore, DiskTier
 from tests.unit.test_result_cache import answer
 
 NOW = 1_800_000_000.0
@@ -298,3 +300,18 @@ def test_the_disk_tier_flags_are_checked():
     ]:
         with pytest.raises(SystemExit, match=flag):
             router_config(*flags)
+
+
+async def test_a_slow_disk_costs_a_lookup_at_most_its_bound_and_rests_the_tier(tmp_path, caplog):
+    tier = DiskTier(DiskStore(tmp_path / "cache.db", 1 << 20, 3600))
+    await tier.open()
+    tier.put("k", b"v")
+    release = threading.Event()
+    tier._executor.submit(release.wait, 10)  # the tier's one thread stuck, as on a disk that does not answer
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert await tier.get("k") is None
+    assert time.monotonic() - started < DISK_TIMEOUT_S + 0.5
+    assert "too slow" in caplog.text and not tier.usable  # resting: the next lookups do not queue behind it
+    release.set()
+    await tier.close()
