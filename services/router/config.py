@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config_flags import flag
+from services.router.result_cache_disk import check_disk_path
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class RouterConfig:
     """Shared tier of the result cache, e.g. redis://127.0.0.1:6379/0; unset: memory only."""
     result_cache_ttl_s: int = 3600
     """Seconds the shared tier keeps an answer."""
+    result_cache_disk: str | None = field(default=None, metadata=flag(metavar="PATH"))
+    """Disk tier of the result cache: a SQLite file (created if absent; its directory must be writable),
+    kept across restarts, looked up after memory and before Redis; unset: no disk tier."""
+    result_cache_disk_mb: float = 1024.0
+    """Bound of the disk tier in MiB (its database's pages in use); least recently used answers go first."""
+    result_cache_disk_ttl_s: int = 86400
+    """Seconds the disk tier keeps an answer."""
     drain_notice_s: float = 2.0
     """After SIGTERM, keep accepting this long while Envoy's health checks notice NOT_SERVING."""
 
@@ -58,3 +66,9 @@ class RouterConfig:
             raise ValueError("--result-cache-mb must be >= 0 and --result-cache-ttl-s >= 1")
         if self.result_cache_redis and not self.result_cache_mb:
             raise ValueError("--result-cache-redis needs the memory tier (--result-cache-mb > 0)")
+        if not self.result_cache_disk_mb > 0 or self.result_cache_disk_ttl_s < 1:
+            raise ValueError("--result-cache-disk-mb must be > 0 and --result-cache-disk-ttl-s >= 1")
+        if self.result_cache_disk is not None:  # given, if only as "": that is no file to open
+            if not self.result_cache_mb:
+                raise ValueError("--result-cache-disk needs the memory tier (--result-cache-mb > 0)")
+            check_disk_path(self.result_cache_disk)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from services.router.config import RouterConfig
 from services.router.convert import GenerationRequest, ModelLimits
 from services.router.replicas import Replica, ReplicaSet, choose_replica, prefix_key, record_call_error
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
+from services.router.result_cache_disk import DiskStore
 from services.router.stops import StopStringMatcher
 from services.router.tiers import PressureMonitor, ServiceTime, TierChoice, TierLoad, choose_tier
 
@@ -173,12 +175,19 @@ class Router:
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.max_token_bytes = tok_info.max_token_bytes
         if self.config.result_cache_mb:
+            disk = self.config.result_cache_disk
             self.result_cache = ResultCache(
                 info.model,
                 int(self.config.result_cache_mb * (1 << 20)),
                 self.config.result_cache_redis,
                 self.config.result_cache_ttl_s,
+                DiskStore(
+                    Path(disk), int(self.config.result_cache_disk_mb * (1 << 20)), self.config.result_cache_disk_ttl_s
+                )
+                if disk
+                else None,
             )
+            await self.result_cache.open()
         self.replicas.start()
         if self.fallback is not None:
             self.fallback.start()

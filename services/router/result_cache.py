@@ -1,13 +1,18 @@
 """A cache of whole answers, for deterministic requests only (greedy, or sampled with a seed).
 
-Two tiers: an in-process LRU bounded in bytes (every router has its own), and optionally Redis,
-shared by every router, with a TTL. A lookup tries memory, then Redis (and keeps what Redis had in
-memory). The key covers everything the answer depends on: the tenant (one tenant never reads another's
-answers), the model's revision and precision, the prompt (its text, or its token ids) and every
-sampling field; it is known before tokenizing, so the router looks an answer up before admission and
-before the tokenizer. Only complete, successful generations are stored. Redis down or slow never fails
-a request: each call has a short timeout, and after a failure Redis is left alone for a while (logged
-once), so the router serves from memory and the replicas.
+Up to three tiers: an in-process LRU bounded in bytes (every router has its own); optionally a local disk
+tier (`result_cache_disk.py`: SQLite, bounded in bytes, a TTL, kept across restarts); and optionally
+Redis, shared by every router, with a TTL. A lookup tries memory, then disk (local and cheap), then
+Redis; what a lower tier had is kept in memory, and what Redis had on disk too. A store writes every tier
+(the disk's in the background).
+
+The key covers everything the answer depends on: the tenant (one tenant never reads another's answers),
+the model's revision and precision, the prompt (its text, or its token ids) and every sampling field; it
+is known before tokenizing, so the router looks an answer up before admission and before the tokenizer.
+Only complete, successful generations are stored. Redis down or slow never fails a request: each call has
+a short timeout, and after a failure Redis is left alone for a while (logged once), so the router serves
+from memory and the replicas; the disk tier fails the same way. A value a tier returns that does not
+decode is a miss (and is dropped), never an error.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from meshserve.inference.v1 import inference_service_pb2 as inference_pb
 from services.common.finish import FinishReason
 from services.router.convert import GenerationRequest, ModelLimits
+from services.router.result_cache_disk import DiskStore, DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +129,24 @@ def cache_key(request: GenerationRequest, limits: ModelLimits) -> str | None:
 
 
 class ResultCache:
-    """The memory tier (LRU in bytes) and the optional Redis tier."""
+    """The memory tier (LRU in bytes), the optional disk tier and the optional Redis tier."""
 
-    def __init__(self, model_name: str, max_bytes: int, redis_url: str | None = None, ttl_s: int = 3600) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        max_bytes: int,
+        redis_url: str | None = None,
+        ttl_s: int = 3600,
+        disk: DiskStore | None = None,
+    ) -> None:
+        """`disk`: the disk tier's store, opened by `open()`."""
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._entries: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.bytes = 0
         self._redis: Any = None
         self._redis_down_until = 0.0
+        self.disk = DiskTier(disk) if disk is not None else None
         if redis_url:
             import redis.asyncio
 
@@ -152,31 +167,70 @@ class ResultCache:
         Gauge("meshserve_result_cache_bytes", "Bytes of answers in the memory tier.", labels).labels(
             model_name
         ).set_function(lambda: self.bytes)
+        if self.disk is not None:
+            disk_tier = self.disk
+            Gauge(
+                "meshserve_result_cache_disk_bytes",
+                "Bytes of the disk tier's database in use (answers, keys, indexes).",
+                labels,
+            ).labels(model_name).set_function(lambda: disk_tier.used_bytes)
         self._model_name = model_name
 
+    async def open(self) -> None:
+        """Opens the disk tier, if there is one (a file it cannot use is moved aside or leaves it off)."""
+        if self.disk is not None:
+            await self.disk.open()
+
     async def get(self, key: str, count_miss: bool = True) -> tuple[CachedAnswer, str] | None:
-        """The answer stored under `key` and the tier that had it ("memory" or "redis"), or None
+        """The answer stored under `key` and the tier that had it ("memory", "disk" or "redis"), or None
         (counted as a miss unless `count_miss` is false: the caller counts it once it knows)."""
+        found = await self._lookup(key)
+        if found is not None:
+            data, tier = found
+            try:
+                answer = CachedAnswer.decode(data)
+            except (ValueError, KeyError, TypeError, json_format.Error) as error:
+                # another version's encoding, or a foreign value: a miss, and gone from memory and disk
+                log.warning("result cache: an answer from the %s tier does not decode (%s); dropped it", tier, error)
+                self._forget(key)
+                if self.disk is not None:
+                    self.disk.discard(key)
+            else:
+                self.hits.labels(self._model_name, tier).inc()
+                return answer, tier
+        if count_miss:
+            self.misses.inc()
+        return None
+
+    async def _lookup(self, key: str) -> tuple[bytes, str] | None:
         data = self._entries.get(key)
-        tier = "memory"
         if data is not None:
             self._entries.move_to_end(key)
-        else:
-            data = await self._redis_call("GET", lambda redis: redis.get(key))
-            tier = "redis"
+            return data, "memory"
+        if self.disk is not None:
+            data = await self.disk.get(key)
             if data is not None:
                 self._remember(key, data)
-        if data is None:
-            if count_miss:
-                self.misses.inc()
-            return None
-        self.hits.labels(self._model_name, tier).inc()
-        return CachedAnswer.decode(data), tier
+                return data, "disk"
+        data = await self._redis_call("GET", lambda redis: redis.get(key))
+        if data is not None:
+            self._remember(key, data)
+            if self.disk is not None:  # the local copy: after a restart this router has it without Redis
+                self.disk.put(key, data)
+            return data, "redis"
+        return None
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         data = answer.encode()
         self._remember(key, data)
+        if self.disk is not None:
+            self.disk.put(key, data)
         await self._redis_call("SET", lambda redis: redis.set(key, data, ex=self.ttl_s))
+
+    def _forget(self, key: str) -> None:
+        data = self._entries.pop(key, None)
+        if data is not None:
+            self.bytes -= len(data)
 
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
@@ -206,5 +260,7 @@ class ResultCache:
             return None
 
     async def close(self) -> None:
+        if self.disk is not None:
+            await self.disk.close()
         if self._redis is not None:
             await self._redis.aclose()

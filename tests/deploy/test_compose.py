@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from concurrent import futures
@@ -288,3 +289,17 @@ def test_openai_service_sits_behind_envoy_and_routers_share_redis():
     assert "ports" not in redis and "volumes" not in redis
     command = redis["command"]
     assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+
+
+def test_the_router_keeps_its_disk_cache_in_a_named_volume():
+    """The result cache's disk tier survives a restart or rebuild of the router's container: its file is in
+    a named volume, mounted where the image makes a directory the service user owns."""
+    from services.cli.main import build_parser
+
+    document = _load(COMPOSE)
+    router = document["services"]["router"]
+    path = Path(build_parser().parse_args(router["command"][1:]).result_cache_disk)
+    mounts = {target: source for source, _, target in (v.partition(":") for v in router["volumes"])}
+    assert mounts.get(str(path.parent)) in document["volumes"], mounts
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"mkdir -p [^\n]*{path.parent}[^\n]*&& chown meshserve:meshserve [^\n]*{path.parent}", dockerfile)

@@ -457,3 +457,20 @@ def test_the_pinned_inference_component_makes_guaranteed_pods_with_whole_cpus(tm
     assert resources["requests"] == resources["limits"], "not Guaranteed: the static policy would not pin it"
     assert str(resources["limits"]["cpu"]).isdigit(), "a fractional CPU is never given exclusive cores"
     assert container(workloads("cpu")["inference"])["resources"]["requests"] != resources["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_router_pod_keeps_its_disk_cache_in_a_bounded_empty_dir(overlay: str):
+    """One file per pod (no shared volume across nodes), kept across container restarts, with room for the
+    bound plus the write-ahead log: kubelet evicts a pod whose emptyDir outgrows its sizeLimit."""
+    from pathlib import Path
+
+    from services.cli.main import build_parser
+
+    pod = workloads(overlay)["router"]
+    router = build_parser().parse_args(container(pod)["args"])
+    directory = str(Path(router.result_cache_disk).parent)
+    [mount] = [m for m in container(pod).get("volumeMounts", []) if m["mountPath"] == directory]
+    [volume] = [v for v in pod["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Mi") and int(limit[:-2]) > router.result_cache_disk_mb + 4  # + the WAL's 4 MiB
