@@ -59,6 +59,8 @@ TENANT_HEADER = "x-meshserve-tenant"
 """Set by Envoy from the verified token's tenant claim (a client's own is removed at Envoy)."""
 MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 """Set by Envoy from the token's max_priority claim: the highest priority the tenant may use."""
+MODEL_VERSION_HEADER = "x-meshserve-model-version"
+"""Set by a client: pins its request to a model version the router serves (services/router/rollout.py)."""
 
 
 @dataclass(frozen=True)

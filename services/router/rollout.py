@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from services.common.contract import check_version_name
+from services.common.contract import MODEL_VERSION_HEADER, check_version_name
 from services.common.errors import InvalidArgumentError, UnavailableError
 
-VERSION_HEADER = "x-meshserve-model-version"
+VERSION_HEADER = MODEL_VERSION_HEADER
 """Request metadata that pins a request to a version (Envoy passes it through)."""
 
 

@@ -5,9 +5,12 @@ unknown versions are refused in one sentence, and the admin API is not reachable
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,6 +24,7 @@ from tests.conftest import REPO
 from tests.e2e.conftest import launch_mesh, metric_value
 
 HEADER = "x-meshserve-model-version"
+MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,25 @@ def test_a_header_pins_a_request_to_its_version_and_an_unknown_one_is_refused(ve
             assert HEADER in caught.value.details() and "blue, green" in caught.value.details()
         assert served_by(stub) in ("blue", "green")  # the service is fine afterwards
     assert replica_requests(mesh, "inference-1", "green") - before == 20
+    # the OpenAI-compatible API through Envoy passes the pin on too
+    assert openai_completion(mesh, "green")[0] == 200
+    assert replica_requests(mesh, "inference-1", "green") - before == 21
+    status, body = openai_completion(mesh, "purple")
+    assert status == 400 and HEADER in body["error"]["message"] + str(body["error"].get("param")), body
+
+
+def openai_completion(mesh, version: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{mesh.port}/v1/completions",
+        method="POST",
+        data=json.dumps({"model": MODEL, "prompt": "Say a word.", "max_tokens": 1, "temperature": 0}).encode(),
+        headers={"content-type": "application/json", HEADER: version},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def test_set_and_rollback_under_8_streams_lose_none_and_steer_new_requests(versions):
