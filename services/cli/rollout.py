@@ -55,13 +55,20 @@ def add_parser(subparsers) -> None:
 
 def routers(names: list[str], discovery: str) -> list[str]:
     """The admin targets: as given, or every address of each name."""
+    for name in names:
+        _, port = split_target(name)
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"--router {name}: the port must be 1..65535")
     if discovery == "static":
         return names
     found: list[str] = []
     for name in names:
         host, port = split_target(name)
-        addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
-        found += [join_target(address, port) for address in addresses]
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as error:
+            raise ValueError(f"--router {name}: cannot resolve {host} ({error.strerror or error})") from None
+        found += [join_target(address, port) for address in sorted({str(info[4][0]) for info in infos})]
     return found
 
 
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "set":
             weights = parse_weights(args.weights, "--weights")
     except (ValueError, OSError) as error:
-        print(f"meshserve rollout: {error}", file=sys.stderr)
+        print(f"meshserve rollout: {error}", file=sys.stderr)  # ValueError: one sentence naming the flag
         return 2
     except InvalidArgumentError as error:
         print(f"meshserve rollout: {error.field}: {error.description}", file=sys.stderr)

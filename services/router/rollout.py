@@ -47,6 +47,8 @@ def parse_weights(text: str, field: str = "weights") -> dict[str, int]:
             raise InvalidArgumentError(field, f"version {name!r} is given twice")
         if not value.isdigit():
             raise InvalidArgumentError(field, f"the weight of {name!r} must be a whole percentage, got {value[:20]!r}")
+        if int(value) > 100:
+            raise InvalidArgumentError(field, f"the weight of {name!r} is {value[:20]}; a weight is 0..100")
         weights[name] = int(value)
     return weights
 

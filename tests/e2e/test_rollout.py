@@ -20,7 +20,7 @@ from meshserve.admin.v1 import rollout_service_pb2 as admin_pb
 from meshserve.admin.v1 import rollout_service_pb2_grpc as admin_grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.e2e.conftest import launch_mesh, metric_value
 
 HEADER = "x-meshserve-model-version"
@@ -105,6 +105,26 @@ def test_a_header_pins_a_request_to_its_version_and_an_unknown_one_is_refused(ve
     assert replica_requests(mesh, "inference-1", "green") - before == 21
     status, body = openai_completion(mesh, "purple")
     assert status == 400 and HEADER in body["error"]["message"] + str(body["error"].get("param")), body
+
+
+def test_the_spans_of_a_request_name_its_version(versions):
+    """The router's GenAI span and the replica's Generate span carry meshserve.model.version."""
+    mesh = versions
+    with grpc.insecure_channel(mesh.target) as channel:
+        request = bounded()
+        request.request_id = "rollout-span-1"
+        served_by(pb_grpc.GenerationServiceStub(channel), request, ((HEADER, "green"),))
+
+    def versions_by_service() -> dict[str, str]:
+        found = {}
+        for service, span in list(mesh.receiver.spans):
+            attributes = {kv.key: kv.value.string_value for kv in span.attributes}
+            if attributes.get("meshserve.request_id") == "rollout-span-1" and "meshserve.model.version" in attributes:
+                found[service] = attributes["meshserve.model.version"]
+        return found
+
+    wait_until(lambda: len(versions_by_service()) == 2, 15, "the router's and the replica's spans arrive")
+    assert versions_by_service() == {"meshserve-router": "green", "meshserve-inference": "green"}
 
 
 def openai_completion(mesh, version: str) -> tuple[int, dict]:

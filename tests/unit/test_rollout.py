@@ -80,6 +80,8 @@ def test_weights_text_is_parsed_strictly():
         ("blue=95,blue=5", "given twice"),
         ("blue=ninety", "whole percentage"),
         ("blue=9.5", "whole percentage"),
+        ("blue=99999999999999999999,green=0", "a weight is 0..100"),
+        ("blue=95,green=5,", "expected NAME=VALUE"),
         ("blue", "expected NAME=VALUE"),
         ("", "expected NAME=VALUE"),
     ):
