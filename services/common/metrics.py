@@ -61,9 +61,12 @@ class ServingMetrics:
 
     _LABELS: ClassVar[list[str]] = ["model_name", "model_version"]
 
-    def __init__(self, model_name: str, model_version: str = "") -> None:
+    def __init__(self, model_name: str, model_version: str | None = "") -> None:
+        """Bound to `model_version`; None: the families only, until `for_version` (no series is created
+        for a version that never serves a request)."""
         labels = self._LABELS
         self._model_name = model_name
+        self.model_version = ""
         self._ttft = Histogram(
             "meshserve_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
@@ -86,7 +89,8 @@ class ServingMetrics:
         self._generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", labels)
         self._requests = Counter("meshserve_requests", "Finished requests by gRPC status code.", labels + ["code"])
         self._running = Gauge("meshserve_num_requests_running", "Requests being generated.", labels)
-        self._bind(model_version)
+        if model_version is not None:
+            self._bind(model_version)
 
     def _bind(self, model_version: str) -> None:
         self.model_version = model_version
@@ -105,6 +109,7 @@ class ServingMetrics:
         return view
 
     def count_request(self, code: str) -> None:
+        """One finished request; one refused before it was routed to a version counts under model_version ""."""
         self._requests.labels(self._model_name, self.model_version, code).inc()
 
 
@@ -112,7 +117,7 @@ class EngineMetrics(ServingMetrics):
     """ServingMetrics plus the queue of a process that queues requests (an inference replica). The
     router admits or refuses at once, so it does not export a queue that would always read zero."""
 
-    def __init__(self, model_name: str, model_version: str = "") -> None:
+    def __init__(self, model_name: str, model_version: str | None = "") -> None:
         labels = self._LABELS
         self._queue_time = Histogram(
             "meshserve_request_queue_time_seconds",

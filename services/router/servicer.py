@@ -42,7 +42,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def on_connected(self) -> None:
         assert self.router.limits is not None
         model = self.router.limits.model_name
-        self.metrics = ServingMetrics(model)  # a request's are bound to its version once it is routed
+        self.metrics = ServingMetrics(model, None)  # a request's are bound to its version once it is routed
         self.gen_ai = GenAiMetrics(model)
         label = self.router.version_label
         for version in self.router.versions:
