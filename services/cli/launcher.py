@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.contract import check_version_name
 from services.common.cpus import (
     CpuSetError,
     available_cpus,
@@ -27,6 +28,7 @@ from services.common.cpus import (
     parse_cpu_list,
     place_replicas,
 )
+from services.common.errors import InvalidArgumentError
 from services.gateway.config import Endpoint, envoy_binary, parse_otlp_endpoint, public_channel, render_envoy_config
 from services.gateway.flags import add_public_endpoint_args, public_endpoint_options
 from services.modelstore.layout import add_models_root_arg
@@ -94,6 +96,20 @@ def add_parser(subparsers) -> None:
         action="append",
         default=[],
         help="extra argument for the fallback tier's serve-inference, e.g. --fallback-arg=--num-slots=8",
+    )
+    parser.add_argument(
+        "--model-version",
+        action="append",
+        default=[],
+        metavar="NAME=PRECISION",
+        help="serve a named model version side by side with the others (a rollout: canary, blue-green, A/B), "
+        "--inference-replicas replicas each, e.g. --model-version blue=int8 --model-version green=int4; "
+        "the first is the stable one. Each router's admin port (router port + 10) takes `meshserve rollout`",
+    )
+    parser.add_argument(
+        "--rollout-weights",
+        metavar="NAME=PERCENT,...",
+        help="the versions' initial weights, e.g. blue=95,green=5 (default: all to the first version)",
     )
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="rendered configs go here")
     parser.add_argument(
@@ -167,6 +183,30 @@ def inference_core_sets(
     return [format_cpu_list(cores) for cores in sets]
 
 
+def model_versions(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, precision) of each --model-version NAME=PRECISION; SystemExit naming the flag otherwise."""
+    versions: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, precision = spec.partition("=")
+        if not sep or precision not in PRECISIONS:
+            raise SystemExit(
+                f"meshserve up: --model-version {spec!r}: expected NAME=PRECISION, "
+                f"PRECISION one of {', '.join(PRECISIONS)}"
+            )
+        try:
+            check_version_name(name, "--model-version")
+        except InvalidArgumentError as error:
+            raise SystemExit(f"meshserve up: --model-version: {error.description}") from None
+        if name in (v for v, _ in versions):
+            raise SystemExit(f"meshserve up: --model-version: {name!r} is given twice")
+        versions.append((name, precision))
+    return versions
+
+
+ADMIN_PORT_OFFSET = 10
+"""A router's admin port (its RolloutService) is its gRPC port + this."""
+
+
 def _fail_if_exited(procs: list[subprocess.Popen[bytes]]) -> None:
     """Start-up cannot succeed once one of the mesh's processes has exited: say which."""
     for proc in procs:
@@ -229,10 +269,20 @@ def _wait_http(url: str, deadline: float, procs: list[subprocess.Popen]) -> None
 
 def run(args: argparse.Namespace) -> int:
     warning = check_exposure(args.host, args.auth, args.allow_unauthenticated)
-    core_sets = inference_core_sets(args.inference_cpus, args.inference_replicas)  # before anything starts
+    versions = model_versions(args.model_version)
+    if args.rollout_weights and not versions:
+        raise SystemExit("meshserve up: --rollout-weights needs --model-version")
+    # one entry per main-tier replica: (its version's name or "" without versions, its precision)
+    main_replicas = [
+        (name, precision)
+        for name, precision in versions or [("", args.precision)]
+        for _ in range(args.inference_replicas)
+    ]
+    core_sets = inference_core_sets(args.inference_cpus, len(main_replicas))  # before anything starts
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    prepare_model(args.models_root, args.precision)
+    for precision in dict.fromkeys(p for _, p in main_replicas):
+        prepare_model(args.models_root, precision)
     if args.fallback_replicas:
         prepare_model(args.models_root, args.fallback_precision)
     run_dir = args.run_dir / f"mesh-{args.port}"
@@ -241,9 +291,9 @@ def run(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "services.cli.main"]
     common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
     mp = args.metrics_port_base
-    inference_ports = [args.inference_port + 100 * i for i in range(args.inference_replicas)]
+    inference_ports = [args.inference_port + 100 * i for i in range(len(main_replicas))]
     fallback_ports = [args.inference_port + 50 + 100 * i for i in range(args.fallback_replicas)]
-    threads = inference_threads_args(args.inference_replicas + args.fallback_replicas)
+    threads = inference_threads_args(len(main_replicas) + args.fallback_replicas)
     fallback_threads = threads
     if core_sets:  # pinned: each replica's threads follow its own set; the fallback tier gets what is left
         threads = []
@@ -262,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
             str(mp + 3 + 10 * i),
             *common,
             "--precision",
-            args.precision,
+            main_replicas[i][1],
+            *(["--model-version", main_replicas[i][0]] if versions else []),
             *threads,
             *(["--cpus", core_sets[i]] if core_sets else []),
             *args.inference_arg,
@@ -280,7 +331,15 @@ def run(args: argparse.Namespace) -> int:
             *fallback_threads,
             *args.fallback_arg,
         ]
-    targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
+    if versions:
+        targets = [
+            arg
+            for port, (name, _) in zip(inference_ports, main_replicas, strict=True)
+            for arg in ("--model-version", f"{name}=127.0.0.1:{port}")
+        ]
+        targets += ["--rollout-weights", args.rollout_weights] if args.rollout_weights else []
+    else:
+        targets = [arg for port in inference_ports for arg in ("--inference-target", f"127.0.0.1:{port}")]
     targets += [arg for port in fallback_ports for arg in ("--fallback-target", f"127.0.0.1:{port}")]
     for i, port in enumerate(router_ports):
         commands[f"router-{i}"] = base + [
@@ -293,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
             str(mp + 1 + 10 * i),
             "--tokenizer-target",
             f"127.0.0.1:{args.tokenizer_port}",
+            "--admin-port",
+            str(port + ADMIN_PORT_OFFSET),
             *targets,
             *args.router_arg,
         ]

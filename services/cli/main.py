@@ -32,7 +32,7 @@ def _prepare_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.cli import bench, client, dev_credentials, launcher, perplexity, render_envoy
+    from services.cli import bench, client, dev_credentials, launcher, perplexity, render_envoy, rollout
     from services.inference import main as inference_main
     from services.openai import main as openai_main
     from services.router import main as router_main
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_parsers(subparsers)
     bench.add_parser(subparsers)
     perplexity.add_parser(subparsers)
+    rollout.add_parser(subparsers)
     dev_credentials.add_parsers(subparsers)
     _prepare_parser(subparsers)
     tokenizer_main.add_parser(subparsers)

@@ -59,6 +59,8 @@ TENANT_HEADER = "x-meshserve-tenant"
 """Set by Envoy from the verified token's tenant claim (a client's own is removed at Envoy)."""
 MAX_PRIORITY_HEADER = "x-meshserve-max-priority"
 """Set by Envoy from the token's max_priority claim: the highest priority the tenant may use."""
+MODEL_VERSION_HEADER = "x-meshserve-model-version"
+"""Set by a client: pins its request to a model version the router serves (services/router/rollout.py)."""
 
 
 @dataclass(frozen=True)
@@ -373,3 +375,20 @@ def validate_generation(
             f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
             f"{limits.max_context} tokens",
         )
+
+
+MAX_VERSION_NAME = 63
+"""A version name is a DNS label's length at most, of lowercase letters, digits, '.', '_' and '-'."""
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def check_version_name(name: str, field: str) -> str:
+    """`name` when it is a well-formed version name; InvalidArgumentError naming `field` otherwise."""
+    if not name or len(name) > MAX_VERSION_NAME or not set(name) <= _NAME_CHARS or not name[0].isalnum():
+        raise InvalidArgumentError(
+            field,
+            f"{name[:80]!r} is not a version name: 1 to {MAX_VERSION_NAME} lowercase letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit",
+        )
+    return name

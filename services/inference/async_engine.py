@@ -210,6 +210,7 @@ class AsyncEngine:
         m = self.metrics
         request_span = trace.get_current_span()
         request_span.set_attribute("meshserve.request_id", request_id)
+        request_span.set_attribute("meshserve.model.version", self.metrics.model_version)
         token_times = list(times.token_times)
         if times.scheduled is not None:
             queued = times.scheduled - times.arrival

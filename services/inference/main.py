@@ -11,6 +11,7 @@ from typing import Any, cast
 from meshserve.inference.v1 import inference_service_pb2 as pb
 from meshserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.config_flags import add_config_args, config_from_args
+from services.common.contract import check_version_name
 from services.common.cpus import (
     CpuSetError,
     available_cpus,
@@ -19,6 +20,7 @@ from services.common.cpus import (
     parse_cpu_list,
     pin_current_process,
 )
+from services.common.errors import InvalidArgumentError
 from services.common.metrics import EngineMetrics, kv_cache_usage_gauge, prefix_cache_counters
 from services.common.server import ServerConfig, ServiceProcess, add_server_args
 from services.inference.async_engine import AsyncEngine
@@ -43,6 +45,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="which prepared weights to serve"
     )
+    parser.add_argument(
+        "--model-version",
+        metavar="NAME",
+        default=None,
+        help="the model version this replica serves, as a router serving versions side by side names it "
+        "(--model-version NAME=...): reported by GetModelInfo and a label of every metric (default: the "
+        "model's revision, 12 hex digits, and its precision, e.g. 3f2a9c01b7de-int8)",
+    )
     add_config_args(parser.add_argument_group("engine"), EngineConfig)
     parser.add_argument(
         "--threads",
@@ -66,6 +76,17 @@ def served_precision(backend_name: str, backend: object, model: ModelDirectory) 
     if backend_name == "tensorrt":
         return str(cast(Any, backend).precision)
     return model.precision
+
+
+def model_version(requested: str | None, model: ModelDirectory) -> str:
+    """The version name this replica reports: --model-version's (SystemExit in one sentence when it is
+    not a version name), or the prepared directory's revision and precision."""
+    if requested is None:
+        return f"{model.revision[:12]}-{model.precision}"
+    try:
+        return check_version_name(requested, "--model-version")
+    except InvalidArgumentError as error:
+        raise SystemExit(f"meshserve serve-inference: --model-version: {error.description}") from None
 
 
 def load_engine(name: str, args: argparse.Namespace, config: EngineConfig, model) -> Engine:
@@ -117,14 +138,15 @@ async def serve(args: argparse.Namespace) -> None:
             ort_ops.library_for(model.manifest)
         except BackendUnavailableError as error:
             raise SystemExit(f"meshserve serve-inference: {error}") from None
+    version = model_version(args.model_version, model)
     process = ServiceProcess("meshserve-inference", ServerConfig.from_args(args))
     config = config_from_args(EngineConfig, args)
-    metrics = EngineMetrics(model.name)
+    metrics = EngineMetrics(model.name, version)
     async_engine = AsyncEngine(metrics)
-    servicer = InferenceServicer(async_engine, config, model, "loading")
+    servicer = InferenceServicer(async_engine, config, model, "loading", version)
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, process.server)
     process.add_service(pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)
-    kv_gauge = kv_cache_usage_gauge(model.name)
+    kv_gauge = kv_cache_usage_gauge(model.name, version)
 
     async def warm_up() -> None:
         engine = await asyncio.to_thread(load_engine, backend_name, args, config, model)
@@ -133,7 +155,9 @@ async def serve(args: argparse.Namespace) -> None:
         servicer.precision = served_precision(backend_name, engine.backend, model)
         async_engine.attach(engine)
         kv_gauge.set_function(lambda: engine.kv_cache_usage)
-        prefix_cache_counters(model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits)
+        prefix_cache_counters(
+            model.name, lambda: engine.prefix_cache_queries, lambda: engine.prefix_cache_hits, version
+        )
 
     async def on_drain() -> None:
         await async_engine.drain(args.shutdown_grace_s)

@@ -32,8 +32,16 @@ def to_pb_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: AsyncEngine, config: EngineConfig, model: ModelDirectory, backend_name: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        config: EngineConfig,
+        model: ModelDirectory,
+        backend_name: str,
+        model_version: str = "",
+    ) -> None:
         self.engine = engine
+        self.model_version = model_version
         self.config = config
         self.model = model
         self.backend_name = backend_name
@@ -78,6 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             vocab_size=self.model.config.vocab_size,
             revision=self.model.revision,
             precision=self.precision,
+            model_version=self.model_version,
         )
 
     @grpc_errors

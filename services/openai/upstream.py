@@ -16,14 +16,14 @@ from meshserve.tokenizer.v1 import tokenizer_service_pb2 as tokenizer_pb
 from meshserve.tokenizer.v1 import tokenizer_service_pb2_grpc as tokenizer_grpc
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
-from services.common.contract import MAX_PRIORITY_HEADER, TENANT_HEADER
+from services.common.contract import MAX_PRIORITY_HEADER, MODEL_VERSION_HEADER, TENANT_HEADER
 from services.common.grpc_status import from_rpc_error
 from services.common.telemetry import client_interceptors
 from services.openai.config import OpenAIConfig
 
-FORWARDED_HEADERS = (TENANT_HEADER, MAX_PRIORITY_HEADER)
-"""Request headers Envoy sets from the verified token (a client's own are removed at Envoy), passed on to
-the router as gRPC metadata of the same names."""
+FORWARDED_HEADERS = (TENANT_HEADER, MAX_PRIORITY_HEADER, MODEL_VERSION_HEADER)
+"""Request headers passed on to the router as gRPC metadata of the same names: the two Envoy sets from the
+verified token (a client's own are removed at Envoy), and the client's pin to a model version."""
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 # Round robin over the routers a target resolves to, skipping those whose health is not SERVING (a draining

@@ -35,6 +35,8 @@ class ModelLimits:
     revision: str = ""
     """The sha256 of the served GGUF."""
     precision: str = ""
+    model_version: str = ""
+    """The version the replicas report (GetModelInfo.model_version)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class GenerationRequest:
     """Who asked (from the verified token); inference replicas let only this tenant abort it."""
     no_cache: bool = False
     """Neither answered from nor stored in the result cache."""
+    model_version: str | None = None
+    """The model version the request is pinned to (the x-meshserve-model-version header); None: not pinned."""
 
 
 def to_tokenize_input(request: pb.TokenizeRequest, limits: ModelLimits) -> GenerationRequest:

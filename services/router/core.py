@@ -33,6 +33,7 @@ from services.router.convert import GenerationRequest, ModelLimits
 from services.router.replicas import Replica, ReplicaSet, choose_replica, prefix_key, record_call_error
 from services.router.result_cache import CachedAnswer, CachedDelta, ResultCache, cache_key
 from services.router.result_cache_disk import DiskStore
+from services.router.rollout import Rollout
 from services.router.stops import StopStringMatcher
 from services.router.tiers import PressureMonitor, ServiceTime, TierChoice, TierLoad, choose_tier
 
@@ -58,6 +59,8 @@ class Completed:
     """The whole answer came from the result cache."""
     model: str = ""
     """The model variant that generated it."""
+    model_version: str = ""
+    """The model version that generated it ("" when the router serves one unnamed version)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,12 @@ class Router:
         self.tokenizer_channel = grpc.aio.insecure_channel(config.tokenizer_target, interceptors=client_interceptors())
         self.tokenizer = tokenizer_grpc.TokenizerServiceStub(self.tokenizer_channel)
         discovery = config.inference_discovery
-        self.replicas = ReplicaSet(config.inference_targets, discovery=discovery)
+        self.versions = {
+            name: ReplicaSet(targets, discovery=discovery, model_version=name)
+            for name, targets in config.version_targets().items()
+        }
+        """The model versions served side by side, each its own replicas; one unnamed ("") without a rollout."""
+        self.rollout: Rollout = config.rollout()
         self.fallback = ReplicaSet(config.fallback_targets, discovery=discovery) if config.fallback_targets else None
         self.pressure = PressureMonitor(config.shed_utilisation, config.shed_low_after_s)
         self.service_time = ServiceTime()
@@ -142,9 +150,20 @@ class Router:
         self.max_token_bytes = 0
         self.result_cache: ResultCache | None = None  # created with the model name, in connect()
 
+    @property
+    def replicas(self) -> ReplicaSet:
+        """The stable version's replicas (the only version's, without a rollout)."""
+        return self.versions[self.rollout.stable]
+
+    def version_label(self, version: str) -> str:
+        """The model_version label of `version`'s metrics: its name, or for the unnamed version the
+        version its replicas report."""
+        return version or (self.limits.model_version if self.limits else "")
+
     async def connect(self, timeout_s: float = 120.0) -> ModelLimits:
-        """Waits until the tokenizer and an inference replica are SERVING, learns the model's
-        limits, and starts watching the replicas' health and load."""
+        """Waits until the tokenizer and an inference replica (of the stable version) are SERVING, learns
+        the model's limits, and starts watching the replicas' health and load (every version's). The
+        versions of a rollout are versions of one model: the stable one's limits are checked for all."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -170,7 +189,13 @@ class Router:
         # ids the model knows and the detokenizer can turn into text
         vocab_size = min(info.vocab_size, tok_info.vocab_size)
         self.limits = ModelLimits(
-            info.model, info.max_context_tokens, info.max_new_tokens, vocab_size, info.revision, info.precision
+            info.model,
+            info.max_context_tokens,
+            info.max_new_tokens,
+            vocab_size,
+            info.revision,
+            info.precision,
+            info.model_version,
         )
         self.eos_token_ids = frozenset(tok_info.eos_token_ids)
         self.max_token_bytes = tok_info.max_token_bytes
@@ -188,7 +213,8 @@ class Router:
                 else None,
             )
             await self.result_cache.open()
-        self.replicas.start()
+        for replicas in self.versions.values():
+            replicas.start()
         if self.fallback is not None:
             self.fallback.start()
         self.fallback_requests = degradation_metrics(info.model, lambda: float(self.pressure.shedding))
@@ -198,25 +224,37 @@ class Router:
 
     async def _watch_pressure(self) -> None:
         while True:
-            main = self._tier_load(self.replicas)
+            main = self._tier_load(*self.versions.values())  # the whole main tier, every version
             self.pressure.observe(main.load / main.max_running if main.max_running else 1.0, time.monotonic())
             await asyncio.sleep(0.25)
 
     @staticmethod
-    def _tier_load(replicas: ReplicaSet) -> TierLoad:
-        return TierLoad(replicas.load, replicas.capacity, sum(r.max_running for r in replicas.healthy))
+    def _tier_load(*sets: ReplicaSet) -> TierLoad:
+        return TierLoad(
+            sum(s.load for s in sets),
+            sum(s.capacity for s in sets),
+            sum(r.max_running for s in sets for r in s.healthy),
+        )
 
-    def choose_tier(self, priority: int, remaining_s: float | None) -> TierChoice:
-        """Before any work: shed LOW under sustained pressure, then the main tier, or the fallback tier
-        for what the main one cannot meet, or RESOURCE_EXHAUSTED."""
+    def choose_version(self, request: GenerationRequest) -> str:
+        """The model version a new request goes to: its pin (header, else its tenant's), else the
+        weighted turn over the versions that serve (services/router/rollout.py)."""
+        return self.rollout.choose(
+            request.model_version, request.tenant, lambda name: bool(self.versions[name].healthy)
+        )
+
+    def choose_tier(self, priority: int, remaining_s: float | None, version: str | None = None) -> TierChoice:
+        """Before any work: shed LOW under sustained pressure, then the main tier (the version's
+        replicas), or the fallback tier for what the main one cannot meet, or RESOURCE_EXHAUSTED."""
         self.pressure.check(priority)
         fallback = self._tier_load(self.fallback) if self.fallback is not None else None
-        return choose_tier(priority, self._tier_load(self.replicas), fallback, remaining_s, self.service_time.mean_s)
+        main = self.versions[version] if version is not None else self.replicas
+        return choose_tier(priority, self._tier_load(main), fallback, remaining_s, self.service_time.mean_s)
 
     def _variant(self, replicas: ReplicaSet) -> ModelLimits:
         """The limits as the tier serves them: the fallback tier names its precision in the model."""
         assert self.limits is not None  # connect() learnt them
-        if replicas is self.replicas:
+        if replicas is not self.fallback:
             return self.limits
         info = next((r.info for r in replicas.healthy if r.info), None)
         precision = info.precision if info else "fallback"
@@ -257,9 +295,11 @@ class Router:
         return list(response.ids)
 
     async def generate(
-        self, request: GenerationRequest, deadline: float | None
+        self, request: GenerationRequest, deadline: float | None, version: str | None = None
     ) -> AsyncGenerator[CacheLookup | TextDelta | Completed, None]:
-        """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value.
+        """Streams text deltas, then one Completed. `deadline` is a time.monotonic() value; `version` is
+        the model version `choose_version` chose (chosen here when not given). The whole request stays on
+        that version's replicas, failovers included, whatever weights change meanwhile.
 
         If the inference replica fails mid-stream, generation continues on another replica, which
         resumes from the prompt and the tokens already streamed (`resumed_token_ids`), so the client
@@ -271,18 +311,21 @@ class Router:
 
         # the cheap path first: a cached answer needs no slot and no tokenizing, so it is looked up before
         # admission (a full tier does not refuse it) and before the prompt goes to the tokenizer
+        if version is None:
+            version = self.choose_version(request)
         cache = self.result_cache
         assert self.limits is not None  # connect() learnt them
-        cache_as = cache_key(request, self.limits) if cache is not None else None
+        # one version's answers never answer another's: the version is part of the key
+        cache_as = cache_key(request, self.limits, version) if cache is not None else None
         if cache is not None and cache_as is not None:
             found = await cache.get(cache_as, count_miss=False)
             if found is not None:
                 yield CacheLookup(hit=True)
-                for event in self._replay(*found):
+                for event in self._replay(*found, version):
                     yield event
                 return
-        choice = self.choose_tier(request.priority, remaining())
-        tier = self.fallback if choice.fallback else self.replicas
+        choice = self.choose_tier(request.priority, remaining(), version)
+        tier = self.fallback if choice.fallback else self.versions[version]
         assert tier is not None  # choose_tier picks the fallback tier only where there is one
         variant = self._variant(tier)
         if choice.fallback:
@@ -292,7 +335,7 @@ class Router:
         if cache is not None and cache_as is not None:
             # the fallback tier's answers are its own: stored under its variant's key
             if choice.fallback:
-                cache_as = cache_key(request, variant)
+                cache_as = cache_key(request, variant, version)
                 assert cache_as is not None  # a request is cacheable or not whatever the tier
                 found = await cache.get(cache_as)
             else:
@@ -300,7 +343,7 @@ class Router:
                 cache.misses.inc()
             yield CacheLookup(hit=found is not None)
             if found is not None:
-                for event in self._replay(*found):
+                for event in self._replay(*found, version):
                     yield event
                 return
         prompt_ids = await self.tokenize(request, remaining())
@@ -346,6 +389,7 @@ class Router:
                                     prompt_logprobs,
                                     cached_prompt_tokens,
                                     model=variant.model_name,
+                                    model_version=version,
                                 )
                                 break
                         if (finish := from_inference_proto(response.finish_reason)) is not None:
@@ -360,6 +404,7 @@ class Router:
                                 prompt_logprobs,
                                 cached_prompt_tokens,
                                 model=variant.model_name,
+                                model_version=version,
                             )
                 except grpc.aio.AioRpcError as error:
                     if not self._can_fail_over(error, tried, tier):
@@ -374,7 +419,7 @@ class Router:
                 finally:
                     replica.in_flight -= 1
                     call.cancel()  # on client cancellation this frees the slot at once
-                if completed is not None and tier is self.replicas:  # how long a main-tier slot is held
+                if completed is not None and tier is not self.fallback:  # how long a main-tier slot is held
                     self.service_time.observe(time.monotonic() - attempt_started)
                 if completed is None:
                     log.warning("inference replica %s ended a stream without finishing it", replica.target)
@@ -399,7 +444,7 @@ class Router:
         yield completed
 
     @staticmethod
-    def _replay(answer: CachedAnswer, cache_tier: str) -> list[TextDelta | Completed]:
+    def _replay(answer: CachedAnswer, cache_tier: str, version: str) -> list[TextDelta | Completed]:
         """A cached answer as the events its generation streamed."""
         trace.get_current_span().add_event("result_cache_hit", {"meshserve.result_cache.tier": cache_tier})
         events: list[TextDelta | Completed] = [TextDelta(d.text, d.token_ids, d.logprobs) for d in answer.deltas]
@@ -413,6 +458,7 @@ class Router:
                 answer.prompt_tokens,
                 cached=True,
                 model=answer.model,
+                model_version=version,
             )
         )
         return events
@@ -461,10 +507,10 @@ class Router:
         )
 
     def server_info(self) -> ServerInfo:
-        serving = self.replicas.healthy
+        serving = [r for replicas in self.versions.values() for r in replicas.healthy]
         return ServerInfo(
             replicas_serving=len(serving),
-            replicas_total=len(self.replicas.replicas),
+            replicas_total=sum(len(replicas.replicas) for replicas in self.versions.values()),
             running=sum(r.running for r in serving),
             waiting=sum(r.waiting for r in serving),
             kv_cache_usage=sum(r.kv_cache_usage for r in serving) / len(serving) if serving else 0.0,
@@ -484,7 +530,8 @@ class Router:
                 log.warning("abort on inference replica %s failed: %s", replica.target, error.code().name)
                 return 0
 
-        replicas = self.replicas.healthy + (self.fallback.healthy if self.fallback is not None else [])
+        replicas = [r for s in self.versions.values() for r in s.healthy]
+        replicas += self.fallback.healthy if self.fallback is not None else []
         return sum(await asyncio.gather(*(abort_on(r) for r in replicas))) > 0
 
     async def close(self) -> None:
@@ -495,4 +542,5 @@ class Router:
         if self.result_cache is not None:
             await self.result_cache.close()
         await self.tokenizer_channel.close()
-        await self.replicas.close()
+        for replicas in self.versions.values():
+            await replicas.close()

@@ -47,6 +47,7 @@ class Replica:
     in_flight_at_report: int = 0  # this router's in_flight when running/waiting were last reported
     load_watch: asyncio.Task[None] | None = None  # follows the replica's WatchLoad stream
     gone: bool = False  # its address left DNS: no new work; dropped once its in-flight calls end
+    wrong_version: bool = False  # it reports another model version than its set's: no work
 
     @property
     def max_running(self) -> int:
@@ -146,10 +147,13 @@ class ReplicaSet:
         discovery: str = "static",
         dns_refresh_s: float = DNS_REFRESH_S,
         resolver: Resolver = resolve_addresses,
+        model_version: str = "",
     ) -> None:
         if discovery not in DISCOVERY_CHOICES:
             raise ValueError(f"discovery must be one of {DISCOVERY_CHOICES}, got {discovery!r}")
         self.replicas: list[Replica] = []
+        self.model_version = model_version
+        """The version these replicas must report serving (GetModelInfo.model_version); "": any."""
         self.names = tuple(targets) if discovery == "dns" else ()
         for name in self.names:
             split_target(name)  # a malformed target fails at start-up, not at the first resolution
@@ -212,6 +216,20 @@ class ReplicaSet:
                 replica.info = await replica.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
         except grpc.aio.AioRpcError:
             serving = False
+        if serving and self.model_version and replica.info and replica.info.model_version != self.model_version:
+            # a replica of another version in this version's set would answer for the wrong version
+            if not replica.wrong_version:  # logged once, not at every poll
+                log.error(
+                    "inference replica %s serves model version %r, not %r: it gets no work",
+                    replica.target,
+                    replica.info.model_version,
+                    self.model_version,
+                )
+            replica.wrong_version = True
+            replica.info = None  # asked again: the replica may be restarted with the right version
+            serving = False
+        elif serving:
+            replica.wrong_version = False
         if serving and (replica.load_watch is None or replica.load_watch.done()):
             replica.load_watch = asyncio.get_running_loop().create_task(self._watch_load(replica))
         if serving != replica.healthy:

@@ -34,6 +34,8 @@ class RequestTelemetry:
         self.prompt_tokens = self.completion_tokens = 0
         self.exemplar = _exemplar()
         self.span: trace.Span | None = None
+        self.model_version = ""
+        """The model version serving it, once routed ("" for a request refused before)."""
 
     def accepted(self, request: GenerationRequest) -> None:
         """The request passed the contract: open its GenAI span (a child of the Generate server span)."""
@@ -55,12 +57,19 @@ class RequestTelemetry:
             attributes["gen_ai.request.seed"] = s.seed
         self.span = tracer.start_span(f"{self.operation} {model}", attributes=attributes)
 
+    def routed(self, model_version: str) -> None:
+        """The request goes to `model_version`: its metrics and span say so from here on."""
+        self.model_version = model_version
+        self.metrics = self.metrics.for_version(model_version)
+        if self.span is not None:
+            self.span.set_attribute("meshserve.model.version", model_version)
+
     def tokens(self, count: int) -> None:
         now = time.monotonic()
         if self.last_token_at is None:
             self.first_token_s = now - self.started
             self.metrics.time_to_first_token.observe(self.first_token_s, self.exemplar)
-            self.gen_ai.first_token(self.operation, self.first_token_s, self.exemplar)
+            self.gen_ai.first_token(self.operation, self.first_token_s, self.exemplar, self.model_version)
         elif count:
             for _ in range(count):
                 self.metrics.inter_token_latency.observe((now - self.last_token_at) / count)
@@ -96,6 +105,7 @@ class RequestTelemetry:
             self.exemplar,
             self.completion_tokens,
             self.first_token_s,
+            self.model_version,
         )
         if self.span is not None:
             if error_type:

@@ -97,7 +97,7 @@ class CachedAnswer:
         )
 
 
-def cache_key(request: GenerationRequest, limits: ModelLimits) -> str | None:
+def cache_key(request: GenerationRequest, limits: ModelLimits, version: str = "") -> str | None:
     """The key of a deterministic request's answer, or None when it may not be cached (sampled
     without a seed: every call is meant to differ; or the client said no_cache).
 
@@ -105,7 +105,7 @@ def cache_key(request: GenerationRequest, limits: ModelLimits) -> str | None:
     ids. Tokenization is a function of the text and the model's revision (the tokenizer and the
     replicas serve the same prepared model), so two requests tokenized differently never share a key;
     a prompt and the token ids it encodes to have different keys, which costs a miss, never a wrong
-    answer."""
+    answer. `version` is the model version serving it (a rollout's): one version never answers another's."""
     s = request.sampling
     if request.no_cache or (not s.greedy and s.seed is None):
         return None
@@ -125,6 +125,8 @@ def cache_key(request: GenerationRequest, limits: ModelLimits) -> str | None:
         "stop": request.stop,
         "stop_token_ids": request.stop_token_ids,
     }
+    if version:  # only then: the unnamed version's keys stay what they were
+        described["version"] = version
     return KEY_PREFIX + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,6 +21,7 @@ from services.router.config import RouterConfig
 from services.router.convert import ModelLimits, to_generation_request, to_tokenize_input
 from services.router.core import CacheLookup, Completed, Router, TextDelta
 from services.router.request_telemetry import RequestTelemetry
+from services.router.rollout import pinned_version
 from services.router.tenancy import Caller, TenantStreams
 
 
@@ -35,15 +36,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.config = config
         self.metrics: ServingMetrics | None = None  # created once the model name is known
         self.gen_ai: GenAiMetrics | None = None
-        self.in_flight = 0
+        self.in_flight_by_version: dict[str, int] = {}
         self.tenant_streams = TenantStreams(config.max_streams_per_tenant)
 
     def on_connected(self) -> None:
         assert self.router.limits is not None
-        self.metrics = ServingMetrics(self.router.limits.model_name)
-        self.gen_ai = GenAiMetrics(self.router.limits.model_name)
-        self.metrics.num_requests_running.set_function(lambda: self.in_flight)
-        serving_replicas_gauge(self.router.limits.model_name, lambda: len(self.router.replicas.healthy))
+        model = self.router.limits.model_name
+        self.metrics = ServingMetrics(model, None)  # a request's are bound to its version once it is routed
+        self.gen_ai = GenAiMetrics(model)
+        label = self.router.version_label
+        for version in self.router.versions:
+            self.in_flight_by_version[version] = 0
+            running = self.metrics.for_version(label(version)).num_requests_running
+            running.set_function(lambda v=version: self.in_flight_by_version[v])  # type: ignore[misc]
+        serving_replicas_gauge(
+            model,
+            {label(v): (lambda s=s: len(s.healthy)) for v, s in self.router.versions.items()},  # type: ignore[misc]
+        )
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -59,17 +68,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         deadline = telemetry.started + (limit if remaining is None else min(remaining, limit))
         caller = Caller.from_metadata(context.invocation_metadata())
         code = "OK"
-        self.in_flight += 1
         counted_stream = False
+        version: str | None = None
         try:
             generation = to_generation_request(request, self.router.limits, self.config.default_max_tokens)
             generation = dataclasses.replace(
-                generation, priority=caller.priority(generation.priority), tenant=caller.tenant
+                generation,
+                priority=caller.priority(generation.priority),
+                tenant=caller.tenant,
+                model_version=pinned_version(context.invocation_metadata()),
             )
             telemetry.accepted(generation)
             self.tenant_streams.acquire(caller.tenant)
             counted_stream = True
-            events = self.router.generate(generation, deadline)
+            version = self.router.choose_version(generation)
+            self.in_flight_by_version[version] += 1
+            telemetry.routed(self.router.version_label(version))
+            events = self.router.generate(generation, deadline, version)
             async with contextlib.aclosing(events):  # a cancelled call closes it here, not in the collector
                 async for event in events:
                     if isinstance(event, CacheLookup):  # REST clients see it as a response header
@@ -99,6 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                 cached_prompt_tokens=event.cached_prompt_tokens,
                                 cached=event.cached,
                                 model=event.model,
+                                model_version=event.model_version,
                             )
                         )
         except ServingError as error:
@@ -116,7 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             code = "INTERNAL"
             await abort_internal(context, "GenerationService.Generate")
         finally:
-            self.in_flight -= 1
+            if version is not None:
+                self.in_flight_by_version[version] -= 1
             if counted_stream:
                 self.tenant_streams.release(caller.tenant)
             telemetry.finished(code)

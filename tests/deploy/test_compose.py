@@ -303,3 +303,27 @@ def test_the_router_keeps_its_disk_cache_in_a_named_volume():
     assert mounts.get(str(path.parent)) in document["volumes"], mounts
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert re.search(rf"mkdir -p [^\n]*{path.parent}[^\n]*&& chown meshserve:meshserve [^\n]*{path.parent}", dockerfile)
+
+
+ROLLOUT_OVERRIDE = COMPOSE_DIR / "compose.rollout.yaml"
+
+
+def test_the_rollout_override_serves_two_versions_and_publishes_no_admin_port():
+    """compose.rollout.yaml: valid merged with compose.yaml, `inference` and `inference-green` serve versions
+    the router names, with weights its own flags accept, and the admin port stays on the internal network."""
+    from services.cli.main import build_parser
+    from services.common.config_flags import config_from_args
+    from services.router.config import RouterConfig
+
+    merged = _merge(_load(COMPOSE), _load(ROLLOUT_OVERRIDE))
+    assert _errors(_load(ROLLOUT_OVERRIDE)) == [] and _errors(merged) == []
+    services = merged["services"]
+    for name, version in (("inference", "blue"), ("inference-green", "green")):
+        args = build_parser().parse_args(services[name]["command"][1:])
+        assert args.model_version == version and args.precision == model_precision(DEPLOY / "docker" / "Dockerfile")
+    config = config_from_args(RouterConfig, build_parser().parse_args(services["router"]["command"][1:]))
+    assert config.version_targets() == {"blue": ("inference:50053",), "green": ("inference-green:50053",)}
+    assert config.rollout().weights == {"blue": 95, "green": 5} and config.admin_port == 50061
+    assert services["router"]["depends_on"]["inference-green"]["condition"] == "service_healthy"
+    for service in services.values():
+        assert not any("50061" in port for port in _published(service)), "the admin port must not be published"

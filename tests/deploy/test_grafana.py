@@ -4,6 +4,7 @@ Prometheus with valid PromQL over metric names from docs/conventions.md, and the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,15 @@ def test_dashboard_shows_the_required_views():
     ):
         assert needle in everything, needle
     errors = [e for e in exprs if "meshserve_requests_total" in e and 'code!="OK"' in e]
-    assert errors and all("by (job, code)" in e for e in errors), "errors must be split by status code"
+    assert errors and all(re.search(r"by \((\w+, )*code\)", e) for e in errors), "errors must be split by status code"
+    # a rollout's versions side by side (issue 24): rate, errors, TTFT and ITL p95 by model_version
+    for needle in (
+        "sum by (model_version) (rate(meshserve_requests_total",
+        "sum by (model_version, code) (rate(meshserve_requests_total",
+        "histogram_quantile(0.95, sum by (model_version, le) (rate(meshserve_time_to_first_token_seconds_bucket",
+        "histogram_quantile(0.95, sum by (model_version, le) (rate(meshserve_inter_token_latency_seconds_bucket",
+    ):
+        assert needle in everything, needle
 
 
 def test_provisioning_points_at_the_dashboards_and_prometheus():

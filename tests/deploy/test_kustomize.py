@@ -474,3 +474,45 @@ def test_each_router_pod_keeps_its_disk_cache_in_a_bounded_empty_dir(overlay: st
     [volume] = [v for v in pod["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
     limit = volume["emptyDir"]["sizeLimit"]
     assert limit.endswith("Mi") and int(limit[:-2]) > router.result_cache_disk_mb + 4  # + the WAL's 4 MiB
+
+
+def test_the_rollout_component_serves_two_versions_and_keeps_the_admin_port_internal(tmp_path):
+    """components/rollout in the cpu overlay: a green StatefulSet beside blue, every router serving both by
+    pod name with the weights the CLI accepts, and the admin port reachable by an operator's pod only."""
+    from services.cli.main import build_parser
+    from services.common.config_flags import config_from_args
+    from services.router.config import RouterConfig
+
+    kustomization = yaml.safe_load((K8S / "overlays" / "cpu" / "kustomization.yaml").read_text())
+    kustomization["resources"] = [os.path.relpath(K8S / "base", tmp_path)]
+    kustomization["components"] = [os.path.relpath(K8S / "components" / "rollout", tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = run([tool("kubectl"), "kustomize", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    documents = list(load_yaml_documents(result.stdout))
+    for document in documents:
+        kubernetes_validate.validate(document, KUBERNETES_VERSIONS[0], strict=True)
+    assert {d["metadata"].get("namespace") for d in documents if d["kind"] != "Namespace"} == {"meshserve"}
+    built = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    blue, green = (container(built["StatefulSet", name]) for name in ("inference", "inference-green"))
+    assert green["image"] == blue["image"] == "meshserve:0.1.0"
+    for main, version in ((blue, "blue"), (green, "green")):
+        assert build_parser().parse_args(main["args"]).model_version == version
+    assert built["Service", "inference-green"]["spec"]["clusterIP"] == "None"
+    router = container(built["Deployment", "router"])
+    config = config_from_args(RouterConfig, build_parser().parse_args(router["args"]))
+    assert config.version_targets() == {
+        "blue": tuple(f"inference-{i}.inference:50053" for i in range(4)),
+        "green": tuple(f"inference-green-{i}.inference-green:50053" for i in range(2)),
+    }
+    assert config.rollout().weights == {"blue": 95, "green": 5} and config.admin_port == 50061
+    assert {"name": "admin", "containerPort": 50061} in router["ports"]
+    assert built["Service", "router-admin"]["spec"]["clusterIP"] == "None"  # resolves to every router
+    # the admin port: only meshserve-admin pods; the base's router policy still admits Envoy to grpc only
+    [rule] = built["NetworkPolicy", "router-admin"]["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "meshserve-admin"}}}]
+    assert rule["ports"] == [{"port": "admin", "protocol": "TCP"}]
+    for rule in built["NetworkPolicy", "router"]["spec"]["ingress"]:
+        assert {p["port"] for p in rule["ports"]} <= {"grpc", "metrics"}
+    [to_green, _] = built["NetworkPolicy", "inference-green"]["spec"]["ingress"]
+    assert to_green["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "router"}}}]

@@ -83,12 +83,15 @@ def test_required_alerts_use_the_conventions_metrics():
 def test_scrape_jobs_cover_every_service_and_envoy_admin():
     config = yaml.safe_load(CONFIG.read_text())
     compose_services = set(yaml.safe_load(COMPOSE.read_text())["services"])
+    # and the second model version's replicas of the rollout override
+    compose_services |= set(yaml.safe_load((COMPOSE.parent / "compose.rollout.yaml").read_text())["services"])
     targets: dict[str, tuple[str, int, str]] = {}
     for job in config["scrape_configs"]:
         path = job.get("metrics_path", "/metrics")
         for sd in job.get("dns_sd_configs", []):
             for name in sd["names"]:
                 targets[job["job_name"]] = (name, sd["port"], path)
+                assert name in compose_services, f"{job['job_name']} scrapes {name}, which no compose file runs"
         for static in job.get("static_configs", []):
             for target in static["targets"]:
                 host, port = target.rsplit(":", 1)

@@ -129,8 +129,9 @@ def launch_mesh(
     port = free_port()
     ports = {name: free_port() for name in ("tokenizer", "admin", "openai")}
     # the launcher derives replicas' ports from a base (+100 a replica, +50 for fallbacks; metrics +10 a
-    # replica): one block holds the routers' (base + 0, 100, ...), inference's (base + 25, 75, ...) and metrics'
-    base = free_port_block([*range(0, 400, 100), *range(25, 425, 50), *range(500, 540)])
+    # replica; a router's admin port +10): one block holds the routers' (base + 0, 100, ...) and their admin
+    # ports (base + 10, 110, ...), inference's (base + 25, 75, ...) and metrics'
+    base = free_port_block([*range(0, 400, 100), *range(10, 410, 100), *range(25, 425, 50), *range(500, 540)])
     ports |= {"router": base, "inference": base + 25}
     metrics_base = base + 500
     env = dict(
@@ -186,7 +187,9 @@ def launch_mesh(
     metrics_ports = {"tokenizer": metrics_base + 2, "openai": metrics_base + 4}
     for i in range(router_replicas):
         metrics_ports[f"router-{i}"] = metrics_base + 1 + 10 * i
-    for i in range(inference_replicas):
+    # with --model-version, each version has inference_replicas replicas, numbered on after the first's
+    versions = max(1, sum(str(a).startswith("--model-version") for a in up_args))
+    for i in range(inference_replicas * versions):
         metrics_ports[f"inference-{i}"] = metrics_base + 3 + 10 * i
         metrics_ports[f"fallback-{i}"] = metrics_base + 5 + 10 * i  # when --fallback-replicas asks for them
     metrics_ports["router"], metrics_ports["inference"] = metrics_ports["router-0"], metrics_ports["inference-0"]
