@@ -261,3 +261,18 @@ async def test_the_tenant_rate_limit_refuses_an_upgrade_over_the_limit(secured):
     async with connect(url(secured.port, "completions"), additional_headers=other) as socket:
         await socket.send(json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
         assert (await read_to_close(socket))[-1] == "[DONE]"
+
+
+async def test_a_handshake_on_an_http_route_is_a_400_naming_the_websocket_routes(ws_mesh, secured):
+    """Only the WebSocket routes upgrade; a handshake elsewhere on the OpenAI paths is told where they are,
+    not that its API key is bad (Envoy refuses it with a 403 before auth runs, which those paths map to 401)."""
+    token = {"authorization": f"Bearer {secured.token('ws-wrong-route')}"}
+    for port, headers in ((ws_mesh.port, {}), (secured.port, {}), (secured.port, token)):
+        for path in ("/v1/chat/completions", "/v1/models"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(f"ws://127.0.0.1:{port}{path}", additional_headers=headers):
+                    pass
+            response = refused.value.response
+            assert response.status_code == 400, response.body
+            error = json.loads(response.body)["error"]
+            assert error["type"] == "invalid_request_error" and "/v1/ws/chat/completions" in error["message"]

@@ -81,6 +81,7 @@ def test_envoy_refusals_on_openai_paths_are_openai_errors(tmp_path, secured):
     config = render(tmp_path, **secured)
     mappers = manager(config)["local_reply_config"]["mappers"]
     openai = [m for m in mappers if "header_filter" in str(m["filter"])]
+    upgrade, *openai = openai  # the refusal of a WebSocket handshake on an HTTP route, below
     regex = openai[0]["filter"]["and_filter"]["filters"][0]["header_filter"]["header"]["string_match"]["safe_regex"][
         "regex"
     ]
@@ -97,7 +98,7 @@ def test_envoy_refusals_on_openai_paths_are_openai_errors(tmp_path, secured):
         assert re.match(regex, path), path
     for path in ("/v1/generate", "/meshserve.v1.GenerationService/Generate", "/v1/completionsX"):
         assert not re.match(regex, path), path
-    assert mappers[: len(openai)] == openai  # ahead of the gRPC mappers: the first match applies
+    assert mappers[: len(openai) + 1] == [upgrade, *openai]  # ahead of the gRPC mappers: the first match applies
     errors = [m["body_format_override"]["json_format"]["error"] for m in openai]
     assert all(set(e) == {"message", "type", "param", "code"} for e in errors)
     assert [e["code"] for e in errors] == ["invalid_api_key", "request_too_large", "rate_limit_exceeded", None, None]
@@ -134,3 +135,22 @@ def test_websocket_upgrades_are_enabled_on_the_websocket_routes_alone(tmp_path, 
     # without a size limit there is no buffer to turn off
     plain = manager(render(tmp_path))["route_config"]["virtual_hosts"][0]["routes"]
     assert [r.get("typed_per_filter_config") for r in plain if "upgrade_configs" in r["route"]] == [None, None]
+
+
+def test_a_websocket_handshake_on_an_http_route_is_a_400_naming_the_websocket_routes(tmp_path, secured):
+    """Envoy refuses an upgrade no route enables with a bare 403 before any filter (auth included) runs; on
+    the OpenAI paths that would read as a bad API key, so it is a 400 saying where the WebSocket routes are."""
+    for options in ({}, secured):
+        [upgrade, *_] = manager(render(tmp_path, **options))["local_reply_config"]["mappers"]
+        path, header, status = upgrade["filter"]["and_filter"]["filters"]
+        assert header["header_filter"]["header"] == {"name": "upgrade", "present_match": True}
+        assert status["status_code_filter"]["comparison"]["value"]["default_value"] == 403
+        regex = path["header_filter"]["header"]["string_match"]["safe_regex"]["regex"]
+        for http_path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/models/x"):
+            assert re.match(regex, http_path), http_path
+        # a 403 on the WebSocket routes is jwt_authn's (a foreign audience): still the 401 mapper's
+        for other in ("/v1/ws/chat/completions", "/v1/ws/completions", "/v1/generate", "/v1/completionsX"):
+            assert not re.match(regex, other), other
+        assert upgrade["status_code"] == 400
+        error = upgrade["body_format_override"]["json_format"]["error"]
+        assert error["type"] == "invalid_request_error" and "/v1/ws/chat/completions" in error["message"]
