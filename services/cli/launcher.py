@@ -369,6 +369,9 @@ def run(args: argparse.Namespace) -> int:
             *[arg for port in router_ports for arg in ("--router-target", f"127.0.0.1:{port}")],
             "--tokenizer-target",
             f"127.0.0.1:{args.tokenizer_port}",
+            # Envoy counts HTTP bodies, not WebSocket messages: the service holds those to the same limit
+            "--max-request-bytes",
+            str(args.max_request_bytes),
         ]
     procs: dict[str, subprocess.Popen] = {}
     stop = {"requested": False}

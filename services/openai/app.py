@@ -1,7 +1,8 @@
 """The FastAPI app of the OpenAI-compatible service: HTTP in, `core` for the mapping, `upstream` for the
 Generate calls. A stream's HTTP headers wait for every choice's first answer, so a refusal (400, 429, ...)
 is still an HTTP status. A client that goes away (mid-stream, while waiting for its first token, or for a
-whole answer) cancels the calls, which frees their inference slots."""
+whole answer) cancels the calls, which frees their inference slots. The same streams are served over
+WebSocket (`websocket` says how), with the same chunks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -21,12 +22,14 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.requests import HTTPConnection
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from meshserve.v1 import generation_service_pb2 as pb
-from services.common.contract import MAX_PROMPT_BYTES
 from services.openai import core, responses
-from services.openai.config import OpenAIConfig
+from services.openai import websocket as ws
+from services.openai.config import MAX_BODY_BYTES, OpenAIConfig
 from services.openai.schemas import ChatCompletionRequest
 from services.openai.upstream import Generation, RouterClient, TokenTexts, forwarded_metadata
 
@@ -102,15 +105,15 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 class _Life:
     """One API request's span, log line and count, ended once, however the request ends."""
 
-    def __init__(self, service: OpenAIService, request: Request, endpoint: str) -> None:
+    def __init__(self, service: OpenAIService, request: HTTPConnection, endpoint: str, method: str = "POST") -> None:
         self.service = service
         self.endpoint = endpoint
         self.started = time.monotonic()
         self.span = tracer.start_span(
-            f"POST {request.url.path}",
+            f"{method} {request.url.path}",
             context=extract(request.headers),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": "POST", "url.path": request.url.path},
+            attributes={"http.request.method": method, "url.path": request.url.path},
         )
         self.plan: core.Plan | None = None
         self.usage: dict[str, Any] = {}
@@ -169,11 +172,6 @@ class _EventStream(StreamingResponse):
 
 def _error_response(error: core.OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-MAX_BODY_BYTES = 4 * MAX_PROMPT_BYTES
-"""A body larger than this holds more than any request may (a prompt's 1 MiB, escaped as JSON, with its
-fields): refused while it is read, so the service never holds an unbounded body, with or without Envoy."""
 
 
 async def _bounded_body(request: Request) -> bytes:
@@ -250,6 +248,23 @@ async def _answers(
         yield more
 
 
+async def _chunks(
+    service: OpenAIService,
+    answers: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    builder: core.ResponseBuilder,
+) -> AsyncIterator[dict[str, Any]]:
+    """A stream's chunks, the usage chunk last: the one conversion server-sent events and WebSocket frames share.
+    A failed call raises its error."""
+    async for index, response in answers:
+        texts = (
+            await service.texts.lookup(core.logprob_token_ids(response)) if builder.plan.logprobs is not None else {}
+        )
+        for chunk in builder.chunks(index, response, texts):
+            yield chunk
+    for chunk in builder.final_chunks():
+        yield chunk
+
+
 async def _events(
     service: OpenAIService,
     life: _Life,
@@ -260,15 +275,7 @@ async def _events(
     at its current await; `_EventStream` then cancels the calls."""
     status, error = 499, None
     try:
-        async for index, response in answers:
-            texts = (
-                await service.texts.lookup(core.logprob_token_ids(response))
-                if builder.plan.logprobs is not None
-                else {}
-            )
-            for chunk in builder.chunks(index, response, texts):
-                yield core.sse(chunk)
-        for chunk in builder.final_chunks():
+        async for chunk in _chunks(service, answers, builder):
             yield core.sse(chunk)
         status = 200
         life.usage = builder.usage()
@@ -371,6 +378,95 @@ async def _response_events(
         life.end(status, error)
 
 
+# WebSocket streams
+
+
+_SOCKET_GONE = (ClientGone, WebSocketDisconnect, WebSocketDisconnected, OSError)
+"""What a socket whose client went away raises (reading or sending)."""
+
+
+async def _request_frame(websocket: WebSocket, timeout_s: float) -> Message:
+    try:
+        message = await asyncio.wait_for(websocket.receive(), timeout_s)
+    except TimeoutError:
+        raise ws.request_timeout_error(timeout_s) from None
+    if message["type"] == "websocket.disconnect":
+        raise ClientGone()
+    return message
+
+
+async def _while_listening(websocket: WebSocket, work: Awaitable[None]) -> None:
+    """Runs `work` (sending the stream) while reading the socket: a client that closes it (ClientGone) or sends
+    another frame (a one-request-per-connection error) cancels `work` first. `work`'s own error is raised."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(websocket.receive())
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        message = listener.result()
+    finally:
+        for pending in (task, listener):
+            pending.cancel()  # a no-op for the one that finished
+        await asyncio.wait({task, listener})  # nothing else sends on the socket before `work` is gone
+    if message["type"] == "websocket.disconnect":
+        raise ClientGone()
+    raise ws.second_request_error()
+
+
+async def _send_chunks(
+    service: OpenAIService, websocket: WebSocket, generation: Generation, builder: core.ResponseBuilder
+) -> None:
+    # Each send waits while the client's connection is congested, and Generation's queue is bounded: a slow
+    # reader holds back its own calls (gRPC flow control), never grows a buffer here.
+    async for chunk in _chunks(service, _answers(generation, []), builder):
+        await websocket.send_text(core.event_json(chunk))
+
+
+async def _socket(service: OpenAIService, websocket: WebSocket, endpoint: core.Endpoint) -> None:
+    """One WebSocket: one request frame, its chunks, [DONE] and close 1000; or an error frame and a close code
+    (`websocket.close_code`). The request counts, logs and traces as the HTTP endpoint's, with the status
+    the same request would have had over HTTP."""
+    await websocket.accept()
+    life = _Life(service, websocket, ws.PATHS[endpoint], method="GET")
+    generation: Generation | None = None
+    try:
+        message = await _request_frame(websocket, service.config.ws_request_timeout_s)
+        parsed = ws.read_request(message, endpoint, service.config.ws_message_limit)
+        model = (await service.model_info()).model
+        plan = life.plan = core.plan(parsed, model, service.config.max_choices)
+        timeout_s = core.request_timeout(websocket.headers, True)
+        with life.current():
+            generation = Generation(service.router, plan.requests, forwarded_metadata(websocket.headers), timeout_s)
+        builder = core.ResponseBuilder(plan)
+        await _while_listening(websocket, _send_chunks(service, websocket, generation, builder))
+        life.usage = builder.usage()
+        await websocket.send_text(ws.DONE)
+        await websocket.close(ws.CLOSE_NORMAL)
+        life.end(200)
+    except _SOCKET_GONE:
+        life.end(499)
+    except Exception as failure:
+        error = core.to_openai_error(failure, life.plan)
+        if error.status == 500:
+            log.error("internal error", exc_info=failure, extra={"request_id": life.plan.id if life.plan else ""})
+        life.end(error.status, error)
+        with contextlib.suppress(*_SOCKET_GONE):
+            await websocket.send_text(ws.error_frame(error))
+            await websocket.close(ws.close_code(error), ws.close_reason(error))
+    finally:
+        if generation is not None:
+            generation.cancel()  # a no-op for calls that ended
+
+
+def server_options(config: OpenAIConfig) -> dict[str, Any]:
+    """uvicorn's WebSocket settings for `create_app(config)`: the `websockets` implementation (a missing one
+    fails at start, not at the first upgrade), and a bound on every message read, so no client makes the
+    service hold more than an HTTP body may be (the request limit itself is `ws_message_limit`, checked with
+    an error frame). Pings every 20 s close a socket whose client stopped answering."""
+    return {"ws": "websockets-sansio", "ws_max_size": MAX_BODY_BYTES, "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
+
+
 def create_app(config: OpenAIConfig) -> FastAPI:
     """The app; the gRPC channels are opened when it starts and closed when it stops."""
 
@@ -421,6 +517,14 @@ def create_app(config: OpenAIConfig) -> FastAPI:
     @app.post("/v1/responses")
     async def create_response(request: Request) -> Response:
         return await _respond(request.app.state.service, request)
+
+    @app.websocket(ws.PATHS["chat"])
+    async def chat_completions_socket(websocket: WebSocket) -> None:
+        await _socket(websocket.app.state.service, websocket, "chat")
+
+    @app.websocket(ws.PATHS["completion"])
+    async def completions_socket(websocket: WebSocket) -> None:
+        await _socket(websocket.app.state.service, websocket, "completion")
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -782,9 +782,14 @@ class ResponseBuilder:
         ]
 
 
+def event_json(event: Mapping[str, Any]) -> str:
+    """One stream event as JSON: a server-sent event's data and a WebSocket text frame, the same text."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
 def sse(event: Mapping[str, Any]) -> bytes:
     """One server-sent event."""
-    return b"data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + event_json(event).encode() + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

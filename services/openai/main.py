@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from services.openai.app import create_app
+    from services.openai.app import create_app, server_options
 
     config = config_from_args(OpenAIConfig, args)
     server = ServerConfig.from_args(args)
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(server.shutdown_grace_s),
         lifespan="on",
+        **server_options(config),
     )
     provider.shutdown()
     return 0

@@ -100,7 +100,12 @@ class _Ended:
 
 class Generation:
     """The Generate calls answering one OpenAI request (one per choice), started at once and read
-    concurrently into one queue, so choices stream interleaved as their tokens come."""
+    concurrently into one queue, so choices stream interleaved as their tokens come. The queue is bounded: a
+    client that reads slowly stops the calls being read (gRPC flow control then holds back the router), so
+    nothing here grows with a slow reader."""
+
+    QUEUE_SIZE = 64
+    """Responses read ahead of the client, over all choices."""
 
     def __init__(
         self,
@@ -110,7 +115,7 @@ class Generation:
         timeout_s: float | None,
     ) -> None:
         self.router = router
-        self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | Exception | _Ended]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | Exception | _Ended]] = asyncio.Queue(self.QUEUE_SIZE)
         self.running = len(requests)
         self.tasks = [
             asyncio.create_task(self._read(i, request, metadata, timeout_s)) for i, request in enumerate(requests)
@@ -122,10 +127,10 @@ class Generation:
         stream = self.router.generate(request, metadata, timeout_s)
         try:
             async for response in stream:
-                self.queue.put_nowait((index, response))
-            self.queue.put_nowait((index, _Ended()))
+                await self.queue.put((index, response))
+            await self.queue.put((index, _Ended()))
         except Exception as error:
-            self.queue.put_nowait((index, error))
+            await self.queue.put((index, error))
         finally:
             await stream.aclose()  # cancels the call if it is still running
 

@@ -138,6 +138,7 @@ def test_envoy_config_shape(path: Path):
     hcm = _hcm(config)
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     openai_paths = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models"}
+    openai_paths |= {"/v1/ws/chat/completions", "/v1/ws/completions"}  # WebSocket streams
     # the OpenAI-compatible paths go to the openai service (services/openai), everything else to the routers
     assert {
         r["match"].get("path") or r["match"].get("path_separated_prefix")
