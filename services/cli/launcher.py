@@ -51,6 +51,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8080, help="public gRPC port (Envoy)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
     parser.add_argument("--router-port", type=int, default=50051)
+    parser.add_argument(
+        "--router-admin-port",
+        type=int,
+        help="the routers' admin port (their RolloutService, for `meshserve rollout`); default: --router-port + 10",
+    )
     parser.add_argument("--tokenizer-port", type=int, default=50052)
     parser.add_argument("--inference-port", type=int, default=50053)
     parser.add_argument("--openai-port", type=int, default=50054, help="OpenAI-compatible HTTP service")
@@ -104,7 +109,7 @@ def add_parser(subparsers) -> None:
         metavar="NAME=PRECISION",
         help="serve a named model version side by side with the others (a rollout: canary, blue-green, A/B), "
         "--inference-replicas replicas each, e.g. --model-version blue=int8 --model-version green=int4; "
-        "the first is the stable one. Each router's admin port (router port + 10) takes `meshserve rollout`",
+        "the first is the stable one. Each router's admin port (--router-admin-port) takes `meshserve rollout`",
     )
     parser.add_argument(
         "--rollout-weights",
@@ -204,7 +209,17 @@ def model_versions(specs: list[str]) -> list[tuple[str, str]]:
 
 
 ADMIN_PORT_OFFSET = 10
-"""A router's admin port (its RolloutService) is its gRPC port + this."""
+"""A router's admin port (its RolloutService) is its gRPC port + this unless --router-admin-port says."""
+
+
+def check_ports(ports: dict[str, int]) -> None:
+    """Refuses, before anything starts, two listeners of the mesh on one port: gRPC servers bind with
+    SO_REUSEPORT, so the second would start and take half of the first's connections."""
+    owners: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in owners:
+            raise SystemExit(f"meshserve up: {name} and {owners[port]} are both port {port}: give each its own")
+        owners[port] = name
 
 
 def _fail_if_exited(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -279,6 +294,26 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.inference_replicas)
     ]
     core_sets = inference_core_sets(args.inference_cpus, len(main_replicas))  # before anything starts
+    mp = args.metrics_port_base
+    inference_ports = [args.inference_port + 100 * i for i in range(len(main_replicas))]
+    fallback_ports = [args.inference_port + 50 + 100 * i for i in range(args.fallback_replicas)]
+    router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
+    admin_base = args.router_admin_port if args.router_admin_port is not None else args.router_port + ADMIN_PORT_OFFSET
+    admin_ports = [admin_base + 100 * i for i in range(args.router_replicas)]
+    check_ports(
+        {"--port (Envoy)": args.port, "--admin-port (Envoy's)": args.admin_port}
+        | {f"router {i} (--router-port)": port for i, port in enumerate(router_ports)}
+        | {f"router {i}'s admin port (--router-admin-port)": port for i, port in enumerate(admin_ports)}
+        | {"--tokenizer-port": args.tokenizer_port}
+        | {f"inference {i} (--inference-port)": port for i, port in enumerate(inference_ports)}
+        | {f"fallback {i} (--inference-port + 50)": port for i, port in enumerate(fallback_ports)}
+        | ({"--openai-port": args.openai_port} if args.openai else {})
+        | {f"router {i}'s metrics (--metrics-port-base)": mp + 1 + 10 * i for i in range(len(router_ports))}
+        | {"the tokenizer's metrics (--metrics-port-base)": mp + 2}
+        | {f"inference {i}'s metrics (--metrics-port-base)": mp + 3 + 10 * i for i in range(len(inference_ports))}
+        | ({"the openai service's metrics (--metrics-port-base)": mp + 4} if args.openai else {})
+        | {f"fallback {i}'s metrics (--metrics-port-base)": mp + 5 + 10 * i for i in range(len(fallback_ports))}
+    )
     if warning:
         print(warning, file=sys.stderr, flush=True)
     for precision in dict.fromkeys(p for _, p in main_replicas):
@@ -290,15 +325,11 @@ def run(args: argparse.Namespace) -> int:
     endpoint_options = public_endpoint_options(args, run_dir)
     base = [sys.executable, "-m", "services.cli.main"]
     common = ["--host", "127.0.0.1", "--models-root", str(args.models_root)]
-    mp = args.metrics_port_base
-    inference_ports = [args.inference_port + 100 * i for i in range(len(main_replicas))]
-    fallback_ports = [args.inference_port + 50 + 100 * i for i in range(args.fallback_replicas)]
     threads = inference_threads_args(len(main_replicas) + args.fallback_replicas)
     fallback_threads = threads
     if core_sets:  # pinned: each replica's threads follow its own set; the fallback tier gets what is left
         threads = []
         fallback_threads = inference_threads_args(args.fallback_replicas)
-    router_ports = [args.router_port + 100 * i for i in range(args.router_replicas)]
     commands = {
         "tokenizer": base
         + ["serve-tokenizer", "--port", str(args.tokenizer_port), "--metrics-port", str(mp + 2), *common],
@@ -353,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
             "--tokenizer-target",
             f"127.0.0.1:{args.tokenizer_port}",
             "--admin-port",
-            str(port + ADMIN_PORT_OFFSET),
+            str(admin_ports[i]),
             *targets,
             *args.router_arg,
         ]
