@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.gateway.config import TenantRateLimit
 from tests.conftest import wait_until_async
 from tests.e2e.conftest import Mesh, SecuredEnvoy, launch_mesh, metric_value, secured_envoy
+from tests.websocket_client import read_to_close, sse_payloads
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_REQUEST_BYTES = 64 * 1024  # `meshserve up --max-request-bytes`: Envoy's body limit, the service's frame limit
@@ -69,22 +69,11 @@ def idle(mesh: Mesh) -> bool:
     return running(mesh) == 0 and running(mesh, "router") == 0
 
 
-async def read_to_close(socket: ClientConnection) -> list[Any]:
-    """Every frame until the server closes (JSON parsed, but [DONE])."""
-    frames: list[Any] = []
-    try:
-        async for frame in socket:
-            frames.append(frame if frame == "[DONE]" else json.loads(frame))
-    except ConnectionClosed:
-        pass
-    return frames
-
-
 async def exchange(port: int, frame: str | bytes, endpoint: str = "chat/completions", **options) -> tuple:
     """One frame sent, every frame read: (frames, close code, close reason)."""
     async with connect(url(port, endpoint), **options) as socket:
         await socket.send(frame)
-        frames = await read_to_close(socket)
+        frames = await read_to_close(socket, parse=True)
     return frames, socket.close_code, socket.close_reason
 
 
@@ -106,15 +95,9 @@ async def test_a_greedy_chat_streams_the_same_chunks_as_server_sent_events(ws_me
     generated = metric_value(ws_mesh.metrics("inference"), "meshserve_generation_tokens_total")
     async with connect(url(ws_mesh.port)) as socket:
         await socket.send(json.dumps(body))  # no "stream": a WebSocket always streams
-        frames = await read_to_close(socket)
+        frames = await read_to_close(socket, parse=True)
     assert socket.close_code == 1000 and frames[-1] == "[DONE]"
-    request = urllib.request.Request(
-        f"http://{ws_mesh.target}/v1/chat/completions",
-        data=json.dumps({**body, "stream": True}).encode(),
-        headers={"content-type": "application/json"},
-    )
-    sse = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=120).read().decode())
-    events = [line.removeprefix("data: ") for line in sse.split("\n\n") if line]
+    events = await sse_payloads(f"http://{ws_mesh.target}/v1/chat/completions", body, 120)
     assert events[-1] == "[DONE]"
     chunks, payloads = frames[:-1], [json.loads(e) for e in events[:-1]]
     # both were generated (no result cache): the inference replica counts both answers' tokens
@@ -151,7 +134,7 @@ async def test_closing_mid_stream_frees_the_slot_and_a_neighbour_completes(ws_me
         await wait_until_async(
             lambda: cancelled_at_router(ws_mesh) == cancelled + 1, 5, "the closed socket's call is cancelled"
         )
-        frames += await read_to_close(neighbour)
+        frames += await read_to_close(neighbour, parse=True)
     assert neighbour.close_code == 1000 and frames[-1] == "[DONE]"
     assert frames[-2]["usage"]["completion_tokens"] == 96  # the neighbour's whole answer
     # and its slot is free: 400 tokens would keep it busy far longer
@@ -209,7 +192,7 @@ async def test_hostile_sockets_leave_the_service_serving_its_neighbours(ws_mesh)
                 elif kind == 3:  # a request, then gone before the first chunk
                     await s.send(json.dumps({"model": MODEL, "prompt": f"{i} Once upon a time", **LONG}))
                     return
-                await read_to_close(s)  # kind 4: says nothing and leaves
+                await read_to_close(s, parse=True)  # kind 4: says nothing and leaves
         except ConnectionClosed:
             pass
 
@@ -218,7 +201,7 @@ async def test_hostile_sockets_leave_the_service_serving_its_neighbours(ws_mesh)
         await neighbour.send(json.dumps(body))
         first = json.loads(await neighbour.recv())  # it holds its slot before the others come
         await asyncio.wait_for(asyncio.gather(*(hostile(i) for i in range(40))), 60)
-        frames = await read_to_close(neighbour)
+        frames = await read_to_close(neighbour, parse=True)
     assert neighbour.close_code == 1000 and frames[-1] == "[DONE]" and first["choices"][0]["text"] is not None
     assert frames[-2]["choices"][0]["finish_reason"] in ("length", "stop")
     await wait_until_async(lambda: idle(ws_mesh), 15, "the abandoned requests are cancelled")
@@ -240,7 +223,7 @@ async def test_without_a_token_the_upgrade_is_refused_and_with_one_it_streams(se
     headers = {"authorization": f"Bearer {secured.token('ws-authorized')}"}
     async with connect(url(secured.port), additional_headers=headers) as socket:
         await socket.send(json.dumps(chat("What is the capital of France?", temperature=0, max_tokens=8)))
-        frames = await read_to_close(socket)
+        frames = await read_to_close(socket, parse=True)
     assert socket.close_code == 1000 and frames[-1] == "[DONE]" and text_of(frames[:-1]).strip()
 
 
@@ -249,7 +232,7 @@ async def test_the_tenant_rate_limit_refuses_an_upgrade_over_the_limit(secured):
     for _ in range(RATE_LIMIT):
         async with connect(url(secured.port, "completions"), additional_headers=headers) as socket:
             await socket.send(json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
-            assert (await read_to_close(socket))[-1] == "[DONE]"
+            assert (await read_to_close(socket, parse=True))[-1] == "[DONE]"
     with pytest.raises(InvalidStatus) as refused:
         async with connect(url(secured.port, "completions"), additional_headers=headers):
             pass
@@ -260,7 +243,7 @@ async def test_the_tenant_rate_limit_refuses_an_upgrade_over_the_limit(secured):
     other = {"authorization": f"Bearer {secured.token('ws-other')}"}
     async with connect(url(secured.port, "completions"), additional_headers=other) as socket:
         await socket.send(json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
-        assert (await read_to_close(socket))[-1] == "[DONE]"
+        assert (await read_to_close(socket, parse=True))[-1] == "[DONE]"
 
 
 async def test_a_handshake_on_an_http_route_is_a_400_naming_the_websocket_routes(ws_mesh, secured):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +16,7 @@ import grpc
 import pytest
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosedError
+from websockets.asyncio.client import connect
 
 from meshserve.v1 import generation_service_pb2 as pb
 from meshserve.v1 import generation_service_pb2_grpc as pb_grpc
@@ -27,6 +25,7 @@ from services.openai.app import create_app, server_options
 from services.openai.config import MAX_BODY_BYTES, OpenAIConfig
 from tests.conftest import free_port, wait_until_async
 from tests.service.test_openai_service import MODEL, StandInRouter, answer_paris, refuse_with, tokens
+from tests.websocket_client import read_to_close, sse_payloads
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 MAX_REQUEST_BYTES = 4096
@@ -79,16 +78,6 @@ async def service() -> AsyncIterator[Service]:
         await server.stop(0)
 
 
-async def read_to_close(socket: ClientConnection) -> list[str | bytes]:
-    frames: list[str | bytes] = []
-    try:
-        async for frame in socket:
-            frames.append(frame)
-    except ConnectionClosedError:
-        pass
-    return frames
-
-
 async def exchange(service: Service, path: str, frame: str | bytes) -> tuple[list[Any], int | None, str | None]:
     """Sends one frame and reads until the server closes: the frames (JSON parsed, but [DONE]), the close code
     and reason."""
@@ -113,13 +102,7 @@ def without_ids(text: str) -> str:
 )
 async def test_the_frames_are_the_server_sent_events_payloads(service, endpoint, body):
     service.router.answer = answer_paris
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{service.port}/v1/{endpoint}",
-        data=json.dumps({**body, "stream": True}).encode(),
-        headers={"content-type": "application/json"},
-    )
-    sse = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=30).read().decode())
-    payloads = [line.removeprefix("data: ") for line in sse.split("\n\n") if line]
+    payloads = await sse_payloads(f"http://127.0.0.1:{service.port}/v1/{endpoint}", body, 30)
     async with connect(service.url(f"/v1/ws/{endpoint}")) as socket:
         await socket.send(json.dumps(body))  # no "stream": a WebSocket always streams
         frames = await read_to_close(socket)
