@@ -79,7 +79,7 @@ def add_models_root_arg(parser) -> None:
     )
 
 
-EXPORT_VERSION = 6
+EXPORT_VERSION = 7
 """The layout of the prepared directory this code reads and writes. Bump when the exported graph or files
 change, so old directories are rebuilt (6: packed steps over PackedAttention, keys in blocks of 16)."""
 

@@ -23,13 +23,15 @@ inputs
   seg_cached      int64   [segments] tokens that slot already holds: the segment's first position
   seg_lengths     int64   [segments] its new tokens (>= 1; they sum to `tokens`)
   logits_indices  int64   [n]        which tokens need logits
-  past_key_{i}    float32 [slots, kv_heads, capacity / 16, head_dim, 16]  keys by blocks of 16 positions
-  past_value_{i}  float32 [slots, kv_heads, capacity, head_dim]
+  past_key_{i}    cache   [slots, kv_heads, capacity / 16, head_dim, 16]  keys by blocks of 16 positions
+  past_value_{i}  cache   [slots, kv_heads, capacity, head_dim]
 outputs
   logits          float32 [n, vocab]
   present_key_{i}, present_value_{i}  the caches with the step written in: bind them to the past buffers
 
-Keys are stored after RoPE, as in decoder.onnx. A segment needs `cached + length <= capacity`.
+Keys are stored after RoPE, as in decoder.onnx. The cache is float16 in the quantized precisions (half the
+bytes a decode step reads; PackedAttention computes in float32) and float32 in fp32, which stays the exact
+reference; the rest of the graph is float32. A segment needs `cached + length <= capacity`.
 """
 
 from __future__ import annotations
@@ -95,9 +97,15 @@ def _rows(weight: Linear, start: int, stop: int | None) -> Linear:
 
 
 def build_cpu_decoder(
-    config: LlamaConfig, weights: CpuDecoderWeights, accuracy_level: int = ACCURACY_LEVEL
+    config: LlamaConfig,
+    weights: CpuDecoderWeights,
+    accuracy_level: int = ACCURACY_LEVEL,
+    cache_type: int = TensorProto.FLOAT16,
 ) -> onnx.ModelProto:
-    """Builds the CPU decoder graph (see the module docstring for its inputs and outputs)."""
+    """Builds the CPU decoder graph (see the module docstring for its inputs and outputs); `cache_type`
+    is the KV cache's element type, TensorProto.FLOAT16 or FLOAT."""
+    if cache_type not in (TensorProto.FLOAT16, TensorProto.FLOAT):
+        raise ValueError(f"the KV cache is float16 or float32, not {TensorProto.DataType.Name(cache_type)}")
     g = GraphBuilder()
     c = config
     hd = c.head_dim
@@ -247,8 +255,8 @@ def build_cpu_decoder(
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", c.vocab_size])]
     for i in range(c.num_layers):
         for kind, shape in (("key", key_shape), ("value", value_shape)):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, shape))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", cache_type, shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", cache_type, shape))
     graph = helper.make_graph(g.nodes, "llama_decoder_cpu", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,

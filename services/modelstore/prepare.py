@@ -263,7 +263,9 @@ def prepare_model(
             activations = calibration.projection_inputs(decoder_path, config, [calibration_ids, *chats])
             _progress(5, total, f"GPTQ over {sum(map(len, chats)) + len(calibration_ids)} calibration tokens")
             cpu_weights = smooth_and_gptq(config, cpu_weights, activations, gguf_embedding_blocks(reader))
-    cpu_model = build_cpu_decoder(config, cpu_weights)
+    # fp32 is the reference the others are measured against: its cache stays float32 too
+    cache_type = onnx.TensorProto.FLOAT if precision == "fp32" else onnx.TensorProto.FLOAT16
+    cpu_model = build_cpu_decoder(config, cpu_weights, cache_type=cache_type)
     custom_ops = sorted({o.domain for o in cpu_model.opset_import} & {CUSTOM_OPS_DOMAIN})
     del cpu_weights
     onnx.save_model(

@@ -1,7 +1,9 @@
 """meshserve.ops PackedAttention (services/inference/backends/ort_ops): causal grouped-query attention with
-rotary embedding over packed segments of different lengths, against a float64 NumPy reference; a query's
-output does not depend on the other segments of its step; the step's keys and values land in the bound
-cache; bad shapes and segments are errors of the call, never a crash."""
+rotary embedding over packed segments of different lengths, against a float64 NumPy reference over the same
+cache, in both cache types (float16, what the quantized precisions serve, and float32, fp32's); a query's output
+does not depend on the other segments of its step; the step's keys and values land in the bound cache, a float16
+one rounding them to nearest even and saturating at its largest finite value; bad shapes and segments are errors
+of the call, never a crash."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ HEADS, KV_HEADS, DIM, SLOTS, CAPACITY, POSITIONS = 6, 2, 64, 4, 64, 80
 BLOCK = 16
 
 
-def _session() -> ort.InferenceSession:
+CACHE_TYPES = {np.float16: TensorProto.FLOAT16, np.float32: TensorProto.FLOAT}
+
+
+def _session(cache_dtype) -> ort.InferenceSession:
     names = ["qkv", "seg_slots", "seg_cached", "seg_lengths", "cos", "sin", "past_key", "past_value"]
     node = helper.make_node(
         "PackedAttention",
@@ -26,12 +31,13 @@ def _session() -> ort.InferenceSession:
         num_heads=HEADS,
         kv_num_heads=KV_HEADS,
     )
-    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    f, cache, i64 = TensorProto.FLOAT, CACHE_TYPES[cache_dtype], TensorProto.INT64
     inputs = [helper.make_tensor_value_info("qkv", f, ["tokens", (HEADS + 2 * KV_HEADS) * DIM])]
     inputs += [helper.make_tensor_value_info(n, i64, ["segments"]) for n in names[1:4]]
     inputs += [helper.make_tensor_value_info(n, f, [POSITIONS, DIM // 2]) for n in ("cos", "sin")]
-    inputs += [helper.make_tensor_value_info(n, f, None) for n in ("past_key", "past_value")]
-    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("attn", "present_key", "present_value")]
+    inputs += [helper.make_tensor_value_info(n, cache, None) for n in ("past_key", "past_value")]
+    outputs = [helper.make_tensor_value_info("attn", f, None)]
+    outputs += [helper.make_tensor_value_info(n, cache, None) for n in ("present_key", "present_value")]
     model = helper.make_model(
         helper.make_graph([node], "packed_attention", inputs, outputs),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)],
@@ -42,9 +48,14 @@ def _session() -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+@pytest.fixture(scope="module", params=list(CACHE_TYPES), ids=lambda t: t.__name__)
+def cache_dtype(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def session():
-    return _session()
+def session(cache_dtype):
+    return _session(cache_dtype)
 
 
 def _tables():
@@ -70,8 +81,13 @@ def unblocked(keys: np.ndarray) -> np.ndarray:
     return keys.transpose(0, 1, 2, 4, 3).reshape(n, g, b * BLOCK, d)
 
 
-def _reference(qkv, segments, keys, values, cos, sin):
-    """float64 attention of every token; keys/values [N, G, C, D] (keys after RoPE), updated in place."""
+def _reference(qkv, segments, keys, values, cos, sin, cache_dtype):
+    """float64 attention of every token over the cache; keys/values [N, G, C, D] (keys after RoPE), updated
+    in place with the step's keys and values rounded to the cache's type (float16: nearest even)."""
+
+    def stored(x):
+        return np.asarray(x).astype(cache_dtype).astype(np.float64)
+
     group = HEADS // KV_HEADS
     out = np.zeros((len(qkv), HEADS * DIM))
     token = 0
@@ -80,8 +96,9 @@ def _reference(qkv, segments, keys, values, cos, sin):
             row = qkv[token + j].astype(np.float64)
             for g in range(KV_HEADS):
                 k = row[(HEADS + g) * DIM : (HEADS + g + 1) * DIM]
-                keys[slot, g, cached + j] = _rope(k, cached + j, cos, sin)
-                values[slot, g, cached + j] = row[(HEADS + KV_HEADS + g) * DIM : (HEADS + KV_HEADS + g + 1) * DIM]
+                keys[slot, g, cached + j] = stored(_rope(k, cached + j, cos, sin))
+                v = row[(HEADS + KV_HEADS + g) * DIM : (HEADS + KV_HEADS + g + 1) * DIM]
+                values[slot, g, cached + j] = stored(v)
         for j in range(length):
             position = cached + j
             row = qkv[token + j].astype(np.float64)
@@ -113,9 +130,9 @@ def _run(session, qkv, segments, keys, values):
     )
 
 
-def _cache(rng):
-    keys = rng.standard_normal((SLOTS, KV_HEADS, CAPACITY, DIM)).astype(np.float32)
-    values = rng.standard_normal((SLOTS, KV_HEADS, CAPACITY, DIM)).astype(np.float32)
+def _cache(rng, cache_dtype):
+    keys = rng.standard_normal((SLOTS, KV_HEADS, CAPACITY, DIM)).astype(cache_dtype)
+    values = rng.standard_normal((SLOTS, KV_HEADS, CAPACITY, DIM)).astype(cache_dtype)
     return keys, values
 
 
@@ -123,15 +140,15 @@ def _cache(rng):
 SEGMENTS = [(2, 37, 1), (0, 0, 20), (3, 15, 1), (1, 30, 17), (0, 20, 1)]
 
 
-def test_packed_segments_match_the_reference(session):
+def test_packed_segments_match_the_reference(session, cache_dtype):
     rng = np.random.default_rng(0)
-    keys, values = _cache(rng)
+    keys, values = _cache(rng, cache_dtype)
     # segment (0, 20, 1) continues slot 0 right after (0, 0, 20): only in a later step
     segments = SEGMENTS[:4]
     tokens = sum(n for *_, n in segments)
     qkv = rng.standard_normal((tokens, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32)
     want_keys, want_values = keys.astype(np.float64), values.astype(np.float64)
-    want = _reference(qkv, segments, want_keys, want_values, *_tables())
+    want = _reference(qkv, segments, want_keys, want_values, *_tables(), cache_dtype)
     attn, present_key, present_value = _run(session, qkv, segments, keys, values)
     assert attn.shape == (tokens, HEADS * DIM)
     np.testing.assert_allclose(attn, want, atol=2e-5)
@@ -141,9 +158,9 @@ def test_packed_segments_match_the_reference(session):
     np.testing.assert_array_equal(unblocked(present_key)[2, :, 38:], keys[2, :, 38:])
 
 
-def test_a_query_does_not_depend_on_the_other_segments_of_its_step(session):
+def test_a_query_does_not_depend_on_the_other_segments_of_its_step(session, cache_dtype):
     rng = np.random.default_rng(1)
-    keys, values = _cache(rng)
+    keys, values = _cache(rng, cache_dtype)
     width = (HEADS + 2 * KV_HEADS) * DIM
     decode = rng.standard_normal((1, width)).astype(np.float32)
     chunk = rng.standard_normal((20, width)).astype(np.float32)
@@ -159,6 +176,27 @@ def test_a_query_does_not_depend_on_the_other_segments_of_its_step(session):
     np.testing.assert_array_equal(rest, chunk_alone[9:])
 
 
+def test_a_half_cache_rounds_to_nearest_even_and_saturates_instead_of_overflowing(session, cache_dtype):
+    rng = np.random.default_rng(4)
+    keys, values = _cache(rng, cache_dtype)
+    qkv = rng.standard_normal((1, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32)
+    # ties between two halves go to the even one; beyond +-65504 (float16's largest) the cache saturates,
+    # where a plain conversion would store an infinity and every later attention over it would be NaN
+    one_ulp = 2.0**-10
+    written = [1 + one_ulp / 2, 1 + 3 * one_ulp / 2, 1 + one_ulp / 2 + 2**-20, 65519.0, 65520.0, 1e6, -1e6, 1e-7]
+    stored = [1.0, 1 + 2 * one_ulp, 1 + one_ulp, 65504.0, 65504.0, 65504.0, -65504.0, np.float16(1e-7)]
+    first_value = (HEADS + KV_HEADS) * DIM  # value of KV head 0
+    qkv[0, first_value : first_value + len(written)] = written
+    attn, _, present_value = _run(session, qkv, [(1, 5, 1)], keys, values)
+    if cache_dtype is np.float32:
+        stored = written  # a float32 cache holds them as they came
+    np.testing.assert_array_equal(present_value[1, 0, 5, : len(written)], np.array(stored, cache_dtype))
+    assert np.isfinite(attn).all()
+    # the next step attends over the saturated value and stays finite
+    later = _run(session, qkv, [(1, 6, 1)], keys, present_value)[0]
+    assert np.isfinite(later).all()
+
+
 @pytest.mark.parametrize(
     ("segments", "tokens", "message"),
     [
@@ -169,9 +207,9 @@ def test_a_query_does_not_depend_on_the_other_segments_of_its_step(session):
         ([(0, -1, 2)], 2, "cached length >= 0"),
     ],
 )
-def test_bad_segments_are_errors_of_the_call(session, segments, tokens, message):
+def test_bad_segments_are_errors_of_the_call(session, cache_dtype, segments, tokens, message):
     rng = np.random.default_rng(2)
-    keys, values = _cache(rng)
+    keys, values = _cache(rng, cache_dtype)
     qkv = rng.standard_normal((tokens, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32)
     with pytest.raises(Exception, match=message):
         _run(session, qkv, segments, keys, values)
@@ -185,9 +223,9 @@ def test_bad_segments_are_errors_of_the_call(session, segments, tokens, message)
     )[0].shape == (1, HEADS * DIM)
 
 
-def test_a_cache_of_the_wrong_layout_is_refused(session):
+def test_a_cache_of_the_wrong_layout_is_refused(session, cache_dtype):
     rng = np.random.default_rng(3)
-    keys, values = _cache(rng)
+    keys, values = _cache(rng, cache_dtype)
     qkv = rng.standard_normal((1, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32)
     cos, sin = _tables()
     one = np.array([1], np.int64)

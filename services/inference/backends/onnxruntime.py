@@ -8,7 +8,8 @@ bound once with I/O binding as both `past_*` and `present_*`, so nothing of the 
 step and any set of slots can share a step in any order.
 
 Keys are stored in PackedAttention's layout, blocks of 16 positions each held dimension-major
-([slots, kv_heads, capacity / 16, head_dim, 16]); values as [slots, kv_heads, capacity, head_dim].
+([slots, kv_heads, capacity / 16, head_dim, 16]); values as [slots, kv_heads, capacity, head_dim];
+both of the element type the graph declares (float16 in the quantized precisions, float32 in fp32).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def token_paged_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+CACHE_DTYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+"""decoder_cpu.onnx's past_*/present_* element types, as ONNX Runtime names them, and NumPy's."""
 
 
 class OnnxRuntimeBackend(DecoderBackend):
@@ -67,8 +72,10 @@ class OnnxRuntimeBackend(DecoderBackend):
         self.capacity = -(-max_context // KEY_BLOCK) * KEY_BLOCK
         key_shape = (num_slots, c.num_kv_heads, self.capacity // KEY_BLOCK, c.head_dim, KEY_BLOCK)
         value_shape = (num_slots, c.num_kv_heads, self.capacity, c.head_dim)
-        self.keys = [token_paged_zeros(key_shape) for _ in range(c.num_layers)]
-        self.values = [token_paged_zeros(value_shape) for _ in range(c.num_layers)]
+        past = {i.name: i.type for i in self.session.get_inputs()}["past_key_0"]
+        self.cache_dtype = CACHE_DTYPES[past]
+        self.keys = [token_paged_zeros(key_shape, self.cache_dtype) for _ in range(c.num_layers)]
+        self.values = [token_paged_zeros(value_shape, self.cache_dtype) for _ in range(c.num_layers)]
         self._binding = self.session.io_binding()
         from_numpy = ort.OrtValue.ortvalue_from_numpy
         for i in range(c.num_layers):

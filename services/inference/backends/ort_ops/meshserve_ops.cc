@@ -19,12 +19,16 @@
 //     qkv          float [T, (H + 2G) * D]   q of H heads, then k and v of G heads, per token
 //     seg_*        int64 [S]                 segments in token order; lengths >= 1 summing to T
 //     cos, sin     float [P, D / 2]          rotary tables (non-interleaved halves), P positions
-//     past_key     float [N, G, C / 16, D, 16]   keys after RoPE, in blocks of 16 positions, each block
+//     past_key     cache [N, G, C / 16, D, 16]   keys after RoPE, in blocks of 16 positions, each block
 //                                             stored dimension-major, so 16 keys' scores are 16-wide FMAs
-//     past_value   float [N, G, C, D]
+//     past_value   cache [N, G, C, D]          (cache: float16, or float32; a kernel for each)
 //     attn         float [T, H * D]
 //     present_*    the caches with the step's keys and values written in; bind them to past_*'s memory
 //                  (then nothing else is copied), otherwise past is copied into them first.
+//   A float16 cache is what the quantized models serve: a decode step is bound by reading the cache, and
+//   half the bytes is what makes it faster. Keys and values are rounded to the nearest float16 (saturating
+//   at +-65504) when written; every read widens them exactly and all arithmetic is float32. The float32
+//   cache keeps the fp32 model an exact reference.
 //   Every query is computed by one thread in one fixed order that depends only on its position and the
 //   cached values, never on the other rows of the step: output is batch-invariant by construction.
 
@@ -213,15 +217,35 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kKeyBlock = 16;  // positions per key block of the cache (one AVX-512 register of scores)
 
+using Half = Ort::Float16_t;
+static_assert(sizeof(Half) == sizeof(uint16_t), "Ort::Float16_t is the 16 bits of an IEEE half");
+
+// The one rounding of the cache, the same on every CPU: nearest even, saturating instead of infinity.
+inline Half to_half(float x) {
+  constexpr float kMax = 65504.0f;
+  return Half(x > kMax ? kMax : (x < -kMax ? -kMax : x));
+}
+inline float to_float(Half h) { return h.ToFloat(); }  // exact
+inline float to_float(float x) { return x; }
+inline void store(Half* dst, float x) { *dst = to_half(x); }
+inline void store(float* dst, float x) { *dst = x; }
+
+// 16 cache values at p, as float32 (halves widened exactly, as to_float)
+// (the zero-masked form: GCC 12's _mm512_cvtph_ps warns of its own undefined source register)
+__attribute__((target("avx512f"))) inline __m512 load16(const Half* p) {
+  return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
 // AVX-512 kernels for head_dim 64 (the generic loops in PackedAttentionJob::run serve other shapes and CPUs).
 // Scores of one block of 16 keys (dimension-major) for R query rows: two partial sums a row (even and odd
 // dimensions), so that independent FMA chains overlap; a row's arithmetic does not depend on R.
-template <int R>
-__attribute__((target("avx512f"))) void block_scores64_rows(const float* kt, const float* const* q, float* const* out) {
+template <int R, typename Cache>
+__attribute__((target("avx512f"))) void block_scores64_rows(const Cache* kt, const float* const* q, float* const* out) {
   __m512 even[R], odd[R];
   for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
   for (int i = 0; i < 64; i += 2) {
-    const __m512 k0 = _mm512_loadu_ps(kt + i * kKeyBlock), k1 = _mm512_loadu_ps(kt + (i + 1) * kKeyBlock);
+    const __m512 k0 = load16(kt + i * kKeyBlock), k1 = load16(kt + (i + 1) * kKeyBlock);
     for (int r = 0; r < R; ++r) {
       even[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][i]), k0, even[r]);
       odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][i + 1]), k1, odd[r]);
@@ -230,22 +254,24 @@ __attribute__((target("avx512f"))) void block_scores64_rows(const float* kt, con
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(even[r], odd[r]));
 }
 
-__attribute__((target("avx512f"))) void block_scores64(int64_t rows, const float* kt, const float* const* q,
+template <typename Cache>
+__attribute__((target("avx512f"))) void block_scores64(int64_t rows, const Cache* kt, const float* const* q,
                                                         float* const* out) {
   switch (rows) {
-    case 1: return block_scores64_rows<1>(kt, q, out);
-    case 2: return block_scores64_rows<2>(kt, q, out);
-    case 3: return block_scores64_rows<3>(kt, q, out);
-    case 4: return block_scores64_rows<4>(kt, q, out);
-    case 5: return block_scores64_rows<5>(kt, q, out);
-    case 6: return block_scores64_rows<6>(kt, q, out);
-    case 7: return block_scores64_rows<7>(kt, q, out);
-    default: return block_scores64_rows<8>(kt, q, out);  // rows <= 8 (the caller's `fast` condition)
+    case 1: return block_scores64_rows<1, Cache>(kt, q, out);
+    case 2: return block_scores64_rows<2, Cache>(kt, q, out);
+    case 3: return block_scores64_rows<3, Cache>(kt, q, out);
+    case 4: return block_scores64_rows<4, Cache>(kt, q, out);
+    case 5: return block_scores64_rows<5, Cache>(kt, q, out);
+    case 6: return block_scores64_rows<6, Cache>(kt, q, out);
+    case 7: return block_scores64_rows<7, Cache>(kt, q, out);
+    default: return block_scores64_rows<8, Cache>(kt, q, out);  // rows <= 8 (the caller's `fast` condition)
   }
 }
 
 // dst = scale * sum_k p[k] v[k] over n value rows of 64: even and odd keys in separate accumulators.
-__attribute__((target("avx512f"))) void weighted_values64(const float* p, const float* v, int64_t n, float scale,
+template <typename Cache>
+__attribute__((target("avx512f"))) void weighted_values64(const float* p, const Cache* v, int64_t n, float scale,
                                                            float* dst) {
   __m512 a[8];
   for (auto& x : a) x = _mm512_setzero_ps();
@@ -253,13 +279,13 @@ __attribute__((target("avx512f"))) void weighted_values64(const float* p, const 
   for (; k + 1 < n; k += 2, v += 128) {
     const __m512 w0 = _mm512_set1_ps(p[k]), w1 = _mm512_set1_ps(p[k + 1]);
     for (int i = 0; i < 4; ++i) {
-      a[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + 16 * i), a[i]);
-      a[4 + i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v + 64 + 16 * i), a[4 + i]);
+      a[i] = _mm512_fmadd_ps(w0, load16(v + 16 * i), a[i]);
+      a[4 + i] = _mm512_fmadd_ps(w1, load16(v + 64 + 16 * i), a[4 + i]);
     }
   }
   if (k < n) {
     const __m512 w = _mm512_set1_ps(p[k]);
-    for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * i), a[i]);
+    for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(w, load16(v + 16 * i), a[i]);
   }
   const __m512 factor = _mm512_set1_ps(scale);
   for (int i = 0; i < 4; ++i) _mm512_storeu_ps(dst + 16 * i, _mm512_mul_ps(_mm512_add_ps(a[i], a[4 + i]), factor));
@@ -287,11 +313,12 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
   }
 }
 
+template <typename Cache>
 struct PackedAttentionJob {
   AttentionShape shape;
   const float *qkv, *cos, *sin;
-  const float* keys;    // present_key, already holding the step's keys
-  const float* values;  // present_value
+  const Cache* keys;    // present_key, already holding the step's keys
+  const Cache* values;  // present_value
   float* out;
   struct Task {
     int64_t slot, g, first_position, first_token, count;
@@ -299,7 +326,7 @@ struct PackedAttentionJob {
   std::vector<Task> tasks;
 
   static void task(void* self, size_t index) {
-    const auto& job = *static_cast<const PackedAttentionJob*>(self);
+    const auto& job = *static_cast<const PackedAttentionJob<Cache>*>(self);
     job.run(job.tasks[index]);
   }
 
@@ -333,7 +360,7 @@ struct PackedAttentionJob {
       // scores, a block of 16 keys at a time: up to the last token's position
       const int64_t last_seen = t.first_position + j0 + tokens;
       for (int64_t b = 0; b * kKeyBlock < last_seen; ++b) {
-        const float* block = keys + s.key_block(t.slot, t.g, b * kKeyBlock);
+        const Cache* block = keys + s.key_block(t.slot, t.g, b * kKeyBlock);
         float* out_rows[16];
         for (int64_t r = 0; r < rows; ++r) out_rows[r] = score_rows[r] + b * kKeyBlock;
         if (fast) {
@@ -345,7 +372,7 @@ struct PackedAttentionJob {
           for (int64_t i = 0; i < d; ++i) {
             const float qi = q_rows[r][i];
 #pragma omp simd
-            for (int64_t l = 0; l < kKeyBlock; ++l) lanes[l] += qi * block[i * kKeyBlock + l];
+            for (int64_t l = 0; l < kKeyBlock; ++l) lanes[l] += qi * to_float(block[i * kKeyBlock + l]);
           }
           std::memcpy(out_rows[r], lanes, sizeof(lanes));
         }
@@ -364,7 +391,7 @@ struct PackedAttentionJob {
           p[k] = exp_nonpositive(p[k] - peak);
           sum += p[k];
         }
-        const float* v = values + s.value_row(t.slot, t.g, 0);
+        const Cache* v = values + s.value_row(t.slot, t.g, 0);
         float* dst = out + token * s.heads * d + (t.g * group + h) * d;
         if (fast) {
           weighted_values64(p, v, keys_seen, 1.0f / sum, dst);
@@ -375,7 +402,7 @@ struct PackedAttentionJob {
         for (int64_t k = 0; k < keys_seen; ++k, v += d) {
           const float w = p[k];
 #pragma omp simd
-          for (int64_t i = 0; i < d; ++i) a[i] += w * v[i];
+          for (int64_t i = 0; i < d; ++i) a[i] += w * to_float(v[i]);
         }
         const float inv = 1.0f / sum;
         for (int64_t i = 0; i < d; ++i) dst[i] = a[i] * inv;
@@ -384,6 +411,7 @@ struct PackedAttentionJob {
   }
 };
 
+template <typename Cache>
 struct PackedAttention {
   PackedAttention(const OrtApi* api, const OrtKernelInfo* info) {
     heads_ = required(api, info, "num_heads");
@@ -406,9 +434,9 @@ struct PackedAttention {
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& qkv,
                       const Ort::Custom::Tensor<int64_t>& seg_slots, const Ort::Custom::Tensor<int64_t>& seg_cached,
                       const Ort::Custom::Tensor<int64_t>& seg_lengths, const Ort::Custom::Tensor<float>& cos,
-                      const Ort::Custom::Tensor<float>& sin, const Ort::Custom::Tensor<float>& past_key,
-                      const Ort::Custom::Tensor<float>& past_value, Ort::Custom::Tensor<float>& attn,
-                      Ort::Custom::Tensor<float>& present_key, Ort::Custom::Tensor<float>& present_value) {
+                      const Ort::Custom::Tensor<float>& sin, const Ort::Custom::Tensor<Cache>& past_key,
+                      const Ort::Custom::Tensor<Cache>& past_value, Ort::Custom::Tensor<float>& attn,
+                      Ort::Custom::Tensor<Cache>& present_key, Ort::Custom::Tensor<Cache>& present_value) {
     auto invalid = [](const std::string& why) { return Ort::Status(("PackedAttention: " + why).c_str(), ORT_INVALID_ARGUMENT); };
     const auto kshape = past_key.Shape(), vshape = past_value.Shape(), qshape = qkv.Shape(), rshape = cos.Shape();
     if (rshape.size() != 2 || sin.Shape() != rshape) return invalid("cos and sin must both be [positions, head_dim / 2]");
@@ -437,11 +465,11 @@ struct PackedAttention {
     }
     if (counted != tokens) return invalid("seg_lengths must sum to the number of tokens");
 
-    float* keys = present_key.Allocate(kshape);
-    float* values = present_value.Allocate(vshape);
-    if (keys != past_key.Data()) std::memcpy(keys, past_key.Data(), sizeof(float) * static_cast<size_t>(past_key.NumberOfElement()));
-    if (values != past_value.Data()) std::memcpy(values, past_value.Data(), sizeof(float) * static_cast<size_t>(past_value.NumberOfElement()));
-    PackedAttentionJob job{s, qkv.Data(), cos.Data(), sin.Data(), keys, values,
+    Cache* keys = present_key.Allocate(kshape);
+    Cache* values = present_value.Allocate(vshape);
+    if (keys != past_key.Data()) std::memcpy(keys, past_key.Data(), sizeof(Cache) * static_cast<size_t>(past_key.NumberOfElement()));
+    if (values != past_value.Data()) std::memcpy(values, past_value.Data(), sizeof(Cache) * static_cast<size_t>(past_value.NumberOfElement()));
+    PackedAttentionJob<Cache> job{s, qkv.Data(), cos.Data(), sin.Data(), keys, values,
                            attn.Allocate({tokens, s.heads * s.head_dim}), {}};
     // 1. the step's keys (rotated) and values into the cache, so that every query reads them from there
     const int64_t d = s.head_dim, half = d / 2;
@@ -452,9 +480,11 @@ struct PackedAttention {
         const float* row = job.qkv + token * s.qkv_width();
         for (int64_t g = 0; g < s.kv_heads; ++g) {
           rotate(row + (s.heads + g) * d, job.cos + position * half, job.sin + position * half, d, 1.0f, rotated.data());
-          float* block = keys + s.key_block(slot[i], g, position);
-          for (int64_t e = 0; e < d; ++e) block[e * kKeyBlock + position % kKeyBlock] = rotated[static_cast<size_t>(e)];
-          std::memcpy(values + s.value_row(slot[i], g, position), row + (s.heads + s.kv_heads + g) * d, sizeof(float) * static_cast<size_t>(d));
+          Cache* block = keys + s.key_block(slot[i], g, position);
+          for (int64_t e = 0; e < d; ++e) store(block + e * kKeyBlock + position % kKeyBlock, rotated[static_cast<size_t>(e)]);
+          const float* value = row + (s.heads + s.kv_heads + g) * d;
+          Cache* cached_value = values + s.value_row(slot[i], g, position);
+          for (int64_t e = 0; e < d; ++e) store(cached_value + e, value[e]);
         }
       }
     }
@@ -470,7 +500,7 @@ struct PackedAttention {
     if (job.tasks.size() == 1) {
       job.run(job.tasks[0]);
     } else {
-      Ort::KernelContext(context).ParallelFor(&PackedAttentionJob::task, job.tasks.size(), 0, &job);
+      Ort::KernelContext(context).ParallelFor(&PackedAttentionJob<Cache>::task, job.tasks.size(), 0, &job);
     }
     return Ort::Status{nullptr};
   }
@@ -494,12 +524,16 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   static Ort::CustomOpDomain domain{kDomain};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> row_quantize{
       Ort::Custom::CreateLiteCustomOp<RowQuantize>("RowQuantize", "CPUExecutionProvider")};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> packed_attention{
-      Ort::Custom::CreateLiteCustomOp<PackedAttention>("PackedAttention", "CPUExecutionProvider")};
+  // one operator, a kernel per cache type (the session picks it by past_key's type)
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> packed_attention_half{
+      Ort::Custom::CreateLiteCustomOp<PackedAttention<Half>>("PackedAttention", "CPUExecutionProvider")};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> packed_attention_float{
+      Ort::Custom::CreateLiteCustomOp<PackedAttention<float>>("PackedAttention", "CPUExecutionProvider")};
   static std::once_flag added;
   std::call_once(added, [] {
     domain.Add(row_quantize.get());
-    domain.Add(packed_attention.get());
+    domain.Add(packed_attention_half.get());
+    domain.Add(packed_attention_float.get());
   });
   try {
     Ort::UnownedSessionOptions(options).Add(domain);
