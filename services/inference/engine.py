@@ -288,10 +288,14 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        # the fraction of KV positions in use (vLLM's kv_cache_usage_perc), not of slots: running requests'
-        # computed tokens over every slot's max_context. Read from other threads: list() copies the running
-        # requests without releasing the GIL, so the engine thread cannot change the dict under it
-        used = sum(request.num_computed_tokens for request in list(self._running.values()))
+        # the fraction of KV positions in use (vLLM's kv_cache_usage_perc), not of slots: over every slot's
+        # max_context, what running requests hold, their whole prompt from admission on (as vLLM allocates
+        # a prompt's blocks when it schedules it), so the load report sent at admission already counts it.
+        # Read from other threads: list() copies the running requests without releasing the GIL, so the
+        # engine thread cannot change the dict under it
+        used = sum(
+            max(request.num_computed_tokens, len(request.prompt_token_ids)) for request in list(self._running.values())
+        )
         return min(1.0, used / (self.config.num_slots * self.config.max_context))
 
     # -- engine thread ---------------------------------------------------------------------
