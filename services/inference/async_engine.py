@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,31 @@ class GenerationResult:
     """Prompt positions the prefix cache supplied (on the result that carries the first token)."""
 
 
+class OutputMailbox:
+    """Hands engine outputs to one event loop with one wakeup per burst. Every step the engine thread
+    emits a token for each running request; a call_soon_threadsafe (a write to the loop's self-pipe)
+    for each one cost ~4% of the inference process at 32 streams. Outputs keep their order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[EngineOutput], EngineOutput]] = []
+
+    def post(self, queue: asyncio.Queue[EngineOutput], output: EngineOutput) -> None:
+        """From any thread: `output` goes into `queue` on the loop."""
+        with self._lock:
+            wake = not self._pending  # otherwise a delivery is already scheduled and takes this one too
+            self._pending.append((queue, output))
+        if wake and not self._loop.is_closed():  # the engine thread may outlive the loop at shutdown
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class AsyncEngine:
     def __init__(self, metrics: EngineMetrics, grammars: GrammarCompiler | None = None) -> None:
         self.engine: Engine | None = None
@@ -55,6 +82,9 @@ class AsyncEngine:
         self._aborted: set[str] = set()  # engine ids ended by Abort
         self._load_watchers: set[asyncio.Event] = set()
         self._draining = False
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OutputMailbox] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def attach(self, engine: Engine) -> None:
         """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
@@ -135,6 +165,7 @@ class AsyncEngine:
         if engine is None:
             raise UnavailableError("the model is still loading", retry_after_s=2.0)
         loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, OutputMailbox(loop))
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
         # client-chosen ids may repeat; the engine needs one that is unique
         engine_id = f"{request_id}#{next(self._sequence)}"
@@ -150,7 +181,7 @@ class AsyncEngine:
             prompt_token_ids,
             params,
             stop_token_ids,
-            lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+            lambda out: mailbox.post(outputs, out),
             priority,
             resumed_token_ids,
             constraint,
