@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -82,9 +81,7 @@ class AsyncEngine:
         self._aborted: set[str] = set()  # engine ids ended by Abort
         self._load_watchers: set[asyncio.Event] = set()
         self._draining = False
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OutputMailbox] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._mailbox: OutputMailbox | None = None  # on the loop attach() runs on, with the engine
 
     def attach(self, engine: Engine) -> None:
         """Starts serving with a loaded engine (until then requests get UNAVAILABLE)."""
@@ -95,6 +92,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(self._notify_load_change)
 
         engine.on_load_change = on_load_change
+        self._mailbox = OutputMailbox(loop)
         self.engine = engine
         engine.start()
         self._notify_load_change()
@@ -161,11 +159,9 @@ class AsyncEngine:
         resumed_token_ids: Sequence[int] = (),
         tenant: str = "",
     ) -> AsyncIterator[GenerationResult]:
-        engine = self.engine
-        if engine is None:
+        engine, mailbox = self.engine, self._mailbox
+        if engine is None or mailbox is None:
             raise UnavailableError("the model is still loading", retry_after_s=2.0)
-        loop = asyncio.get_running_loop()
-        mailbox = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, OutputMailbox(loop))
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
         # client-chosen ids may repeat; the engine needs one that is unique
         engine_id = f"{request_id}#{next(self._sequence)}"

@@ -72,8 +72,7 @@ class OnnxRuntimeBackend(DecoderBackend):
         self.capacity = -(-max_context // KEY_BLOCK) * KEY_BLOCK
         key_shape = (num_slots, c.num_kv_heads, self.capacity // KEY_BLOCK, c.head_dim, KEY_BLOCK)
         value_shape = (num_slots, c.num_kv_heads, self.capacity, c.head_dim)
-        past = {i.name: i.type for i in self.session.get_inputs()}["past_key_0"]
-        self.cache_dtype = CACHE_DTYPES[past]
+        self.cache_dtype = CACHE_DTYPES[next(i.type for i in self.session.get_inputs() if i.name == "past_key_0")]
         self.keys = [token_paged_zeros(key_shape, self.cache_dtype) for _ in range(c.num_layers)]
         self.values = [token_paged_zeros(value_shape, self.cache_dtype) for _ in range(c.num_layers)]
         self._binding = self.session.io_binding()
